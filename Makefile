@@ -1,0 +1,36 @@
+# The README's first two commands: `make demo` and `make test`. Both work from a
+# fresh clone as root on Debian with nothing but python3 installed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-host test-kernel lint typecheck bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/svcproxy plan -f examples/cluster.yaml --node node-a
+
+test: test-host test-kernel
+
+test-host: $(STAMP)
+	$(PY) -m mypy --strict svcproxy/model.py svcproxy/diff.py svcproxy/kube svcproxy/ipvs
+	$(PY) -m pytest -q tests
+
+test-kernel: $(STAMP)
+	@echo "kernel suite: not wired yet"
+
+bench: $(STAMP)
+	$(PY) bench/core.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .hypothesis

@@ -1,0 +1,1 @@
+"""IPVS backends: everything that reads or writes the kernel's IPVS table."""

@@ -1,0 +1,48 @@
+"""The narrow interface every IPVS backend implements, and an in-memory one.
+
+The reconcile loop and the CLI only ever see ``Backend``: read the table, apply a
+plan, get back the operations that failed. The in-memory backend applies plans with
+the same rules the kernel enforces and is what fast tests run against; the real
+backends are held to the same contract in the VM.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from svcproxy.diff import apply_ops
+from svcproxy.model import Operation, OperationResult, Table
+
+
+class BackendError(RuntimeError):
+    """The backend could not run at all (no IPVS, no ipvsadm, no permission)."""
+
+
+class Backend(Protocol):
+    def read(self) -> Table:
+        """The whole table as the kernel has it now."""
+        ...
+
+    def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
+        """Apply operations in order; return the ones that failed (empty on success).
+
+        A failed operation must not stop the ones after it.
+        """
+        ...
+
+
+class MemoryBackend:
+    """A map-backed table that rejects what the kernel would reject."""
+
+    def __init__(self, table: Table | None = None) -> None:
+        self.table = table if table is not None else Table()
+        self.applied: list[Operation] = []
+
+    def read(self) -> Table:
+        return self.table
+
+    def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
+        self.table, failed = apply_ops(self.table, ops)
+        rejected = {id(f.operation) for f in failed}
+        self.applied.extend(op for op in ops if id(op) not in rejected)
+        return failed

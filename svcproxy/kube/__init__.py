@@ -1,0 +1,1 @@
+"""Kubernetes side: raw API objects, endpoint choice and translation to a Table."""
