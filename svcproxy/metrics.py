@@ -64,12 +64,6 @@ class Metrics:
             p + "proxy_healthz_total", "Cumulative proxy healthz HTTP status", ["code"], registry=r)
         self.livez = Counter(
             p + "proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"], registry=r)
-        self.watch_events = Counter(
-            p + "watch_events_total", "Events received from the API server", ["resource"], registry=r)
-        self.watch_relists = Counter(
-            p + "watch_relists_total", "Relists (initial, after 410 Gone, after errors)", ["resource"], registry=r)
-        self.watch_errors = Counter(
-            p + "watch_errors_total", "List/watch failures that were retried", ["resource"], registry=r)
         for policy in ("internal", "external"):
             self.no_local_endpoints.labels(policy).set(0)
         for mode in ("full", "partial"):

@@ -1,0 +1,148 @@
+"""``svcproxy run``: the DaemonSet's main process.
+
+Wires the adapters around the reconcile loop: a source of objects (the API server's
+watchers, or a file), an IPVS backend, and the health/metrics server. On SIGTERM or
+SIGINT it stops watching and exits, leaving every rule in place: a restarting agent
+must not disturb traffic, and the next one adopts the table as it finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from svcproxy.diff import Exclusions
+from svcproxy.health import HealthCheckServers, HealthServer, HealthState
+from svcproxy.ipvs.backend import Backend
+from svcproxy.kube.store import Kind
+from svcproxy.kube.translate import NodeInfo, TranslateConfig
+from svcproxy.metrics import Metrics
+from svcproxy.model import Family
+from svcproxy.reconcile import Proxier, ProxierConfig
+
+log = logging.getLogger("svcproxy.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    node_ips: tuple[str, ...] = ()
+    file: str | None = None
+    kubeconfig: str | None = None
+    proxy_name: str = "svcproxy"
+    families: frozenset[Family] = frozenset({Family.IPV4, Family.IPV6})
+    scheduler: str = "rr"
+    exclude_cidrs: tuple[str, ...] = ()
+    min_sync_period: float = 1.0
+    sync_period: float = 30.0
+    graceful_timeout: float = 900.0
+    health_bind: str = "0.0.0.0:10256"
+    healthcheck_bind_host: str = "0.0.0.0"
+    dry_run: bool = False
+
+
+class _SourceStats(Collector):
+    """Exports the watchers' own counters at scrape time (no copying loop)."""
+
+    def __init__(self, sources: Callable[[], Iterable[tuple[str, Any]]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        events = CounterMetricFamily("svcproxy_watch_events", "Events received per resource", labels=["resource"])
+        lists = CounterMetricFamily("svcproxy_watch_lists", "Full lists (initial and relists)", labels=["resource"])
+        errors = CounterMetricFamily("svcproxy_watch_errors", "List/watch failures retried", labels=["resource"])
+        malformed = CounterMetricFamily("svcproxy_watch_malformed_objects",
+                                        "Objects skipped because they were malformed", labels=["resource"])
+        for resource, stats in self._sources():
+            events.add_metric([resource], float(getattr(stats, "events", 0)))
+            lists.add_metric([resource], float(getattr(stats, "lists", getattr(stats, "reads", 0))))
+            errors.add_metric([resource], float(getattr(stats, "errors", 0)))
+            malformed.add_metric([resource], float(getattr(stats, "malformed", 0)))
+        return [events, lists, errors, malformed]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, backend: Backend) -> None:
+        self.config = config
+        self.stop = threading.Event()
+        self.metrics = Metrics()
+        self.health = HealthState(timeout=2 * config.sync_period)
+        self.health_checks = HealthCheckServers(self.health, bind_host=config.healthcheck_bind_host)
+        translate = TranslateConfig(
+            node=NodeInfo(config.node_name, config.node_ips),
+            proxy_name=config.proxy_name,
+            families=config.families,
+            scheduler=config.scheduler,
+        )
+        self.proxier = Proxier(
+            backend,
+            ProxierConfig(
+                translate=translate,
+                node_ips_override=config.node_ips,
+                exclusions=Exclusions.parse(config.exclude_cidrs),
+                min_sync_period=config.min_sync_period,
+                sync_period=config.sync_period,
+                graceful_timeout=config.graceful_timeout,
+                dry_run=config.dry_run,
+            ),
+            metrics=self.metrics,
+            health=self.health,
+            health_checks=self.health_checks,
+        )
+        self.server = HealthServer(config.health_bind, self.health, self.metrics)
+        self.sources: list[Any] = []
+        self.metrics.registry.register(_SourceStats(self._source_stats))
+
+    def _source_stats(self) -> Iterable[tuple[str, Any]]:
+        for source in self.sources:
+            kind = getattr(source, "kind", None)
+            yield (kind.value if isinstance(kind, Kind) else "file"), source.stats
+
+    def _make_sources(self) -> list[Any]:
+        if self.config.file:
+            from svcproxy.kube.filesource import FileSource
+
+            return [FileSource(self.config.file, sink=self.proxier.sink, on_synced=self.proxier.on_synced,
+                               stop=self.stop, node_name=self.config.node_name)]
+        from svcproxy.kube.watch import Watcher, make_api_client
+
+        api = make_api_client(self.config.kubeconfig)
+        return [Watcher(api, kind, sink=self.proxier.sink, on_synced=self.proxier.on_synced, stop=self.stop,
+                        node_name=self.config.node_name) for kind in Kind]
+
+    def run(self) -> int:
+        self.server.start()
+        log.info("svcproxy agent for node %s: health and metrics on %s:%d%s", self.config.node_name,
+                 self.config.health_bind.rpartition(":")[0] or "0.0.0.0", self.server.port,
+                 " (dry run: nothing will be changed)" if self.config.dry_run else "")
+        try:
+            self.sources = self._make_sources()
+            for source in self.sources:
+                source.start()
+            self.proxier.run(self.stop)
+        finally:
+            self.stop.set()
+            for source in self.sources:
+                source.join(5)
+            self.health_checks.stop()
+            self.server.stop()
+            log.info("svcproxy agent stopped; IPVS rules left in place")
+        return 0
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum: int, _frame: Any) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+
+def split_csv(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())

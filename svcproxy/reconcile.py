@@ -1,0 +1,490 @@
+"""The reconcile loop: watched objects in, kernel IPVS table kept equal to them.
+
+Design decisions (see docs/architecture.md):
+
+- Node-local full state. Watch events only update ``ClusterState`` and mark the
+  Services they touch as dirty; all kernel work happens in ``sync``.
+- Initialized gate. Nothing is programmed until Services and EndpointSlices have both
+  been listed once: an agent that starts with half the picture would delete the
+  rules of every Service it has not seen yet.
+- Two kinds of sync. A *full* sync (the first one, every ``sync_period``, and after a
+  Node change) translates everything and diffs against a fresh read of the kernel, so
+  drift is repaired. A *partial* sync recomputes only the dirty Services and diffs
+  just their keys against the kernel image kept since the last full sync; its cost
+  scales with the change, not with the cluster.
+- Bounded frequency. Syncs are at least ``min_sync_period`` apart, so bursts of
+  events coalesce into one sync.
+- Graceful termination as kube-proxy does it: a removed TCP real server goes to
+  weight 0 and is deleted when its connections are gone or after
+  ``graceful_timeout``; UDP/SCTP ones are deleted at once. Weight 0 in the kernel for
+  a destination we do not want *is* the drain marker, so a restarted agent adopts the
+  drains in progress instead of cutting them.
+- Failed operations are counted, and the Services they belong to are retried on the
+  next sync; nothing raises out of the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from svcproxy.diff import Exclusions, apply_ops, diff
+from svcproxy.health import HealthCheckServers, HealthCheckTarget, HealthState, node_eligible
+from svcproxy.ipvs.backend import Backend, BackendError
+from svcproxy.kube.store import Event, Kind
+from svcproxy.kube.translate import (
+    Problem,
+    ServiceInfo,
+    TranslateConfig,
+    node_info,
+    translate,
+    translate_service,
+)
+from svcproxy.metrics import Metrics
+from svcproxy.model import Destination, OpKind, Operation, Protocol, ServiceKey, Table, VirtualService
+from svcproxy.render import plan_text
+
+log = logging.getLogger("svcproxy.reconcile")
+
+Clock = Callable[[], float]
+NamespacedName = tuple[str, str]
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+def _nn(obj: Mapping[str, Any]) -> NamespacedName | None:
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return None
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    ns = meta.get("namespace")
+    return (ns if isinstance(ns, str) else "", name)
+
+
+def _slice_service(obj: Mapping[str, Any]) -> NamespacedName | None:
+    nn = _nn(obj)
+    labels = (obj.get("metadata") or {}).get("labels")
+    if nn is None or not isinstance(labels, Mapping):
+        return None
+    svc = labels.get(SERVICE_NAME_LABEL)
+    return (nn[0], svc) if isinstance(svc, str) and svc else None
+
+
+@dataclass
+class ClusterState:
+    """The objects the watchers reported, indexed the way translation reads them."""
+
+    node_name: str
+    services: dict[NamespacedName, Mapping[str, Any]] = field(default_factory=dict)
+    slices: dict[NamespacedName, Mapping[str, Any]] = field(default_factory=dict)
+    slices_by_service: dict[NamespacedName, dict[NamespacedName, Mapping[str, Any]]] = field(default_factory=dict)
+    node: Mapping[str, Any] | None = None
+
+    def apply(self, kind: Kind, event_type: str, obj: Mapping[str, Any]) -> set[NamespacedName] | None:
+        """Record one event; returns the Services it touches, or None for a Node change."""
+        nn = _nn(obj)
+        if nn is None:
+            return set()
+        deleted = event_type == "DELETED"
+        if kind is Kind.SERVICE:
+            if deleted:
+                self.services.pop(nn, None)
+            else:
+                self.services[nn] = obj
+            return {nn}
+        if kind is Kind.ENDPOINT_SLICE:
+            touched: set[NamespacedName] = set()
+            old = self.slices.pop(nn, None)
+            if old is not None:
+                old_svc = _slice_service(old)
+                if old_svc is not None:
+                    touched.add(old_svc)
+                    group = self.slices_by_service.get(old_svc)
+                    if group is not None:
+                        group.pop(nn, None)
+                        if not group:
+                            del self.slices_by_service[old_svc]
+            if not deleted:
+                self.slices[nn] = obj
+                svc = _slice_service(obj)
+                if svc is not None:
+                    touched.add(svc)
+                    self.slices_by_service.setdefault(svc, {})[nn] = obj
+            return touched
+        if nn[1] == self.node_name:
+            self.node = None if deleted else obj
+        return None
+
+    def slices_of(self, service: NamespacedName) -> list[Mapping[str, Any]]:
+        return list(self.slices_by_service.get(service, {}).values())
+
+
+@dataclass(frozen=True)
+class ProxierConfig:
+    """Everything the loop needs besides its collaborators."""
+
+    #: Its node's addresses, when given, win over the Node object's (--node-ip).
+    translate: TranslateConfig
+    node_ips_override: tuple[str, ...] = ()
+    exclusions: Exclusions = Exclusions()
+    min_sync_period: float = 1.0
+    sync_period: float = 30.0
+    graceful_timeout: float = 900.0
+    #: While real servers drain, full syncs (which read connection counts) run this often.
+    drain_check_period: float = 10.0
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    full: bool
+    operations: tuple[Operation, ...]
+    failed: int
+    duration: float
+    skipped: str | None = None
+
+
+def _parse_trigger_time(text: object) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class Proxier:
+    """Owns the desired table and drives the backend. Thread-safe: watchers call
+    ``on_event``/``on_synced`` from their threads, the loop runs in ``run``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: ProxierConfig,
+        *,
+        metrics: Metrics | None = None,
+        health: HealthState | None = None,
+        health_checks: HealthCheckServers | None = None,
+        clock: Clock = time.time,
+        monotonic: Clock = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.health = health or HealthState(timeout=2 * config.sync_period, clock=clock)
+        self.health_checks = health_checks
+        self._clock = clock
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self.state = ClusterState(node_name=config.translate.node.name)
+        self._synced: set[Kind] = set()
+        self._dirty: set[NamespacedName] = set()
+        self._node_dirty = True
+        self._trigger_times: list[float] = []
+        # What the last syncs computed and what the kernel is believed to hold.
+        self._translate_config = config.translate
+        self._desired: dict[ServiceKey, VirtualService] = {}
+        self._keys_by_service: dict[NamespacedName, tuple[ServiceKey, ...]] = {}
+        self._owner: dict[ServiceKey, NamespacedName] = {}
+        self._info: dict[NamespacedName, ServiceInfo] = {}
+        self._actual = Table()
+        self._retry: set[ServiceKey] = set()
+        self._reported: set[Problem] = set()
+        self._draining: dict[tuple[ServiceKey, str, int], float] = {}
+        self._last_full = float("-inf")
+        self._last_sync = float("-inf")
+        self.full_syncs = 0
+        self.partial_syncs = 0
+        self.last_result: SyncResult | None = None
+
+    # --- inputs (watcher threads) --------------------------------------------------
+
+    def on_event(self, kind: Kind, event_type: str, obj: Mapping[str, Any]) -> None:
+        with self._lock:
+            touched = self.state.apply(kind, event_type, obj)
+            if touched is None:
+                self._node_dirty = True
+            else:
+                self._dirty |= touched
+            if kind is Kind.SERVICE:
+                self.metrics.service_changes.inc()
+            elif kind is Kind.ENDPOINT_SLICE:
+                self.metrics.endpoint_changes.inc()
+                annotations = (obj.get("metadata") or {}).get("annotations")
+                if isinstance(annotations, Mapping) and event_type != "DELETED":
+                    trigger = _parse_trigger_time(annotations.get(TRIGGER_TIME_ANNOTATION))
+                    if trigger is not None:
+                        self._trigger_times.append(trigger)
+        self.health.queued()
+        self.metrics.last_queued.set(self._clock())
+        self._wake.set()
+
+    def sink(self, event: Event) -> None:
+        """Adapter for the watchers' and file source's ``sink`` callback."""
+        self.on_event(event.kind, event.type, event.obj)
+
+    def on_synced(self, kind: Kind) -> None:
+        with self._lock:
+            self._synced.add(kind)
+        self._wake.set()
+
+    @property
+    def initialized(self) -> bool:
+        with self._lock:
+            return {Kind.SERVICE, Kind.ENDPOINT_SLICE} <= self._synced
+
+    # --- the loop -------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Sync when woken, at most every min_sync_period, fully every sync_period."""
+        while not stop.is_set():
+            now = self._monotonic()
+            next_full = self._last_full + self._full_interval()
+            if self.initialized:
+                timeout = max(0.0, next_full - now)
+                if self._retry:
+                    timeout = min(timeout, max(self.config.min_sync_period, 1.0))
+            else:
+                timeout = 1.0
+            self._wake.wait(timeout)
+            if stop.is_set():
+                break
+            self._wake.clear()
+            if not self.initialized:
+                continue
+            wait = self._last_sync + self.config.min_sync_period - self._monotonic()
+            if wait > 0 and stop.wait(wait):
+                break
+            self.sync()
+
+    def sync(self, force_full: bool = False) -> SyncResult:
+        """One sync; full when due (or forced), else only the dirty Services."""
+        start = self._monotonic()
+        if not self.initialized:
+            return SyncResult(False, (), 0, 0.0, skipped="waiting for Services and EndpointSlices to sync")
+        with self._lock:
+            full = (force_full or self._node_dirty or self._last_full == float("-inf")
+                    or start - self._last_full >= self._full_interval())
+            dirty, self._dirty = self._dirty, set()
+            triggers, self._trigger_times = self._trigger_times, []
+            node_changed, self._node_dirty = self._node_dirty, False
+            if node_changed:
+                self._refresh_node()
+            snapshot = self._snapshot(None if full else dirty)
+        try:
+            if full:
+                result = self._full_sync(snapshot, start)
+            else:
+                result = self._partial_sync(snapshot, dirty, start)
+        except BackendError as exc:
+            log.error("sync failed, will retry: %s", exc)
+            self.metrics.sync_errors.inc()
+            with self._lock:
+                self._dirty |= dirty
+                self._node_dirty = self._node_dirty or node_changed
+            result = SyncResult(full, (), 0, self._monotonic() - start, skipped=str(exc))
+            self.last_result = result
+            return result
+        self._last_sync = start
+        if full:
+            self._last_full = start
+        self.metrics.sync_duration.observe(result.duration)
+        self.metrics.syncs.labels("full" if full else "partial").inc()
+        self.metrics.last_sync.set(self._clock())
+        now = self._clock()
+        for t in triggers:
+            self.metrics.network_programming.observe(max(0.0, now - t))
+        self.health.updated()
+        if full and result.failed == 0 and not self.config.dry_run:
+            self.health.set_ready()
+        elif full and self.config.dry_run:
+            self.health.set_ready()
+        self.last_result = result
+        return result
+
+    # --- internals ------------------------------------------------------------------
+
+    def _full_interval(self) -> float:
+        if self._draining:
+            return min(self.config.sync_period, self.config.drain_check_period)
+        return self.config.sync_period
+
+    def _refresh_node(self) -> None:
+        """Node labels and addresses feed translation (zone hints, NodePorts)."""
+        override = self.config.node_ips_override or self.config.translate.node.addresses
+        info, problems = node_info(self.state.node_name, self.state.node, override)
+        self._count_problems(problems)
+        self._translate_config = replace(self._translate_config, node=info)
+        self.health.set_node_eligible(node_eligible(self.state.node))
+
+    def _snapshot(self, only: set[NamespacedName] | None) -> dict[NamespacedName, tuple[Mapping[str, Any] | None, list[Mapping[str, Any]]]]:
+        names = self.state.services.keys() if only is None else only
+        return {nn: (self.state.services.get(nn), self.state.slices_of(nn)) for nn in names}
+
+    def _count_problems(self, problems: Iterable[Problem]) -> None:
+        """Log and count each problem once, not again at every full sync."""
+        for p in problems:
+            if p in self._reported:
+                continue
+            self._reported.add(p)
+            self.metrics.input_problems.labels(p.kind).inc()
+            (log.warning if p.severity == "warning" else log.error)("%s", p)
+
+    def _full_sync(self, snapshot: Mapping[NamespacedName, tuple[Mapping[str, Any] | None, list[Mapping[str, Any]]]],
+                   start: float) -> SyncResult:
+        services = [svc for svc, _ in snapshot.values() if svc is not None]
+        slices = [s for _, group in snapshot.values() for s in group]
+        with self._lock:
+            orphans = [s for nn, group in self.state.slices_by_service.items() if nn not in snapshot for s in group.values()]
+        translation = translate(services, slices + orphans, self._translate_config)
+        self._reported &= set(translation.problems)
+        self._count_problems(translation.problems)
+        desired = dict(translation.table.services)
+        keys_by_service: dict[NamespacedName, tuple[ServiceKey, ...]] = {}
+        for nn, info in translation.services.items():
+            keys_by_service[nn] = tuple(k for k in info.keys if k in desired)
+        self._desired = desired
+        self._keys_by_service = keys_by_service
+        self._owner = {k: nn for nn, keys in keys_by_service.items() for k in keys}
+        self._info = dict(translation.services)
+        actual = self.backend.read()
+        ops = diff(Table(desired), actual, self.config.exclusions)
+        self.full_syncs += 1
+        return self._execute(ops, actual, start, full=True)
+
+    def _partial_sync(self, snapshot: Mapping[NamespacedName, tuple[Mapping[str, Any] | None, list[Mapping[str, Any]]]],
+                      dirty: set[NamespacedName], start: float) -> SyncResult:
+        changed: set[ServiceKey] = set(self._retry)
+        for nn, (svc, slices) in snapshot.items():
+            old_keys = self._keys_by_service.pop(nn, ())
+            for key in old_keys:
+                if self._owner.get(key) == nn:
+                    del self._owner[key]
+                    self._desired.pop(key, None)
+            changed.update(old_keys)
+            self._info.pop(nn, None)
+            if svc is None:
+                continue
+            vss, problems, info = translate_service(svc, slices, self._translate_config)
+            self._count_problems(problems)
+            kept: list[ServiceKey] = []
+            for vs in vss:
+                owner = self._owner.get(vs.key)
+                if owner is not None and owner != nn:
+                    self._count_problems([Problem("duplicate-virtual-service", f"Service {nn[0]}/{nn[1]}",
+                                                  f"{vs.key} is already provided by Service {owner[0]}/{owner[1]}")])
+                    continue
+                self._desired[vs.key] = vs
+                self._owner[vs.key] = nn
+                kept.append(vs.key)
+            self._keys_by_service[nn] = tuple(kept)
+            changed.update(kept)
+            if info is not None:
+                self._info[nn] = info
+        ops = diff(Table(self._desired), self._actual, self.config.exclusions, only=changed)
+        self.partial_syncs += 1
+        return self._execute(ops, self._actual, start, full=False, scope=changed)
+
+    def _graceful(self, ops: list[Operation], actual: Table, scope: set[ServiceKey] | None) -> list[Operation]:
+        """Turn deletes of live TCP real servers into weight-0 drains.
+
+        Drains only complete when ``actual`` was just read from the kernel (a full
+        sync, ``scope`` None): connection counts in the kernel image kept between full
+        syncs are stale. A partial sync only revisits the drains of the services in
+        ``scope``.
+        """
+        fresh = scope is None
+        now = self._monotonic()
+        deleted_services = {op.service for op in ops if op.kind is OpKind.DELETE_SERVICE}
+        out: list[Operation] = []
+        still_draining: dict[tuple[ServiceKey, str, int], float] = {}
+        for op in ops:
+            dest = op.destination
+            if (op.kind is not OpKind.DELETE_DESTINATION or dest is None
+                    or op.service.protocol is not Protocol.TCP or op.service in deleted_services):
+                out.append(op)
+                continue
+            vs = actual.services.get(op.service)
+            current = vs.destination_map().get(dest.key) if vs is not None else None
+            if current is None:
+                out.append(op)
+                continue
+            marker = (op.service, dest.address, dest.port)
+            started = self._draining.get(marker, now)
+            connections = current.active_conns + current.inactive_conns
+            if current.weight == 0 and fresh and (connections == 0 or now - started >= self.config.graceful_timeout):
+                out.append(op)  # drained (or timed out): delete now
+                continue
+            still_draining[marker] = started
+            if current.weight != 0:
+                out.append(Operation(OpKind.EDIT_DESTINATION, op.service,
+                                     destination=Destination(dest.address, dest.port, 0, current.forward)))
+        if scope is None:
+            self._draining = still_draining
+        else:
+            kept = {m: t for m, t in self._draining.items() if m[0] not in scope}
+            self._draining = {**kept, **still_draining}
+        return out
+
+    def _execute(self, ops: list[Operation], actual: Table, start: float, *, full: bool,
+                 scope: set[ServiceKey] | None = None) -> SyncResult:
+        if not self.config.dry_run:
+            ops = self._graceful(ops, actual, scope)
+        failed_count = 0
+        if ops and self.config.dry_run:
+            log.info("dry run: would apply %d operations:\n%s", len(ops),
+                     plan_text(Table(self._desired), actual, ops).rstrip())
+            self._actual = actual
+        elif ops:
+            failed = self.backend.apply(ops)
+            failed_count = len(failed)
+            rejected = {id(f.operation) for f in failed}
+            applied = [op for op in ops if id(op) not in rejected]
+            self._actual, _ = apply_ops(actual, applied)
+            self._retry = {f.operation.service for f in failed}
+            for op in applied:
+                self.metrics.operations.labels(op.kind.value).inc()
+            for f in failed:
+                self.metrics.failed_operations.labels(f.operation.kind.value).inc()
+                log.error("IPVS operation failed (will retry): %s: %s", f.operation, f.error)
+            log.info("%s sync: %d operations applied, %d failed", "full" if full else "partial",
+                     len(applied), failed_count)
+        else:
+            self._actual = actual
+            self._retry = set()
+        self._publish()
+        return SyncResult(full, tuple(ops), failed_count, self._monotonic() - start)
+
+    def _publish(self) -> None:
+        self.metrics.virtual_servers.set(len(self._desired))
+        self.metrics.real_servers.set(sum(len(vs.destinations) for vs in self._desired.values()))
+        self.metrics.draining_real_servers.set(len(self._draining))
+        internal = sum(1 for i in self._info.values() if i.internal_policy_local and i.local_endpoints == 0)
+        external = sum(1 for i in self._info.values() if i.external_policy_local and i.local_endpoints == 0)
+        self.metrics.no_local_endpoints.labels("internal").set(internal)
+        self.metrics.no_local_endpoints.labels("external").set(external)
+        if self.health_checks is not None:
+            targets = {
+                HealthCheckTarget(i.namespace, i.name, i.health_check_node_port): i.local_endpoints
+                for i in self._info.values()
+                if i.external_policy_local and i.health_check_node_port
+            }
+            for error in self.health_checks.sync(targets):
+                log.error("%s", error)
+
+    # --- read-only views for tests and the CLI ---------------------------------------
+
+    @property
+    def desired(self) -> Table:
+        return Table(dict(self._desired))
+
+    @property
+    def draining(self) -> Sequence[tuple[ServiceKey, str, int]]:
+        return sorted(self._draining)

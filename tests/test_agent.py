@@ -1,0 +1,188 @@
+"""The whole agent in process: official client -> fake API server over real HTTP on
+loopback -> reconcile loop -> in-memory IPVS backend, with the health server live.
+
+The kernel is simulated here by MemoryBackend; the same agent against real IPVS runs
+in the VM suite."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from fakeapi import FakeApiServer
+from svcproxy.agent import Agent, AgentConfig
+from svcproxy.ipvs.backend import MemoryBackend
+from svcproxy.model import Protocol, ServiceKey
+
+WEB = ServiceKey(Protocol.TCP, "10.96.0.20", 80)
+LB = ServiceKey(Protocol.TCP, "10.96.0.30", 443)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def service(name: str, ip: str, port: int, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"],
+                 "ipFamilyPolicy": "SingleStack", "sessionAffinity": "None",
+                 "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": 8080}], **spec},
+        "status": {"loadBalancer": {}},
+    }
+
+
+def slice_(svc: str, *ips: str, node: str = "node-a", suffix: str = "abcde") -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": f"{svc}-{suffix}", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": svc,
+                                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [ip], "nodeName": node,
+                       "conditions": {"ready": True, "serving": True, "terminating": False}} for ip in ips],
+    }
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Running:
+    def __init__(self, agent: Agent, backend: MemoryBackend) -> None:
+        self.agent, self.backend = agent, backend
+        self.base = f"http://127.0.0.1:{agent.server.port}"
+        self.thread = threading.Thread(target=agent.run, daemon=True)
+
+    def dests(self, key: ServiceKey) -> dict[str, int]:
+        vs = self.backend.read().services.get(key)
+        return {d.address: d.weight for d in vs.destinations} if vs else {}
+
+
+@pytest.fixture
+def start_agent() -> Iterator[Callable[..., Running]]:
+    running: list[Running] = []
+
+    def start(backend: MemoryBackend | None = None, **cfg: Any) -> Running:
+        config = AgentConfig(node_name="node-a", health_bind="127.0.0.1:0", healthcheck_bind_host="127.0.0.1",
+                             min_sync_period=0.1, sync_period=2.0, **cfg)
+        backend = backend or MemoryBackend()
+        r = Running(Agent(config, backend), backend)
+        r.thread.start()
+        running.append(r)
+        return r
+
+    yield start
+    for r in running:
+        r.agent.stop.set()
+        r.thread.join(10)
+        assert not r.thread.is_alive(), "agent did not stop"
+
+
+def test_agent_against_the_api_server(start_agent: Callable[..., Running], tmp_path: Path) -> None:
+    hc_port = free_port()
+    with FakeApiServer() as fake:
+        fake.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "labels": {
+            "topology.kubernetes.io/zone": "zone-a"}}, "status": {"addresses": [
+                {"type": "InternalIP", "address": "192.168.0.10"}]}})
+        fake.apply(service("web", "10.96.0.20", 80))
+        fake.apply(slice_("web", "10.244.1.1", "10.244.2.1"))
+        fake.apply(service("lb", "10.96.0.30", 443, type="LoadBalancer", externalTrafficPolicy="Local",
+                           healthCheckNodePort=hc_port))
+        fake.apply(slice_("lb", "10.244.1.7"))
+        r = start_agent(kubeconfig=fake.write_kubeconfig(tmp_path / "kubeconfig"))
+
+        wait_until(lambda: get(r.base + "/readyz")[0] == 200, what="first full sync")
+        assert r.dests(WEB) == {"10.244.1.1": 1, "10.244.2.1": 1}
+        assert r.dests(LB) == {"10.244.1.7": 1}
+        code, body = get(r.base + "/healthz")
+        assert code == 200 and json.loads(body)["nodeEligible"] is True
+        metrics = get(r.base + "/metrics")[1]
+        assert "svcproxy_virtual_servers 2.0" in metrics
+        assert 'svcproxy_watch_lists_total{resource="Service"} 1.0' in metrics
+
+        wait_until(lambda: get(f"http://127.0.0.1:{hc_port}/")[0] == 200, what="healthCheckNodePort")
+        assert json.loads(get(f"http://127.0.0.1:{hc_port}/")[1])["localEndpoints"] == 1
+
+        # An endpoint change reaches the kernel table.
+        fake.apply(slice_("web", "10.244.1.1", "10.244.3.1"))
+        wait_until(lambda: "10.244.3.1" in r.dests(WEB), what="endpoint change")
+        assert r.dests(WEB) == {"10.244.1.1": 1, "10.244.3.1": 1, "10.244.2.1": 0}  # TCP: drained, not cut
+        # No connections in the (simulated) kernel: the next full sync deletes it.
+        wait_until(lambda: r.dests(WEB) == {"10.244.1.1": 1, "10.244.3.1": 1}, what="drain completes")
+
+        # The local endpoint goes away: the health check answers 503 with count 0.
+        fake.apply(slice_("lb", "10.244.9.9", node="node-b"))
+        wait_until(lambda: get(f"http://127.0.0.1:{hc_port}/")[0] == 503, what="no local endpoints")
+
+        # API server down: every rule stays as it is, through several full syncs.
+        wait_until(lambda: not r.agent.proxier.draining, what="drains complete")
+        before = r.backend.read()
+        applied_before = len(r.backend.applied)
+        fake.down()
+        time.sleep(5)
+        assert r.backend.read() == before and len(r.backend.applied) == applied_before
+        assert get(r.base + "/livez")[0] == 200
+
+        # Changes made while it was unreachable converge once it is back.
+        fake.delete("Service", "default", "lb")
+        fake.delete("EndpointSlice", "default", "lb-abcde")
+        fake.up()
+        wait_until(lambda: LB not in r.backend.read().services, timeout=40, what="convergence after outage")
+        assert WEB in r.backend.read().services
+        wait_until(lambda: not _port_open(hc_port), what="healthCheckNodePort server stopped")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_agent_from_a_file_in_dry_run_changes_nothing(start_agent: Callable[..., Running], tmp_path: Path) -> None:
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                "items": [service("web", "10.96.0.20", 80), slice_("web", "10.244.1.1")]}))
+    r = start_agent(file=str(path), dry_run=True)
+    wait_until(lambda: get(r.base + "/readyz")[0] == 200, what="first (dry) sync")
+    assert r.backend.applied == [] and len(r.backend.read()) == 0
+    assert r.agent.proxier.last_result is not None and len(r.agent.proxier.last_result.operations) == 2
+
+
+def test_agent_follows_a_file_and_keeps_rules_when_it_breaks(start_agent: Callable[..., Running],
+                                                             tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                "items": [service("web", "10.96.0.20", 80), slice_("web", "10.244.1.1")]}))
+    r = start_agent(file=str(path))
+    wait_until(lambda: r.dests(WEB) == {"10.244.1.1": 1}, what="file sync")
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                "items": [service("web", "10.96.0.20", 80), slice_("web", "10.244.1.1", "10.244.1.2")]}))
+    wait_until(lambda: r.dests(WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}, what="file change")
+    path.write_text("kind: [this is not valid")
+    time.sleep(3)
+    assert r.dests(WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}

@@ -1,0 +1,375 @@
+"""The reconcile loop against the in-memory backend: gate, full and partial syncs,
+graceful termination, restarts, failures, dry run, coalescing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Sequence
+
+import pytest
+
+from svcproxy.diff import Exclusions
+from svcproxy.ipvs.backend import BackendError, MemoryBackend
+from svcproxy.kube.translate import NodeInfo, TranslateConfig
+from svcproxy.model import Destination, OpKind, Operation, OperationResult, Protocol, ServiceKey, Table, VirtualService
+from svcproxy.reconcile import Kind, Proxier, ProxierConfig
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def service(name: str, ip: str, *ports: tuple[str, int, str], ns: str = "default", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}", "resourceVersion": "1"},
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"],
+                 "ports": [{"name": n, "port": p, "protocol": proto, "targetPort": n} for n, p, proto in ports],
+                 **spec},
+        "status": {"loadBalancer": {}},
+    }
+
+
+def eps(svc: str, ips: Sequence[str], *ports: tuple[str, int, str], ns: str = "default", suffix: str = "a",
+        node: str = "node-a", terminating: Sequence[str] = ()) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": f"{svc}-{suffix}", "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
+        "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
+        "endpoints": [{"addresses": [ip], "nodeName": node,
+                       "conditions": {"ready": ip not in terminating, "serving": True,
+                                      "terminating": ip in terminating}} for ip in ips],
+    }
+
+
+WEB = ServiceKey(Protocol.TCP, "10.96.0.20", 80)
+DNS_UDP = ServiceKey(Protocol.UDP, "10.96.0.10", 53)
+
+
+def make(backend: MemoryBackend | Any = None, clock: Clock | None = None, **cfg: Any) -> tuple[Proxier, Clock]:
+    clock = clock or Clock()
+    config = ProxierConfig(translate=TranslateConfig(node=NodeInfo("node-a", ("192.168.0.10",))), **cfg)
+    p = Proxier(backend if backend is not None else MemoryBackend(), config, clock=clock, monotonic=clock)
+    return p, clock
+
+
+def load(p: Proxier, web_ips: Sequence[str] = ("10.244.1.1", "10.244.1.2")) -> None:
+    p.on_event(Kind.SERVICE, "ADDED", service("web", "10.96.0.20", ("http", 80, "TCP")))
+    p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps("web", web_ips, ("http", 8080, "TCP")))
+    p.on_event(Kind.SERVICE, "ADDED", service("dns", "10.96.0.10", ("dns", 53, "UDP")))
+    p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps("dns", ["10.244.2.1"], ("dns", 53, "UDP")))
+    p.on_synced(Kind.SERVICE)
+    p.on_synced(Kind.ENDPOINT_SLICE)
+
+
+def dests(backend: MemoryBackend, key: ServiceKey) -> dict[str, int]:
+    return {d.address: d.weight for d in backend.read().services[key].destinations}
+
+
+def test_nothing_is_programmed_before_both_lists_synced() -> None:
+    backend = MemoryBackend()
+    p, _ = make(backend)
+    p.on_event(Kind.SERVICE, "ADDED", service("web", "10.96.0.20", ("http", 80, "TCP")))
+    p.on_synced(Kind.SERVICE)
+    result = p.sync()
+    assert result.skipped and backend.applied == []
+    assert not p.health.ready
+
+
+def test_first_sync_programs_everything_and_second_changes_nothing() -> None:
+    backend = MemoryBackend()
+    p, clock = make(backend)
+    load(p)
+    result = p.sync()
+    assert result.full and result.failed == 0
+    assert dests(backend, WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}
+    assert dests(backend, DNS_UDP) == {"10.244.2.1": 1}
+    assert p.health.ready
+    clock.t += 60
+    again = p.sync()
+    assert again.full and again.operations == ()
+
+
+def test_restart_with_rules_in_place_touches_nothing() -> None:
+    backend = MemoryBackend()
+    first, _ = make(backend)
+    load(first)
+    first.sync()
+    applied_before = len(backend.applied)
+    second, _ = make(backend)
+    load(second)
+    result = second.sync()
+    assert result.operations == ()
+    assert len(backend.applied) == applied_before
+
+
+def test_endpoint_change_is_a_partial_sync_of_that_service_only() -> None:
+    backend = MemoryBackend()
+    p, clock = make(backend)
+    load(p)
+    p.sync()
+    clock.t += 2
+    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("dns", ["10.244.2.9"], ("dns", 53, "UDP")))
+    result = p.sync()
+    assert not result.full
+    assert [(op.kind, op.destination.address if op.destination else None) for op in result.operations] == [
+        (OpKind.DELETE_DESTINATION, "10.244.2.1"),  # UDP: deleted at once, no drain
+        (OpKind.ADD_DESTINATION, "10.244.2.9"),
+    ]
+    assert dests(backend, DNS_UDP) == {"10.244.2.9": 1}
+
+
+def test_deleted_service_is_removed() -> None:
+    backend = MemoryBackend()
+    p, clock = make(backend)
+    load(p)
+    p.sync()
+    clock.t += 2
+    p.on_event(Kind.SERVICE, "DELETED", service("dns", "10.96.0.10", ("dns", 53, "UDP")))
+    result = p.sync()
+    assert not result.full
+    assert DNS_UDP not in backend.read().services and WEB in backend.read().services
+
+
+def set_conns(backend: MemoryBackend, key: ServiceKey, address: str, active: int, inactive: int = 0) -> None:
+    vs = backend.table.services[key]
+    new = [Destination(d.address, d.port, d.weight, d.forward, active, inactive) if d.address == address else d
+           for d in vs.destinations]
+    backend.table = Table({**backend.table.services, key: vs.with_destinations(new)})
+
+
+def test_graceful_termination_drains_tcp_then_deletes() -> None:
+    backend = MemoryBackend()
+    p, clock = make(backend, graceful_timeout=600)
+    load(p)
+    p.sync()
+    set_conns(backend, WEB, "10.244.1.2", active=3)
+    clock.t += 2
+    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("web", ["10.244.1.1"], ("http", 8080, "TCP")))
+    p.sync()
+    assert dests(backend, WEB) == {"10.244.1.1": 1, "10.244.1.2": 0}  # drained, not cut
+    assert p.draining == [(WEB, "10.244.1.2", 8080)]
+    clock.t += 30
+    p.sync(force_full=True)  # still 3 connections: kept
+    assert dests(backend, WEB) == {"10.244.1.1": 1, "10.244.1.2": 0}
+    set_conns(backend, WEB, "10.244.1.2", active=0, inactive=0)
+    clock.t += 30
+    p.sync(force_full=True)
+    assert dests(backend, WEB) == {"10.244.1.1": 1}
+    assert p.draining == []
+
+
+def test_graceful_timeout_deletes_busy_server() -> None:
+    backend = MemoryBackend()
+    p, clock = make(backend, graceful_timeout=100)
+    load(p)
+    p.sync()
+    set_conns(backend, WEB, "10.244.1.2", active=1, inactive=5)
+    clock.t += 2
+    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("web", ["10.244.1.1"], ("http", 8080, "TCP")))
+    p.sync()
+    clock.t += 50
+    p.sync(force_full=True)
+    assert "10.244.1.2" in dests(backend, WEB)
+    clock.t += 60
+    p.sync(force_full=True)
+    assert dests(backend, WEB) == {"10.244.1.1": 1}
+
+
+def test_drained_server_that_comes_back_is_restored() -> None:
+    backend = MemoryBackend()
+    p, clock = make(backend)
+    load(p)
+    p.sync()
+    set_conns(backend, WEB, "10.244.1.2", active=2)
+    clock.t += 2
+    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("web", ["10.244.1.1"], ("http", 8080, "TCP")))
+    p.sync()
+    clock.t += 2
+    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("web", ["10.244.1.1", "10.244.1.2"], ("http", 8080, "TCP")))
+    result = p.sync()
+    assert [op.kind for op in result.operations] == [OpKind.EDIT_DESTINATION]
+    assert dests(backend, WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}
+    assert p.draining == []
+
+
+def test_restart_mid_drain_adopts_the_drain() -> None:
+    backend = MemoryBackend()
+    p, clock = make(backend)
+    load(p)
+    p.sync()
+    set_conns(backend, WEB, "10.244.1.2", active=4)
+    clock.t += 2
+    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("web", ["10.244.1.1"], ("http", 8080, "TCP")))
+    p.sync()
+    restarted, clock2 = make(backend, graceful_timeout=100)
+    load(restarted, web_ips=["10.244.1.1"])
+    result = restarted.sync()
+    assert result.operations == ()  # the weight-0 server is neither reset nor cut
+    assert restarted.draining == [(WEB, "10.244.1.2", 8080)]
+    clock2.t += 101
+    restarted.sync(force_full=True)
+    assert dests(backend, WEB) == {"10.244.1.1": 1}
+
+
+class FlakyBackend(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.reject: set[str] = set()
+
+    def read(self) -> Table:
+        if self.down:
+            raise BackendError("Can't initialize ipvs: Protocol not available")
+        return super().read()
+
+    def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
+        bad = [op for op in ops if op.destination is not None and op.destination.address in self.reject]
+        failed = super().apply([op for op in ops if op not in bad])
+        return failed + [OperationResult(op, "Memory allocation problem") for op in bad]
+
+
+def test_backend_unavailable_is_retried_without_crashing() -> None:
+    backend = FlakyBackend()
+    p, clock = make(backend)
+    load(p)
+    backend.down = True
+    result = p.sync()
+    assert result.skipped and "initialize" in result.skipped
+    assert not p.health.ready
+    backend.down = False
+    clock.t += 2
+    assert p.sync().failed == 0
+    assert WEB in backend.read().services and p.health.ready
+
+
+def test_failed_operations_are_counted_and_retried() -> None:
+    backend = FlakyBackend()
+    backend.reject = {"10.244.1.2"}
+    p, clock = make(backend)
+    load(p)
+    result = p.sync()
+    assert result.failed == 1
+    assert p.metrics.failed_operations.labels("add-destination")._value.get() == 1
+    assert not p.health.ready  # the first full sync did not fully succeed
+    backend.reject = set()
+    clock.t += 2
+    retry = p.sync()  # partial, with nothing dirty: only the retry
+    assert not retry.full and len(retry.operations) == 1
+    assert dests(backend, WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}
+
+
+def test_drift_is_repaired_by_the_next_full_sync() -> None:
+    backend = MemoryBackend()
+    p, clock = make(backend, exclusions=Exclusions.parse(["192.0.2.0/24"]))
+    load(p)
+    p.sync()
+    foreign_in = VirtualService(ServiceKey(Protocol.TCP, "192.0.2.5", 80))
+    foreign_out = VirtualService(ServiceKey(Protocol.TCP, "198.51.100.5", 80))
+    remaining = {k: v for k, v in backend.table.services.items() if k != WEB}
+    remaining[foreign_in.key] = foreign_in
+    remaining[foreign_out.key] = foreign_out
+    backend.table = Table(remaining)
+    clock.t += 31
+    p.sync()
+    keys = set(backend.read().services)
+    assert WEB in keys and foreign_in.key in keys and foreign_out.key not in keys
+
+
+def test_dry_run_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    backend = MemoryBackend()
+    p, _ = make(backend, dry_run=True)
+    load(p)
+    with caplog.at_level("INFO"):
+        result = p.sync()
+    assert len(result.operations) == 5
+    assert backend.applied == [] and len(backend.read()) == 0
+    assert "dry run: would apply 5 operations" in caplog.text and "+ TCP  10.96.0.20:80" in caplog.text
+
+
+def test_health_follows_queue_and_sync() -> None:
+    backend = MemoryBackend()
+    p, clock = make(backend, sync_period=30)
+    load(p)
+    clock.t += 61
+    assert p.health.proxy_healthy()[0] is False  # queued 61 s ago, never synced (timeout 2 x 30 s)
+    p.sync()
+    assert p.health.proxy_healthy()[0] is True
+
+
+def test_problems_are_counted_once() -> None:
+    p, clock = make()
+    load(p)
+    p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps("web", ["bogus"], ("http", 8080, "TCP"), suffix="b"))
+    p.sync()
+    clock.t += 31
+    p.sync()
+    assert p.metrics.input_problems.labels("invalid-ip")._value.get() == 1
+
+
+def node(address: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "labels": {}},
+            "status": {"addresses": [{"type": "InternalIP", "address": address},
+                                     {"type": "Hostname", "address": "node-a"}]}}
+
+
+def test_node_change_triggers_full_sync_with_new_addresses() -> None:
+    backend = MemoryBackend()
+    clock = Clock()
+    p = Proxier(backend, ProxierConfig(translate=TranslateConfig(node=NodeInfo("node-a"))), clock=clock, monotonic=clock)
+    p.on_event(Kind.NODE, "ADDED", node("192.168.0.10"))
+    load(p)
+    p.on_event(Kind.SERVICE, "ADDED", service("np", "10.96.0.30", ("http", 80, "TCP"), type="NodePort"))
+    p.sync()
+    p.on_event(Kind.SERVICE, "MODIFIED", {**service("np", "10.96.0.30", ("http", 80, "TCP")),
+                                          "spec": {**service("np", "10.96.0.30", ("http", 80, "TCP"))["spec"],
+                                                   "type": "NodePort",
+                                                   "ports": [{"name": "http", "port": 80, "protocol": "TCP",
+                                                              "targetPort": 80, "nodePort": 30080}]}})
+    clock.t += 2
+    p.sync()
+    assert ServiceKey(Protocol.TCP, "192.168.0.10", 30080) in backend.read().services
+    p.on_event(Kind.NODE, "MODIFIED", node("192.168.0.11"))
+    clock.t += 2
+    assert p.sync().full
+    keys = set(backend.read().services)
+    assert ServiceKey(Protocol.TCP, "192.168.0.11", 30080) in keys
+    assert ServiceKey(Protocol.TCP, "192.168.0.10", 30080) not in keys
+    p.on_event(Kind.NODE, "MODIFIED", {**node("192.168.0.11"), "metadata": {
+        "name": "node-a", "deletionTimestamp": "2026-11-25T00:00:00Z"}})
+    clock.t += 2
+    p.sync()
+    assert p.health.node_eligible is False
+
+
+def test_burst_of_events_is_coalesced_by_the_loop() -> None:
+    backend = MemoryBackend()
+    clock_wall = time.monotonic
+    config = ProxierConfig(translate=TranslateConfig(node=NodeInfo("node-a")), min_sync_period=0.3, sync_period=60)
+    p = Proxier(backend, config, monotonic=clock_wall)
+    load(p)
+    stop = threading.Event()
+    loop = threading.Thread(target=p.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while p.full_syncs == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i in range(1000):
+            ips = [f"10.244.3.{i % 200 + 1}", f"10.244.4.{i % 200 + 1}"]
+            p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("web", ips, ("http", 8080, "TCP")))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if dests(backend, WEB).keys() >= {"10.244.3.200", "10.244.4.200"}:
+                break
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        loop.join(5)
+    assert {a for a, w in dests(backend, WEB).items() if w == 1} == {"10.244.3.200", "10.244.4.200"}
+    assert p.partial_syncs <= 5, p.partial_syncs  # 1,000 events, a handful of syncs
