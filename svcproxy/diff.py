@@ -68,55 +68,76 @@ NO_EXCLUSIONS = Exclusions()
 
 
 def _service_op(kind: OpKind, vs: VirtualService) -> Operation:
-    return Operation(kind, vs.key, scheduler=vs.scheduler, persistence=vs.persistence, flags=vs.flags)
+    return Operation(kind, vs.key, vs.scheduler, vs.persistence, vs.flags)
 
 
-def _dest_op(kind: OpKind, key: ServiceKey, dest: Destination) -> Operation:
-    return Operation(kind, key, destination=dest)
+def _dest_key(dest: Destination) -> tuple[str, int]:
+    return (dest.address, dest.port)
+
+
+def _service_sort_key(key: ServiceKey) -> tuple[str, str, int, int]:
+    # The same order as ServiceKey's own (dataclass order=True), without its slow __lt__.
+    return (key.protocol.value, key.address, key.port, key.fwmark)
+
+
+def _diff_into(phases: list[list[Operation]], desired: VirtualService | None, actual: VirtualService | None) -> None:
+    """Append the operations for one virtual service to the four phase lists.
+
+    Destinations are visited in key order, so that with services visited in key
+    order the concatenated phases come out already sorted: no global sort needed.
+    """
+    dels, svc_dels, svc_sets, dest_sets = phases
+    if desired is None:
+        if actual is None:
+            return
+        key = actual.key
+        for dest in sorted(actual.destinations, key=_dest_key):
+            dels.append(Operation(OpKind.DELETE_DESTINATION, key, "rr", None, _NO_FLAGS, dest))
+        svc_dels.append(_service_op(OpKind.DELETE_SERVICE, actual))
+        return
+    key = desired.key
+    if actual is None:
+        svc_sets.append(_service_op(OpKind.ADD_SERVICE, desired))
+        for dest in sorted(desired.destinations, key=_dest_key):
+            dest_sets.append(Operation(OpKind.ADD_DESTINATION, key, "rr", None, _NO_FLAGS, dest))
+        return
+    if not desired.settings_equal(actual):
+        svc_sets.append(_service_op(OpKind.EDIT_SERVICE, desired))
+    if desired.destinations == actual.destinations:
+        return
+    have = {(d.address, d.port): d for d in actual.destinations}
+    want = {(d.address, d.port): d for d in desired.destinations}
+    for dkey in sorted(have.keys() - want.keys()):
+        dels.append(Operation(OpKind.DELETE_DESTINATION, key, "rr", None, _NO_FLAGS, have[dkey]))
+    for dkey in sorted(want):
+        dest = want[dkey]
+        current = have.get(dkey)
+        if current is None:
+            dest_sets.append(Operation(OpKind.ADD_DESTINATION, key, "rr", None, _NO_FLAGS, dest))
+        elif not dest.settings_equal(current):
+            dest_sets.append(Operation(OpKind.EDIT_DESTINATION, key, "rr", None, _NO_FLAGS, dest))
+
+
+_NO_FLAGS: frozenset[str] = frozenset()
 
 
 def diff_service(desired: VirtualService | None, actual: VirtualService | None) -> list[Operation]:
-    """Operations that turn one actual virtual service into the desired one (unordered)."""
-    ops: list[Operation] = []
-    if desired is None:
-        if actual is None:
-            return ops
-        for dest in actual.destinations:
-            ops.append(_dest_op(OpKind.DELETE_DESTINATION, actual.key, dest))
-        ops.append(_service_op(OpKind.DELETE_SERVICE, actual))
-        return ops
-    if actual is None:
-        ops.append(_service_op(OpKind.ADD_SERVICE, desired))
-        for dest in desired.destinations:
-            ops.append(_dest_op(OpKind.ADD_DESTINATION, desired.key, dest))
-        return ops
-    if not desired.settings_equal(actual):
-        ops.append(_service_op(OpKind.EDIT_SERVICE, desired))
-    have = actual.destination_map()
-    want = desired.destination_map()
-    for dkey, dest in have.items():
-        if dkey not in want:
-            ops.append(_dest_op(OpKind.DELETE_DESTINATION, desired.key, dest))
-    for dkey, dest in want.items():
-        current = have.get(dkey)
-        if current is None:
-            ops.append(_dest_op(OpKind.ADD_DESTINATION, desired.key, dest))
-        elif not dest.settings_equal(current):
-            ops.append(_dest_op(OpKind.EDIT_DESTINATION, desired.key, dest))
-    return ops
+    """Operations that turn one actual virtual service into the desired one, ordered."""
+    phases: list[list[Operation]] = [[], [], [], []]
+    _diff_into(phases, desired, actual)
+    return [op for phase in phases for op in phase]
 
 
 def order(ops: Iterable[Operation]) -> list[Operation]:
     """Sort operations into dependency-safe phases, deterministic within each."""
 
-    def sort_key(op: Operation) -> tuple[int, ServiceKey, str, int, int]:
+    def sort_key(op: Operation) -> tuple[int, tuple[str, str, int, int], str, int]:
         dest = op.destination
         return (
             _PHASE[op.kind],
-            op.service,
+            _service_sort_key(op.service),
             dest.address if dest else "",
             dest.port if dest else -1,
-            0 if op.kind in (OpKind.ADD_SERVICE, OpKind.ADD_DESTINATION) else 1,
         )
 
     return sorted(ops, key=sort_key)
@@ -133,19 +154,22 @@ def diff(
     ``only`` restricts the diff to the given service keys (incremental syncs, where
     just a few Services changed); None compares everything.
     """
-    ops: list[Operation] = []
     keys: Iterable[ServiceKey]
     if only is None:
-        keys = set(desired.services) | set(actual.services)
+        keys = desired.services.keys() | actual.services.keys()
     else:
         keys = set(only)
-    for key in keys:
-        want = desired.services.get(key)
-        have = actual.services.get(key)
+    phases: list[list[Operation]] = [[], [], [], []]
+    want_get, have_get = desired.services.get, actual.services.get
+    for key in sorted(keys, key=_service_sort_key):
+        want = want_get(key)
+        have = have_get(key)
         if want is None and have is not None and exclusions.protects(key):
             continue
-        ops.extend(diff_service(want, have))
-    return order(ops)
+        if want is not None and want is have:
+            continue
+        _diff_into(phases, want, have)
+    return [op for phase in phases for op in phase]
 
 
 DestMapGetter = Callable[[ServiceKey], dict[tuple[str, int], Destination]]
