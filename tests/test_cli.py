@@ -1,0 +1,197 @@
+"""The CLI end to end, in process: plan (text and JSON), exit codes, sync against the
+in-memory backend, problems on stderr, and the no-IPVS fallback."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+from svcproxy.cli import main
+from svcproxy.ipvs.backend import BackendError, MemoryBackend
+from svcproxy.model import Destination, Operation, OperationResult, Protocol, ServiceKey, Table, VirtualService
+
+CLUSTER = """\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default, uid: 1b4c, resourceVersion: "100"}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20]
+  ipFamilies: [IPv4]
+  ports: [{name: http, port: 80, protocol: TCP, targetPort: http}]
+  sessionAffinity: None
+status: {loadBalancer: {}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-x7k2p
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.5]
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: node-a
+- addresses: [10.244.2.7]
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: node-b
+- addresses: [not-an-ip]
+  conditions: {ready: true}
+"""
+
+WEB = ServiceKey(Protocol.TCP, "10.96.0.20", 80)
+WEB_TABLE = Table.of([VirtualService(WEB, destinations=(Destination("10.244.1.5", 8080), Destination("10.244.2.7", 8080)))])
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(CLUSTER)
+    return path
+
+
+def run(args: Sequence[str], backend: object) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(args), backend=backend, out=out, err=err)  # type: ignore[arg-type]
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_plan_against_empty_kernel_prints_additions_and_exits_2(cluster: Path) -> None:
+    code, out, err = run(["plan", "-f", str(cluster), "--node", "node-a"], MemoryBackend())
+    assert code == 2
+    assert "+ TCP  10.96.0.20:80  rr" in out
+    assert "+   -> 10.244.1.5:8080  masq weight 1" in out
+    assert "virtual services 1 to add" in out and "real servers 2 to add" in out
+    assert "not-an-ip" in err and "invalid-ip" in err  # the bad endpoint is reported ...
+    assert "10.244.2.7" in out  # ... and the good ones are kept
+
+
+def test_plan_changes_nothing_and_exits_0_when_in_sync(cluster: Path) -> None:
+    backend = MemoryBackend(WEB_TABLE)
+    code, out, _ = run(["plan", "-f", str(cluster)], backend)
+    assert code == 0
+    assert out.startswith("No changes")
+    assert backend.applied == []
+
+
+def test_plan_json_shape(cluster: Path) -> None:
+    stale = Table.of([VirtualService(WEB, "wlc", destinations=(Destination("10.244.9.9", 8080),
+                                                                Destination("10.244.1.5", 8080, 0)))])
+    code, out, _ = run(["plan", "-f", str(cluster), "-o", "json"], MemoryBackend(stale))
+    assert code == 2
+    doc = json.loads(out)
+    assert doc["services"] == [{
+        "protocol": "TCP", "address": "10.96.0.20", "port": 80, "scheduler": "rr", "persistence": None,
+        "destinations": [
+            {"address": "10.244.1.5", "port": 8080, "weight": 1, "forward": "masq"},
+            {"address": "10.244.2.7", "port": 8080, "weight": 1, "forward": "masq"},
+        ],
+    }]
+    svc = {"protocol": "TCP", "address": "10.96.0.20", "port": 80}
+    assert doc["operations"] == [
+        {"op": "delete-destination", "service": svc, "destination": {"address": "10.244.9.9", "port": 8080}},
+        {"op": "edit-service", "service": svc, "scheduler": "rr", "persistence": None},
+        {"op": "edit-destination", "service": svc, "destination": {"address": "10.244.1.5", "port": 8080},
+         "weight": 1, "forward": "masq"},
+        {"op": "add-destination", "service": svc, "destination": {"address": "10.244.2.7", "port": 8080},
+         "weight": 1, "forward": "masq"},
+    ]
+
+
+def test_plan_reads_current_state_from_a_saved_dump(cluster: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "saved.txt"
+    saved.write_text("-A -t 10.96.0.20:80 -s rr\n-a -t 10.96.0.20:80 -r 10.244.1.5:8080 -m -w 1\n")
+
+    class Untouchable:
+        def read(self) -> Table:
+            raise AssertionError("must not read the kernel when --current-file is given")
+
+        def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
+            raise AssertionError("plan must not apply")
+
+    code, out, _ = run(["plan", "-f", str(cluster), "--current-file", str(saved), "-o", "json"], Untouchable())
+    assert code == 2
+    ops = json.loads(out)["operations"]
+    assert [(o["op"], o["destination"]["address"]) for o in ops] == [("add-destination", "10.244.2.7")]
+
+
+def test_plan_without_ipvs_compares_with_empty_table_and_says_so(cluster: Path) -> None:
+    class NoIpvs:
+        def read(self) -> Table:
+            raise BackendError("ipvsadm: Can't initialize ipvs")
+
+        def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
+            raise AssertionError("plan must not apply")
+
+    code, out, err = run(["plan", "-f", str(cluster)], NoIpvs())
+    assert code == 2
+    assert "notice: cannot read the kernel's IPVS table" in err
+    assert "+ TCP  10.96.0.20:80" in out
+
+
+def test_sync_applies_then_second_sync_is_a_no_op(cluster: Path) -> None:
+    backend = MemoryBackend()
+    code, out, _ = run(["sync", "-f", str(cluster)], backend)
+    assert code == 0
+    assert "3 operations applied, 0 failed" in out
+    assert backend.read() == WEB_TABLE
+    code, out, _ = run(["sync", "-f", str(cluster)], backend)
+    assert code == 0 and "0 operations applied" in out
+
+
+def test_sync_reports_failures_and_exits_1(cluster: Path) -> None:
+    class Rejecting(MemoryBackend):
+        def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
+            bad = [op for op in ops if op.destination is not None and op.destination.address == "10.244.2.7"]
+            failed = super().apply([op for op in ops if op not in bad])
+            return failed + [OperationResult(op, "Memory allocation problem") for op in bad]
+
+    backend = Rejecting()
+    code, out, _ = run(["sync", "-f", str(cluster)], backend)
+    assert code == 1
+    assert "FAILED  add-destination tcp://10.96.0.20:80 -> 10.244.2.7:8080" in out
+    assert "2 operations applied, 1 failed" in out
+
+
+def test_sync_refuses_current_file(cluster: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "saved.txt"
+    saved.write_text("")
+    code, _, err = run(["sync", "-f", str(cluster), "--current-file", str(saved)], MemoryBackend())
+    assert code == 1 and "plan only" in err
+
+
+def test_unreadable_input_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    code, _, err = run(["plan", "-f", str(tmp_path / "missing.yaml")], MemoryBackend())
+    assert code == 1 and "error" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: Service\n  bad: [indent\n")
+    code, _, err = run(["plan", "-f", str(bad)], MemoryBackend())
+    assert code == 1 and "error" in err
+
+
+def test_exclude_cidrs_keeps_foreign_services(cluster: Path) -> None:
+    foreign = VirtualService(ServiceKey(Protocol.TCP, "192.0.2.1", 80))
+    code, out, _ = run(["plan", "-f", str(cluster), "--exclude-cidrs", "192.0.2.0/24", "-o", "json"],
+                       MemoryBackend(Table.of([*WEB_TABLE.sorted(), foreign])))
+    assert code == 0 and json.loads(out)["operations"] == []
+
+
+def test_ip_families_narrow_the_table(cluster: Path) -> None:
+    code, out, _ = run(["plan", "-f", str(cluster), "--ip-families", "IPv6", "-o", "json"], MemoryBackend())
+    assert code == 0 and json.loads(out)["services"] == []
+
+
+def test_python_dash_m_runs_the_cli(cluster: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "svcproxy", "plan", "-f", str(cluster),
+                           "--current-file", "/dev/null", "-o", "json"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert len(json.loads(proc.stdout)["operations"]) == 3
