@@ -150,6 +150,34 @@ class SyncResult:
     skipped: str | None = None
 
 
+class NamespaceGone(Exception):
+    """A Pod network namespace vanished: detach it quietly, it is not an error."""
+
+
+@dataclass(eq=False)
+class Target:
+    """One IPVS table svcproxy keeps in sync: the node's, or a Pod namespace's.
+
+    Each target has its own kernel image, drains and retries, so one slow or failing
+    namespace never holds up the others. Pod targets only get the Pod-visible part of
+    the table (not NodePorts: those are addressed to the node) and may have a
+    ``prepare`` hook that fits the namespace for IPVS (sysctls, VIP routes) before
+    operations are applied.
+    """
+
+    name: str
+    backend: Backend
+    pod: bool = False
+    prepare: Callable[[Table], None] | None = None
+    actual: Table = field(default_factory=Table)
+    retry: set[ServiceKey] = field(default_factory=set)
+    draining: dict[tuple[ServiceKey, str, int], float] = field(default_factory=dict)
+    needs_full: bool = True
+    failures: int = 0
+    #: A failing Pod namespace is retried with backoff, not at every sync.
+    next_try: float = float("-inf")
+
+
 def _parse_trigger_time(text: object) -> float | None:
     if not isinstance(text, str):
         return None
@@ -181,7 +209,7 @@ class Proxier:
         self.health_checks = health_checks
         self._clock = clock
         self._monotonic = monotonic
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._wake = threading.Event()
         self.state = ClusterState(node_name=config.translate.node.name)
         self._synced: set[Kind] = set()
@@ -194,10 +222,9 @@ class Proxier:
         self._keys_by_service: dict[NamespacedName, tuple[ServiceKey, ...]] = {}
         self._owner: dict[ServiceKey, NamespacedName] = {}
         self._info: dict[NamespacedName, ServiceInfo] = {}
-        self._actual = Table()
-        self._retry: set[ServiceKey] = set()
+        self.node_target = Target("node", backend)
+        self._targets: dict[str, Target] = {"node": self.node_target}
         self._reported: set[Problem] = set()
-        self._draining: dict[tuple[ServiceKey, str, int], float] = {}
         self._last_full = float("-inf")
         self._last_sync = float("-inf")
         self.full_syncs = 0
@@ -249,7 +276,9 @@ class Proxier:
             next_full = self._last_full + self._full_interval()
             if self.initialized:
                 timeout = max(0.0, next_full - now)
-                if self._retry:
+                with self._lock:
+                    pending = any(t.retry or (t.needs_full and t.pod) for t in self._targets.values())
+                if pending:
                     timeout = min(timeout, max(self.config.min_sync_period, 1.0))
             else:
                 timeout = 1.0
@@ -312,7 +341,9 @@ class Proxier:
     # --- internals ------------------------------------------------------------------
 
     def _full_interval(self) -> float:
-        if self._draining:
+        with self._lock:
+            draining = any(t.draining for t in self._targets.values())
+        if draining:
             return min(self.config.sync_period, self.config.drain_check_period)
         return self.config.sync_period
 
@@ -354,14 +385,12 @@ class Proxier:
         self._keys_by_service = keys_by_service
         self._owner = {k: nn for nn, keys in keys_by_service.items() for k in keys}
         self._info = dict(translation.services)
-        actual = self.backend.read()
-        ops = diff(Table(desired), actual, self.config.exclusions)
         self.full_syncs += 1
-        return self._execute(ops, actual, start, full=True)
+        return self._sync_targets(start, full=True, changed=None)
 
     def _partial_sync(self, snapshot: Mapping[NamespacedName, tuple[Mapping[str, Any] | None, list[Mapping[str, Any]]]],
                       dirty: set[NamespacedName], start: float) -> SyncResult:
-        changed: set[ServiceKey] = set(self._retry)
+        changed: set[ServiceKey] = set()
         for nn, (svc, slices) in snapshot.items():
             old_keys = self._keys_by_service.pop(nn, ())
             for key in old_keys:
@@ -388,17 +417,76 @@ class Proxier:
             changed.update(kept)
             if info is not None:
                 self._info[nn] = info
-        ops = diff(Table(self._desired), self._actual, self.config.exclusions, only=changed)
         self.partial_syncs += 1
-        return self._execute(ops, self._actual, start, full=False, scope=changed)
+        return self._sync_targets(start, full=False, changed=changed)
 
-    def _graceful(self, ops: list[Operation], actual: Table, scope: set[ServiceKey] | None) -> list[Operation]:
+    def _pod_visible(self) -> Callable[[ServiceKey], bool]:
+        """Pod namespaces get ClusterIPs, externalIPs and LoadBalancer IPs; NodePorts
+        are addressed to the node and reach it through the Pod's own NIC."""
+        node_addresses = frozenset(self._translate_config.node.addresses)
+        return lambda key: key.address not in node_addresses
+
+    def _desired_for(self, target: Target, visible: Callable[[ServiceKey], bool]) -> Table:
+        if not target.pod:
+            return Table(self._desired)
+        return Table({k: v for k, v in self._desired.items() if visible(k)})
+
+    def _sync_targets(self, start: float, *, full: bool, changed: set[ServiceKey] | None) -> SyncResult:
+        """Bring every target in line; the node first (its failure to read aborts the
+        sync), then each Pod namespace on its own."""
+        visible = self._pod_visible()
+        all_ops: list[Operation] = []
+        failed = 0
+        with self._lock:
+            targets = list(self._targets.values())
+        now = self._monotonic()
+        for target in targets:
+            if target.pod and target.failures and now < target.next_try:
+                continue
+            target_full = full or target.needs_full
+            try:
+                desired = self._desired_for(target, visible)
+                if target_full:
+                    actual = target.backend.read()
+                    ops = diff(desired, actual, self.config.exclusions)
+                    scope: set[ServiceKey] | None = None
+                else:
+                    actual = target.actual
+                    scope = set(changed or ()) | target.retry
+                    if target.pod:
+                        scope = {k for k in scope if visible(k)}
+                    ops = diff(desired, actual, self.config.exclusions, only=scope)
+                if target.prepare is not None and not self.config.dry_run:
+                    target.prepare(desired)
+                done, bad = self._execute(target, ops, actual, scope)
+            except NamespaceGone as exc:
+                log.info("Pod namespace %s is gone, detaching: %s", target.name, exc)
+                self.detach(target.name)
+                continue
+            except BackendError:
+                if not target.pod:
+                    raise
+                target.failures += 1
+                target.needs_full = True
+                target.next_try = now + min(60.0, 2.0 ** target.failures)
+                log.exception("cannot sync Pod namespace %s (will retry)", target.name)
+                self.metrics.sync_errors.inc()
+                failed += 1
+                continue
+            target.needs_full = False
+            target.failures = 0
+            all_ops.extend(done)
+            failed += bad
+        self._publish()
+        return SyncResult(full, tuple(all_ops), failed, self._monotonic() - start)
+
+    def _graceful(self, target: Target, ops: list[Operation], actual: Table,
+                  scope: set[ServiceKey] | None) -> list[Operation]:
         """Turn deletes of live TCP real servers into weight-0 drains.
 
-        Drains only complete when ``actual`` was just read from the kernel (a full
-        sync, ``scope`` None): connection counts in the kernel image kept between full
-        syncs are stale. A partial sync only revisits the drains of the services in
-        ``scope``.
+        Drains only complete when ``actual`` was just read from the kernel (``scope``
+        None): connection counts in the kernel image kept between full syncs are stale.
+        A partial sync only revisits the drains of the services in ``scope``.
         """
         fresh = scope is None
         now = self._monotonic()
@@ -417,7 +505,7 @@ class Proxier:
                 out.append(op)
                 continue
             marker = (op.service, dest.address, dest.port)
-            started = self._draining.get(marker, now)
+            started = target.draining.get(marker, now)
             connections = current.active_conns + current.inactive_conns
             if current.weight == 0 and fresh and (connections == 0 or now - started >= self.config.graceful_timeout):
                 out.append(op)  # drained (or timed out): delete now
@@ -427,45 +515,62 @@ class Proxier:
                 out.append(Operation(OpKind.EDIT_DESTINATION, op.service,
                                      destination=Destination(dest.address, dest.port, 0, current.forward)))
         if scope is None:
-            self._draining = still_draining
+            target.draining = still_draining
         else:
-            kept = {m: t for m, t in self._draining.items() if m[0] not in scope}
-            self._draining = {**kept, **still_draining}
+            kept = {m: t for m, t in target.draining.items() if m[0] not in scope}
+            target.draining = {**kept, **still_draining}
         return out
 
-    def _execute(self, ops: list[Operation], actual: Table, start: float, *, full: bool,
-                 scope: set[ServiceKey] | None = None) -> SyncResult:
+    def _execute(self, target: Target, ops: list[Operation], actual: Table,
+                 scope: set[ServiceKey] | None) -> tuple[list[Operation], int]:
+        """Apply one target's plan; returns the operations planned and how many failed."""
         if not self.config.dry_run:
-            ops = self._graceful(ops, actual, scope)
-        failed_count = 0
+            ops = self._graceful(target, ops, actual, scope)
+        where = "" if not target.pod else f" in Pod namespace {target.name}"
         if ops and self.config.dry_run:
-            log.info("dry run: would apply %d operations:\n%s", len(ops),
+            log.info("dry run: would apply %d operations%s:\n%s", len(ops), where,
                      plan_text(Table(self._desired), actual, ops).rstrip())
-            self._actual = actual
-        elif ops:
-            failed = self.backend.apply(ops)
-            failed_count = len(failed)
-            rejected = {id(f.operation) for f in failed}
-            applied = [op for op in ops if id(op) not in rejected]
-            self._actual, _ = apply_ops(actual, applied)
-            self._retry = {f.operation.service for f in failed}
-            for op in applied:
-                self.metrics.operations.labels(op.kind.value).inc()
-            for f in failed:
-                self.metrics.failed_operations.labels(f.operation.kind.value).inc()
-                log.error("IPVS operation failed (will retry): %s: %s", f.operation, f.error)
-            log.info("%s sync: %d operations applied, %d failed", "full" if full else "partial",
-                     len(applied), failed_count)
-        else:
-            self._actual = actual
-            self._retry = set()
-        self._publish()
-        return SyncResult(full, tuple(ops), failed_count, self._monotonic() - start)
+            target.actual = actual
+            return ops, 0
+        if not ops:
+            target.actual = actual
+            target.retry = set()
+            return ops, 0
+        failed = target.backend.apply(ops)
+        rejected = {id(f.operation) for f in failed}
+        applied = [op for op in ops if id(op) not in rejected]
+        target.actual, _ = apply_ops(actual, applied)
+        target.retry = {f.operation.service for f in failed}
+        for op in applied:
+            self.metrics.operations.labels(op.kind.value).inc()
+        for f in failed:
+            self.metrics.failed_operations.labels(f.operation.kind.value).inc()
+            log.error("IPVS operation failed%s (will retry): %s: %s", where, f.operation, f.error)
+        log.info("sync%s: %d operations applied, %d failed", where, len(applied), len(failed))
+        return ops, len(failed)
+
+    # --- Pod namespaces -------------------------------------------------------------
+
+    def attach(self, target: Target) -> None:
+        """Keep another table (a Pod namespace's) in sync from the next sync on."""
+        target.pod = True
+        target.needs_full = True
+        with self._lock:
+            self._targets[target.name] = target
+        self._wake.set()
+
+    def detach(self, name: str) -> bool:
+        with self._lock:
+            return self._targets.pop(name, None) is not None
+
+    @property
+    def pod_targets(self) -> list[str]:
+        return sorted(name for name, t in self._targets.items() if t.pod)
 
     def _publish(self) -> None:
         self.metrics.virtual_servers.set(len(self._desired))
         self.metrics.real_servers.set(sum(len(vs.destinations) for vs in self._desired.values()))
-        self.metrics.draining_real_servers.set(len(self._draining))
+        self.metrics.draining_real_servers.set(len(self.node_target.draining))
         internal = sum(1 for i in self._info.values() if i.internal_policy_local and i.local_endpoints == 0)
         external = sum(1 for i in self._info.values() if i.external_policy_local and i.local_endpoints == 0)
         self.metrics.no_local_endpoints.labels("internal").set(internal)
@@ -487,4 +592,4 @@ class Proxier:
 
     @property
     def draining(self) -> Sequence[tuple[ServiceKey, str, int]]:
-        return sorted(self._draining)
+        return sorted(self.node_target.draining)

@@ -373,3 +373,73 @@ def test_burst_of_events_is_coalesced_by_the_loop() -> None:
         loop.join(5)
     assert {a for a, w in dests(backend, WEB).items() if w == 1} == {"10.244.3.200", "10.244.4.200"}
     assert p.partial_syncs <= 5, p.partial_syncs  # 1,000 events, a handful of syncs
+
+
+# --- Pod namespaces (share-NS replicate mode) ------------------------------------------
+
+from svcproxy.reconcile import NamespaceGone, Target  # noqa: E402
+
+
+class GoneBackend(MemoryBackend):
+    def read(self) -> Table:
+        raise NamespaceGone("/var/run/netns/pod-x: No such file or directory")
+
+
+def test_pod_namespaces_get_the_pod_visible_table_and_incremental_updates() -> None:
+    node_backend, pod_a, pod_b = MemoryBackend(), MemoryBackend(), MemoryBackend()
+    p, clock = make(node_backend)
+    load(p)
+    p.on_event(Kind.SERVICE, "ADDED", {**service("np", "10.96.0.30", ("http", 80, "TCP")), "spec": {
+        **service("np", "10.96.0.30", ("http", 80, "TCP"))["spec"], "type": "NodePort",
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80, "nodePort": 30080}]}})
+    prepared: list[set[ServiceKey]] = []
+    p.attach(Target("/run/netns/a", pod_a, prepare=lambda t: prepared.append(set(t.services))))
+    p.attach(Target("/run/netns/b", pod_b))
+    p.sync()
+    node_keys = set(node_backend.read().services)
+    assert ServiceKey(Protocol.TCP, "192.168.0.10", 30080) in node_keys
+    pod_keys = node_keys - {ServiceKey(Protocol.TCP, "192.168.0.10", 30080)}
+    assert set(pod_a.read().services) == pod_keys == set(pod_b.read().services)
+    assert prepared == [pod_keys]
+    assert p.pod_targets == ["/run/netns/a", "/run/netns/b"]
+
+    clock.t += 2
+    applied = (len(pod_a.applied), len(pod_b.applied))
+    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("dns", ["10.244.2.1", "10.244.2.2"], ("dns", 53, "UDP")))
+    result = p.sync()
+    assert not result.full
+    assert len(pod_a.applied) - applied[0] == 1 and len(pod_b.applied) - applied[1] == 1  # one op each
+    assert dests(pod_b, DNS_UDP) == {"10.244.2.1": 1, "10.244.2.2": 1}
+
+
+def test_vanished_namespace_is_detached_and_failing_one_does_not_block_others() -> None:
+    node_backend, healthy = MemoryBackend(), MemoryBackend()
+    broken = FlakyBackend()
+    broken.down = True
+    p, clock = make(node_backend)
+    load(p)
+    p.attach(Target("/run/netns/gone", GoneBackend()))
+    p.attach(Target("/run/netns/broken", broken))
+    p.attach(Target("/run/netns/ok", healthy))
+    result = p.sync()
+    assert result.skipped is None
+    assert WEB in node_backend.read().services and WEB in healthy.read().services
+    assert p.pod_targets == ["/run/netns/broken", "/run/netns/ok"]  # "gone" detached quietly
+    broken.down = False
+    clock.t += 5  # past the broken namespace's backoff
+    p.sync()
+    assert WEB in broken.read().services
+
+
+def test_attached_namespace_restart_adopts_existing_table() -> None:
+    pod, node_backend = MemoryBackend(), MemoryBackend()
+    p, _ = make(node_backend)
+    load(p)
+    p.attach(Target("/run/netns/a", pod))
+    p.sync()
+    before = len(pod.applied)
+    restarted, _ = make(node_backend)
+    load(restarted)
+    restarted.attach(Target("/run/netns/a", pod))
+    assert restarted.sync().operations == ()
+    assert len(pod.applied) == before
