@@ -176,6 +176,8 @@ class Target:
     failures: int = 0
     #: A failing Pod namespace is retried with backoff, not at every sync.
     next_try: float = float("-inf")
+    #: Set once the target's table was programmed (what the CNI plugin waits for).
+    synced: threading.Event = field(default_factory=threading.Event)
 
 
 def _parse_trigger_time(text: object) -> float | None:
@@ -477,6 +479,8 @@ class Proxier:
             target.failures = 0
             all_ops.extend(done)
             failed += bad
+            if not bad:
+                target.synced.set()
         self._publish()
         return SyncResult(full, tuple(all_ops), failed, self._monotonic() - start)
 
@@ -558,6 +562,12 @@ class Proxier:
         with self._lock:
             self._targets[target.name] = target
         self._wake.set()
+
+    def wait_attached(self, name: str, timeout: float) -> bool:
+        """Block until the named target's table has been programmed once."""
+        with self._lock:
+            target = self._targets.get(name)
+        return target is not None and target.synced.wait(timeout)
 
     def detach(self, name: str) -> bool:
         with self._lock:
