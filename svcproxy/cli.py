@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
+from svcproxy.config import ConfigError, config_tokens
 from svcproxy.diff import Exclusions, diff, summarize
 from svcproxy.ipvs.backend import Backend, BackendError
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend, ParseError, parse_save
@@ -65,6 +66,8 @@ def _source_args(p: argparse.ArgumentParser, *, file_required: bool = True) -> N
                        help="compare with this `ipvsadm -Sn` dump instead of the live kernel")
     p.add_argument("--ipvsadm", default="ipvsadm", help="ipvsadm binary (default: from PATH)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML file with the same keys as these flags (flags given here win)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,9 +214,28 @@ def run_agent(args: argparse.Namespace, backend: Backend) -> int:
     return agent.run()
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # argparse has no public accessor for subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices[command]
+            assert isinstance(sub, argparse.ArgumentParser)
+            return sub
+    raise KeyError(command)
+
+
 def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
          out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        try:
+            at = argv.index(args.command)
+            tokens = config_tokens(_subparser(parser, args.command), args.config, argv[at + 1:])
+        except ConfigError as exc:
+            err.write(f"svcproxy: error: {exc}\n")
+            return EXIT_ERROR
+        args = parser.parse_args([*argv[:at + 1], *tokens, *argv[at + 1:]])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=err,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if backend is None:

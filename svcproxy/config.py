@@ -1,0 +1,81 @@
+"""The configuration file: the same keys as the command-line flags; flags win.
+
+The DaemonSet mounts a ConfigMap holding this file, so that operators change settings
+without editing the container's arguments. Keys are the long flag names without the
+dashes in front (``sync-period: 30``; ``sync_period`` works too). The file is turned
+into flag tokens placed before the ones given on the command line, so every value goes
+through exactly the same parsing and validation as a flag, and a flag given on the
+command line overrides the file (a list flag given there replaces the file's list).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable, not a mapping, or has unknown keys."""
+
+
+def _options(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {
+        opt[2:]: action
+        for action in sub._actions  # argparse keeps no public list of its actions
+        for opt in action.option_strings
+        if opt.startswith("--")
+    }
+
+
+def config_tokens(sub: argparse.ArgumentParser, path: str | Path, given: Sequence[str]) -> list[str]:
+    """Flag tokens for the settings in ``path``, skipping those given on the command line."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc}") from exc
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration file {path}: expected a mapping of settings, got {type(data).__name__}")
+    options = _options(sub)
+    explicit = {tok.split("=", 1)[0][2:] for tok in given if tok.startswith("--")}
+    tokens: list[str] = []
+    unknown = []
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("_", "-")
+        if key in ("config", "help"):
+            unknown.append(str(raw_key))
+            continue
+        action = options.get(key)
+        if action is None:
+            unknown.append(str(raw_key))
+            continue
+        if key in explicit:
+            continue
+        flag = f"--{key}"
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"configuration file {path}: {raw_key} must be true or false")
+            if value == isinstance(action, argparse._StoreTrueAction):
+                tokens.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            values: list[Any] = value if isinstance(value, list) else [value]
+            for item in values:
+                tokens += [flag, _scalar(item)]
+        else:
+            tokens += [flag, ",".join(_scalar(v) for v in value) if isinstance(value, list) else _scalar(value)]
+    if unknown:
+        raise ConfigError(
+            f"configuration file {path}: unknown setting(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(k for k in options if k not in ('config', 'help')))}"
+        )
+    return tokens
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
