@@ -24,6 +24,9 @@ from svcproxy.kube.store import Kind
 from svcproxy.kube.translate import NodeInfo, TranslateConfig
 from svcproxy.metrics import Metrics
 from svcproxy.model import Family
+from svcproxy.podns.attach import PodNamespaces, factory_like
+from svcproxy.podns.mode import IP_VS_MODE_PARAM, decide
+from svcproxy.podns.scan import NetnsScanner
 from svcproxy.reconcile import Proxier, ProxierConfig
 
 log = logging.getLogger("svcproxy.agent")
@@ -45,6 +48,19 @@ class AgentConfig:
     health_bind: str = "0.0.0.0:10256"
     healthcheck_bind_host: str = "0.0.0.0"
     dry_run: bool = False
+    #: Share-NS (docs/share-ns.md): --pod-netns-mode, explicit --pod-netns paths,
+    #: and the directory scan (--pod-netns-dir, None: no scan).
+    pod_netns_mode: str = "auto"
+    pod_netns: tuple[str, ...] = ()
+    pod_netns_dir: str | None = None
+    pod_netns_scan_period: float = 30.0
+    ip_vs_mode_param: str = IP_VS_MODE_PARAM
+    #: Unix socket for the svcproxy-cni plugin (None: not served); an explicitly
+    #: requested socket that cannot be served stops the agent, the default one only
+    #: logs an error (CNI ADDs then fail with "try again later").
+    cni_socket: str | None = None
+    cni_socket_required: bool = False
+    cni_timeout: float = 30.0
 
 
 class _SourceStats(Collector):
@@ -96,7 +112,14 @@ class Agent:
             health_checks=self.health_checks,
         )
         self.server = HealthServer(config.health_bind, self.health, self.metrics)
+        # Pod namespaces: decided before anything runs (ModeError for an unavailable
+        # `kernel` mode stops the agent with a clear message).
+        self.pod_namespaces = PodNamespaces(self.proxier, decide(config.pod_netns_mode, config.ip_vs_mode_param),
+                                   backend_factory=factory_like(backend))
+        self.scanner = (NetnsScanner(config.pod_netns_dir, self.pod_namespaces, config.pod_netns_scan_period)
+                        if config.pod_netns_dir and self.pod_namespaces.decision.replicate else None)
         self.sources: list[Any] = []
+        self.cni_server: Any = None
         self.metrics.registry.register(_SourceStats(self._source_stats))
 
     def _source_stats(self) -> Iterable[tuple[str, Any]]:
@@ -122,18 +145,50 @@ class Agent:
                  self.config.health_bind.rpartition(":")[0] or "0.0.0.0", self.server.port,
                  " (dry run: nothing will be changed)" if self.config.dry_run else "")
         try:
+            self._start_cni_server()
             self.sources = self._make_sources()
             for source in self.sources:
                 source.start()
+            self._start_pod_netns()
             self.proxier.run(self.stop)
         finally:
             self.stop.set()
+            if self.cni_server is not None:
+                self.cni_server.stop()
             for source in self.sources:
                 source.join(5)
             self.health_checks.stop()
             self.server.stop()
             log.info("svcproxy agent stopped; IPVS rules left in place")
         return 0
+
+    def _start_cni_server(self) -> None:
+        """Serve the CNI plugin before the first sync, so it gets answers (ADDs wait)."""
+        if not self.config.cni_socket:
+            return
+        from svcproxy.podns.server import CniServer, NamespacesAttacher, ServerError
+
+        server = CniServer(self.config.cni_socket, NamespacesAttacher(self.pod_namespaces),
+                           timeout=self.config.cni_timeout)
+        try:
+            server.start()
+        except ServerError as exc:
+            if self.config.cni_socket_required:
+                raise
+            log.error("not serving the CNI plugin: %s", exc)
+            return
+        self.cni_server = server
+
+    def _start_pod_netns(self) -> None:
+        """Report the mode, attach the --pod-netns namespaces, start the scan."""
+        log.info("%s", self.pod_namespaces.decision.describe())
+        for path in self.config.pod_netns:
+            log.info("--pod-netns %s: %s", path, self.pod_namespaces.attach(path).value)
+        if self.config.pod_netns_dir and self.scanner is None:
+            log.info("not scanning %s: Pod namespaces get no tables of their own in this mode",
+                     self.config.pod_netns_dir)
+        if self.scanner is not None:
+            self.scanner.start(self.stop)
 
     def install_signal_handlers(self) -> None:
         def handle(signum: int, _frame: Any) -> None:

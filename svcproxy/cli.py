@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
@@ -24,6 +24,9 @@ from svcproxy.agent import Agent, AgentConfig, split_csv
 from svcproxy.kube.files import ObjectFileError, load_objects
 from svcproxy.kube.translate import Problem, TranslateConfig, Translation, node_info, translate
 from svcproxy.model import Family, OpKind, Operation, Table
+from svcproxy.podns.attach import NamespaceReport, factory_like, pod_visible, sync_namespace
+from svcproxy.podns.mode import IP_VS_MODE_PARAM, Mode, ModeDecision, ModeError, decide
+from svcproxy.podns.cni import DEFAULT_SOCKET as DEFAULT_CNI_SOCKET
 from svcproxy.render import plan_json, plan_text
 
 log = logging.getLogger("svcproxy")
@@ -70,6 +73,18 @@ def _source_args(p: argparse.ArgumentParser, *, file_required: bool = True) -> N
                    help="YAML file with the same keys as these flags (flags given here win)")
 
 
+def _podns_args(p: argparse.ArgumentParser) -> None:
+    """Share-NS flags (docs/share-ns.md), common to plan, sync and run."""
+    p.add_argument("--pod-netns-mode", choices=[m.value for m in Mode], default=Mode.AUTO.value,
+                   help="how Pod network namespaces get Services: kernel (ip_vs mode=2 shares the node table), "
+                        "replicate (program each attached namespace), auto (kernel if available, else "
+                        "replicate; the default) or off")
+    p.add_argument("--pod-netns", action="append", default=[], metavar="PATH",
+                   help="a Pod network namespace to attach (e.g. /var/run/netns/NAME; repeatable)")
+    p.add_argument("--ip-vs-mode-param", default=IP_VS_MODE_PARAM, metavar="FILE",
+                   help=f"where the ip_vs `mode` parameter is read (default {IP_VS_MODE_PARAM})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svcproxy", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(plan)
     plan.add_argument("-o", "--output", choices=["text", "json"], default="text")
     plan.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    _podns_args(plan)
     sync = sub.add_parser("sync", help="apply the plan to the live kernel once and exit")
     _source_args(sync)
     sync.add_argument("-o", "--output", choices=["text", "json"], default="text")
     sync.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    _podns_args(sync)
     run = sub.add_parser("run", help="the node agent: watch the API server (or -f FILE) and keep IPVS in sync")
     _source_args(run, file_required=False)
     run.add_argument("--kubeconfig", default=None, help="kubeconfig for out-of-cluster runs (default: in-cluster)")
@@ -94,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="address:port for /healthz /livez /readyz /metrics (default 0.0.0.0:10256)")
     run.add_argument("--healthcheck-bind-host", default="0.0.0.0",
                      help="address the healthCheckNodePort servers listen on (default 0.0.0.0)")
+    _podns_args(run)
+    run.add_argument("--pod-netns-dir", default=None, metavar="DIR",
+                     help="attach every network namespace file found in DIR (e.g. /var/run/netns), "
+                          "rescanned every --pod-netns-scan-period seconds (default: no scan)")
+    run.add_argument("--pod-netns-scan-period", type=_seconds, default=30.0,
+                     help="seconds between scans of --pod-netns-dir (default 30)")
+    run.add_argument("--cni-socket", default=None, metavar="PATH",
+                     help=f"unix socket the svcproxy-cni plugin asks to attach Pod namespaces on "
+                          f"(default {DEFAULT_CNI_SOCKET}; '' disables it)")
+    run.add_argument("--cni-timeout", type=_seconds, default=30.0,
+                     help="seconds a CNI ADD may wait for its namespace's table to be programmed (default 30)")
     return parser
 
 
@@ -110,6 +138,7 @@ class Planned:
     actual: Table
     operations: list[Operation]
     live: bool
+    node_addresses: tuple[str, ...] = ()
 
 
 def report_problems(problems: Sequence[Problem], out: TextIO) -> None:
@@ -141,7 +170,7 @@ def make_plan(args: argparse.Namespace, backend: Backend, err: TextIO) -> Planne
             live = False
     exclusions = Exclusions.parse(args.exclude_cidrs.split(","))
     ops = diff(translation.table, actual, exclusions)
-    return Planned(translation, actual, ops, live)
+    return Planned(translation, actual, ops, live, node.addresses)
 
 
 def _use_color(choice: str, out: TextIO) -> bool:
@@ -152,29 +181,70 @@ def _use_color(choice: str, out: TextIO) -> bool:
     return out.isatty()
 
 
+def pod_netns_decision(args: argparse.Namespace, err: TextIO) -> ModeDecision:
+    """The mode in force; ModeError (exit 1, nothing changed) if `kernel` was asked
+    for and the kernel is not in share-namespace mode."""
+    decision = decide(args.pod_netns_mode, args.ip_vs_mode_param)
+    if args.pod_netns or decision.requested is not Mode.AUTO:
+        err.write(f"svcproxy: notice: {decision.describe()}\n")
+    return decision
+
+
+def pod_namespaces(args: argparse.Namespace, planned: Planned, backend: Backend, decision: ModeDecision, *,
+                   apply: bool) -> list[NamespaceReport]:
+    """--pod-netns: each namespace's Pod-visible table, planned or synced."""
+    if not args.pod_netns:
+        return []
+    desired = pod_visible(planned.translation.table, planned.node_addresses)
+    exclusions = Exclusions.parse(args.exclude_cidrs.split(","))
+    factory = factory_like(backend)
+    return [sync_namespace(path, desired, decision, exclusions=exclusions, backend_factory=factory, apply=apply)
+            for path in args.pod_netns]
+
+
 def run_plan(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextIO) -> int:
+    decision = pod_netns_decision(args, err)
     planned = make_plan(args, backend, err)
+    reports = pod_namespaces(args, planned, backend, decision, apply=False)
     if args.output == "json":
-        json.dump(plan_json(planned.translation.table, planned.operations), out, indent=2)
+        doc = plan_json(planned.translation.table, planned.operations)
+        if reports:
+            doc["pod_namespaces"] = [{"netns": r.path, "status": r.status, "note": r.error,
+                                      **plan_json(r.desired, r.operations)} for r in reports]
+        json.dump(doc, out, indent=2)
         out.write("\n")
     else:
         out.write(plan_text(planned.translation.table, planned.actual, planned.operations,
                             color=_use_color(args.color, out)))
-    return EXIT_CHANGES if planned.operations else EXIT_CLEAN
+        for r in reports:
+            out.write(f"\n# Pod network namespace {r.path}: {r.summary()}\n")
+            if r.status == "planned":
+                out.write(plan_text(r.desired, r.actual, r.operations, color=_use_color(args.color, out)))
+    changes = planned.operations or any(r.operations for r in reports)
+    if any(r.status == "error" for r in reports):
+        return EXIT_ERROR
+    return EXIT_CHANGES if changes else EXIT_CLEAN
 
 
 def run_sync(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextIO) -> int:
     if args.current_file is not None:
         err.write("svcproxy: error: sync applies to the live kernel; --current-file is for plan only\n")
         return EXIT_ERROR
+    decision = pod_netns_decision(args, err)
     planned = make_plan(args, backend, err)
     failed = backend.apply(planned.operations) if planned.operations else []
     failed_ops = {id(f.operation) for f in failed}
     applied = [op for op in planned.operations if id(op) not in failed_ops]
+    reports = pod_namespaces(args, planned, backend, decision, apply=True)
     if args.output == "json":
         doc: dict[str, Any] = plan_json(planned.translation.table, planned.operations)
         doc["applied"] = len(applied)
         doc["failed"] = [{"operation": str(f.operation), "error": f.error} for f in failed]
+        if reports:
+            doc["pod_namespaces"] = [
+                {"netns": r.path, "status": r.status, "applied": len(r.applied), "error": r.error,
+                 "failed": [{"operation": str(f.operation), "error": f.error} for f in r.failed]}
+                for r in reports]
         json.dump(doc, out, indent=2)
         out.write("\n")
     else:
@@ -189,7 +259,11 @@ def run_sync(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextI
             f"{counts[OpKind.DELETE_SERVICE]} deleted; {counts[OpKind.ADD_DESTINATION]} real servers added, "
             f"{counts[OpKind.EDIT_DESTINATION]} edited, {counts[OpKind.DELETE_DESTINATION]} deleted)\n"
         )
-    return EXIT_ERROR if failed else EXIT_CLEAN
+        for r in reports:
+            for f in r.failed:
+                out.write(f"FAILED  {f.operation} in {r.path}: {f.error}\n")
+            out.write(f"sync netns {r.path}: {r.summary()}\n")
+    return EXIT_ERROR if failed or not all(r.ok for r in reports) else EXIT_CLEAN
 
 
 def run_agent(args: argparse.Namespace, backend: Backend) -> int:
@@ -208,7 +282,13 @@ def run_agent(args: argparse.Namespace, backend: Backend) -> int:
         health_bind=args.health_bind,
         healthcheck_bind_host=args.healthcheck_bind_host,
         dry_run=args.dry_run,
+        cni_socket=DEFAULT_CNI_SOCKET if args.cni_socket is None else args.cni_socket,
+        cni_socket_required=args.cni_socket is not None,
+        cni_timeout=args.cni_timeout,
     )
+    config = replace(config, pod_netns_mode=args.pod_netns_mode, pod_netns=tuple(args.pod_netns),
+                     pod_netns_dir=args.pod_netns_dir, pod_netns_scan_period=args.pod_netns_scan_period,
+                     ip_vs_mode_param=args.ip_vs_mode_param)
     agent = Agent(config, backend)
     agent.install_signal_handlers()
     return agent.run()
@@ -247,6 +327,6 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
         if args.command == "run":
             return run_agent(args, backend)
         return run_sync(args, backend, out, err)
-    except (OSError, ParseError, BackendError, ValueError, ObjectFileError) as exc:
+    except (OSError, ParseError, BackendError, ValueError, ObjectFileError, ModeError) as exc:
         err.write(f"svcproxy: error: {exc}\n")
         return EXIT_ERROR

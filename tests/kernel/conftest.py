@@ -4,16 +4,51 @@
 made through it is removed after the test.  A session-wide check deletes any
 namespace with the helpers' prefix that is left at the end and reports it as an
 error, so a leak cannot go unnoticed.
+
+In the VM every test (its fixtures included) has a time budget,
+SVCPROXY_TEST_TIMEOUT seconds (default 600; 0 = none): a test that hangs fails
+with TestTimeout instead of eating the whole run's timeout.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+from types import FrameType
 from typing import Iterator
 
 import pytest
 
 from .netns import DEFAULT_PREFIX, Lab, netns_delete, netns_list
+
+IN_VM = os.environ.get("SVCPROXY_IN_VM") == "1"
+
+
+class TestTimeout(BaseException):
+    """Raised by SIGALRM; a BaseException so `except Exception` retry loops in
+    tests cannot swallow it."""
+
+    __test__ = False  # not a test class
+
+
+@pytest.fixture(autouse=True)
+def _test_time_budget(request: pytest.FixtureRequest) -> Iterator[None]:
+    budget = int(os.environ.get("SVCPROXY_TEST_TIMEOUT", "600"))
+    if not IN_VM or budget <= 0:
+        yield
+        return
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise TestTimeout(f"{request.node.nodeid} took longer than {budget}s "
+                          "(SVCPROXY_TEST_TIMEOUT)")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(budget)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture
@@ -28,7 +63,7 @@ def _ours() -> set[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_leaked_netns() -> Iterator[None]:
-    if os.environ.get("SVCPROXY_IN_VM") != "1":  # never touch a host's namespaces
+    if not IN_VM:  # never touch a host's namespaces
         yield
         return
     before = _ours()

@@ -349,12 +349,14 @@ def request_many(
     count: int,
     *,
     proto: str = "http",
-    timeout: float = 3.0,
+    timeout: float = 5.0,
     source: str = "",
     payload: str = "ping",
 ) -> list[Reply]:
     """``count`` requests, each on a new connection, from ``ns`` to host:port; failed
-    attempts are returned as ``Reply(ok=False, error=...)`` (never raised)."""
+    attempts are returned as ``Reply(ok=False, error=...)`` (never raised).
+    ``timeout`` is per attempt; the default is generous because the VM is emulated
+    (and may share the machine): pass a short one when expecting failure."""
     cmd = [*HELPER_PYTHON, SCRIPT, "request", "--proto", proto, "--count", str(count),
            "--timeout", str(timeout), "--source", source, "--payload", payload,
            host, str(port)]
@@ -372,7 +374,7 @@ def request(
     port: int,
     *,
     proto: str = "http",
-    timeout: float = 3.0,
+    timeout: float = 5.0,
     source: str = "",
     payload: str = "ping",
     check: bool = True,
@@ -385,7 +387,7 @@ def request(
     return r
 
 
-def curl(ns: str | None, url: str, *, timeout: float = 3.0, check: bool = True,
+def curl(ns: str | None, url: str, *, timeout: float = 5.0, check: bool = True,
          extra: Iterable[str] = ()) -> subprocess.CompletedProcess[str]:
     """``curl -sS --max-time T URL`` from ``ns`` (for HTTP servers)."""
     return run(["curl", "-sS", "--noproxy", "*", "--max-time", str(timeout), *extra, url],

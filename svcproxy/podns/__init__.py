@@ -1,0 +1,36 @@
+"""Share-NS: Services inside Pod network namespaces (docs/share-ns.md).
+
+``mode``: which way the running kernel supports (``--pod-netns-mode``).
+``attach``: Pod namespaces as reconcile targets, their preparation, and
+``PodNamespaces``, the attach/detach front door the CNI plugin's server uses.
+``scan``: the periodic scan of a namespace directory (``--pod-netns-dir``).
+
+Nothing is imported here eagerly: the CNI plugin (``svcproxy.podns.cni``) lives in
+this package and must start fast, without the reconcile loop and its dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AttachResult": "attach",
+    "PodNamespaces": "attach",
+    "pod_target": "attach",
+    "pod_visible": "attach",
+    "Mode": "mode",
+    "ModeDecision": "mode",
+    "ModeError": "mode",
+    "decide": "mode",
+    "NetnsScanner": "scan",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
