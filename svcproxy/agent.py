@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -24,6 +24,7 @@ from svcproxy.kube.store import Kind
 from svcproxy.kube.translate import NodeInfo, TranslateConfig
 from svcproxy.metrics import Metrics
 from svcproxy.model import Family
+from svcproxy.node.plumbing import NodePlumbing, PlumbingConfig
 from svcproxy.podns.attach import PodNamespaces, factory_like
 from svcproxy.podns.mode import IP_VS_MODE_PARAM, decide
 from svcproxy.podns.scan import NetnsScanner
@@ -61,6 +62,8 @@ class AgentConfig:
     cni_socket: str | None = None
     cni_socket_required: bool = False
     cni_timeout: float = 30.0
+    #: Node-namespace plumbing (sysctls, dummy device, nftables masquerade); None: off.
+    plumbing: PlumbingConfig | None = None
 
 
 class _SourceStats(Collector):
@@ -81,6 +84,25 @@ class _SourceStats(Collector):
             errors.add_metric([resource], float(getattr(stats, "errors", 0)))
             malformed.add_metric([resource], float(getattr(stats, "malformed", 0)))
         return [events, lists, errors, malformed]
+
+
+class _PlumbingStats(Collector):
+    """Node plumbing's counters, read at scrape time."""
+
+    def __init__(self, plumbing: NodePlumbing) -> None:
+        self.plumbing = plumbing
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        errors = CounterMetricFamily("svcproxy_node_plumbing_errors",
+                                     "Failures changing node-namespace plumbing (retried at the next sync)",
+                                     labels=["part"])
+        changes = CounterMetricFamily("svcproxy_node_plumbing_changes",
+                                      "Changes made to node-namespace plumbing", labels=["part"])
+        for part in ("sysctl", "dummy", "nftables"):
+            errors.add_metric([part], self.plumbing.stats.errors.get(part, 0))
+            changes.add_metric([part], self.plumbing.stats.changes.get(part, 0))
+        yield errors
+        yield changes
 
 
 class Agent:
@@ -112,6 +134,14 @@ class Agent:
             health_checks=self.health_checks,
         )
         self.server = HealthServer(config.health_bind, self.health, self.metrics)
+        self.plumbing: NodePlumbing | None = None
+        if config.plumbing is not None:
+            self.plumbing = NodePlumbing(replace(config.plumbing, dry_run=config.dry_run),
+                                         services=self.proxier.service_nat,
+                                         node_addresses=self.proxier.node_addresses)
+            self.proxier.node_target.prepare = self.plumbing
+            self.proxier.node_target.prepare_in_dry_run = True
+            self.metrics.registry.register(_PlumbingStats(self.plumbing))
         # Pod namespaces: decided before anything runs (ModeError for an unavailable
         # `kernel` mode stops the agent with a clear message).
         self.pod_namespaces = PodNamespaces(self.proxier, decide(config.pod_netns_mode, config.ip_vs_mode_param),

@@ -24,6 +24,10 @@ from svcproxy.agent import Agent, AgentConfig, split_csv
 from svcproxy.kube.files import ObjectFileError, load_objects
 from svcproxy.kube.translate import Problem, TranslateConfig, Translation, node_info, translate
 from svcproxy.model import Family, OpKind, Operation, Table
+from svcproxy.node.dummy import DEVICE, DeviceError
+from svcproxy.node.nat import NatConfig, ServiceNat
+from svcproxy.node.nftables import NftError, Nftables
+from svcproxy.node.plumbing import NodePlumbing, PlumbingConfig
 from svcproxy.podns.attach import NamespaceReport, factory_like, pod_visible, sync_namespace
 from svcproxy.podns.mode import IP_VS_MODE_PARAM, Mode, ModeDecision, ModeError, decide
 from svcproxy.podns.cni import DEFAULT_SOCKET as DEFAULT_CNI_SOCKET
@@ -98,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("-o", "--output", choices=["text", "json"], default="text")
     sync.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     _podns_args(sync)
+    _plumbing_args(sync, default_on=False)
     run = sub.add_parser("run", help="the node agent: watch the API server (or -f FILE) and keep IPVS in sync")
     _source_args(run, file_required=False)
     run.add_argument("--kubeconfig", default=None, help="kubeconfig for out-of-cluster runs (default: in-cluster)")
@@ -122,7 +127,49 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {DEFAULT_CNI_SOCKET}; '' disables it)")
     run.add_argument("--cni-timeout", type=_seconds, default=30.0,
                      help="seconds a CNI ADD may wait for its namespace's table to be programmed (default 30)")
+    _plumbing_args(run, default_on=True)
+    cleanup = sub.add_parser("cleanup", help="remove everything svcproxy created on this node and nothing else")
+    cleanup.add_argument("--exclude-cidrs", default="", metavar="CIDR,...",
+                         help="kernel virtual services inside these ranges are left alone")
+    cleanup.add_argument("--pod-netns", action="append", default=[], metavar="PATH",
+                         help="also clean this Pod network namespace (repeatable)")
+    cleanup.add_argument("--pod-netns-dir", default=None, metavar="DIR",
+                         help="also clean every network namespace file in DIR")
+    cleanup.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    cleanup.add_argument("--dummy-device", default=DEVICE, help=f"the dummy device (default {DEVICE})")
+    cleanup.add_argument("--nft", default="nft", help="nft binary (default: from PATH)")
+    cleanup.add_argument("--ipvsadm", default="ipvsadm", help="ipvsadm binary (default: from PATH)")
+    cleanup.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    cleanup.add_argument("--config", type=Path, default=None, help="YAML file with the same keys as these flags")
+    for p in (plan, sync, run, cleanup):
+        p.add_argument("--backend", choices=["ipvsadm", "netlink"], default="ipvsadm",
+                       help="how IPVS is read and written: the ipvsadm program, or svcproxy's pipelined "
+                            "generic-netlink client (default ipvsadm)")
     return parser
+
+
+def _plumbing_args(p: argparse.ArgumentParser, *, default_on: bool) -> None:
+    """Node-namespace plumbing (svcproxy.node): what kube-proxy does around IPVS."""
+    p.add_argument("--node-plumbing", choices=["on", "off"], default="on" if default_on else "off",
+                   help="keep sysctls, the dummy device and the nftables masquerade table in line "
+                        f"(default {'on' if default_on else 'off'})")
+    p.add_argument("--dummy-device", default=DEVICE,
+                   help=f"dummy device virtual addresses are bound to (default {DEVICE})")
+    p.add_argument("--masquerade-all", action="store_true",
+                   help="masquerade all traffic to ClusterIPs (kube-proxy's --masquerade-all)")
+    p.add_argument("--cluster-cidr", default="", metavar="CIDR,...",
+                   help="the Pod network: ClusterIP traffic from outside it is masqueraded")
+    p.add_argument("--strict-arp", action="store_true",
+                   help="arp_ignore=1 and arp_announce=2 (needed by some LoadBalancer implementations)")
+    p.add_argument("--nft", default="nft", help="nft binary (default: from PATH)")
+
+
+def plumbing_config(args: argparse.Namespace) -> PlumbingConfig | None:
+    if args.node_plumbing != "on":
+        return None
+    nat = NatConfig(masquerade_all=args.masquerade_all, cluster_cidrs=split_csv([args.cluster_cidr]))
+    return PlumbingConfig(device=args.dummy_device, nat=nat, strict_arp=args.strict_arp, nft=args.nft,
+                          dry_run=bool(getattr(args, "dry_run", False)))
 
 
 def _seconds(text: str) -> float:
@@ -232,6 +279,7 @@ def run_sync(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextI
         return EXIT_ERROR
     decision = pod_netns_decision(args, err)
     planned = make_plan(args, backend, err)
+    plumbing_failed = sync_plumbing(args, planned)
     failed = backend.apply(planned.operations) if planned.operations else []
     failed_ops = {id(f.operation) for f in failed}
     applied = [op for op in planned.operations if id(op) not in failed_ops]
@@ -263,7 +311,59 @@ def run_sync(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextI
             for f in r.failed:
                 out.write(f"FAILED  {f.operation} in {r.path}: {f.error}\n")
             out.write(f"sync netns {r.path}: {r.summary()}\n")
-    return EXIT_ERROR if failed or not all(r.ok for r in reports) else EXIT_CLEAN
+    return EXIT_ERROR if failed or plumbing_failed or not all(r.ok for r in reports) else EXIT_CLEAN
+
+
+def sync_plumbing(args: argparse.Namespace, planned: Planned) -> bool:
+    """`sync --node-plumbing on`: the agent's node plumbing, once; True if it failed."""
+    config = plumbing_config(args)
+    if config is None:
+        return False
+    services = [ServiceNat(i.keys, i.cluster_ips, i.external_policy_local, i.local_endpoint_ips)
+                for i in planned.translation.services.values()]
+    plumbing = NodePlumbing(config, services=lambda: services, node_addresses=lambda: planned.node_addresses)
+    plumbing(planned.translation.table)
+    return bool(plumbing.stats.errors)
+
+
+def run_cleanup(args: argparse.Namespace, backend: Backend, out: TextIO) -> int:
+    """Remove svcproxy's virtual services (outside --exclude-cidrs), the dummy device,
+    the nftables table, and the tables and routes of the Pod namespaces named."""
+    exclusions = Exclusions.parse(split_csv([args.exclude_cidrs]))
+    apply = not args.dry_run
+    verb = "would remove" if args.dry_run else "removed"
+    failed = 0
+    actual = backend.read()
+    ops = diff(Table(), actual, exclusions)
+    errors = backend.apply(ops) if apply and ops else []
+    for f in errors:
+        out.write(f"FAILED  {f.operation}: {f.error}\n")
+    failed += len(errors)
+    out.write(f"node: {verb} {sum(1 for o in ops if o.kind is OpKind.DELETE_SERVICE)} virtual services\n")
+    plumbing = NodePlumbing(PlumbingConfig(device=args.dummy_device, dry_run=args.dry_run),
+                            services=list, node_addresses=tuple, nft=Nftables(args.nft), vs_sysctls={})
+    try:
+        for what in plumbing.cleanup():
+            out.write(f"node: {what if args.dry_run else 'removed ' + what}\n")
+    except (OSError, NftError, DeviceError) as exc:
+        out.write(f"node: FAILED: {exc}\n")
+        failed += 1
+    paths = list(args.pod_netns)
+    if args.pod_netns_dir:
+        paths += [str(p) for p in sorted(Path(args.pod_netns_dir).iterdir()) if p.is_file()]
+    replicate = ModeDecision(Mode.REPLICATE, Mode.REPLICATE, "cleanup")
+    for path in paths:
+        report = sync_namespace(path, Table(), replicate, exclusions=exclusions,
+                                backend_factory=factory_like(backend), apply=apply)
+        n = sum(1 for o in report.operations if o.kind is OpKind.DELETE_SERVICE)
+        if report.status in ("synced", "planned"):
+            routes = "" if apply else " (and its VIP routes)"
+            out.write(f"netns {path}: {verb} {n} virtual services{routes}\n")
+        else:
+            out.write(f"netns {path}: {report.status} {report.error}\n")
+        if report.status == "error" or report.failed:
+            failed += 1
+    return EXIT_ERROR if failed else EXIT_CLEAN
 
 
 def run_agent(args: argparse.Namespace, backend: Backend) -> int:
@@ -288,10 +388,19 @@ def run_agent(args: argparse.Namespace, backend: Backend) -> int:
     )
     config = replace(config, pod_netns_mode=args.pod_netns_mode, pod_netns=tuple(args.pod_netns),
                      pod_netns_dir=args.pod_netns_dir, pod_netns_scan_period=args.pod_netns_scan_period,
-                     ip_vs_mode_param=args.ip_vs_mode_param)
+                     ip_vs_mode_param=args.ip_vs_mode_param, plumbing=plumbing_config(args))
     agent = Agent(config, backend)
     agent.install_signal_handlers()
     return agent.run()
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    if args.backend == "netlink":
+        from svcproxy.ipvs.netlink import NetlinkBackend
+
+        return NetlinkBackend()
+    # The agent reads connection counts for graceful termination; plan/sync need not.
+    return IpvsadmBackend(binary=args.ipvsadm, counts=args.command == "run")
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
@@ -318,10 +427,11 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
         args = parser.parse_args([*argv[:at + 1], *tokens, *argv[at + 1:]])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=err,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if backend is None:
-        # The agent reads connection counts for graceful termination; plan/sync need not.
-        backend = IpvsadmBackend(binary=args.ipvsadm, counts=args.command == "run")
     try:
+        if backend is None:
+            backend = make_backend(args)
+        if args.command == "cleanup":
+            return run_cleanup(args, backend, out)
         if args.command == "plan":
             return run_plan(args, backend, out, err)
         if args.command == "run":

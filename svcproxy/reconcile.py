@@ -46,6 +46,7 @@ from svcproxy.kube.translate import (
 )
 from svcproxy.metrics import Metrics
 from svcproxy.model import Destination, OpKind, Operation, Protocol, ServiceKey, Table, VirtualService
+from svcproxy.node.nat import ServiceNat
 from svcproxy.render import plan_text
 
 log = logging.getLogger("svcproxy.reconcile")
@@ -169,6 +170,8 @@ class Target:
     backend: Backend
     pod: bool = False
     prepare: Callable[[Table], None] | None = None
+    #: The hook logs instead of changing anything in a dry run, so it runs then too.
+    prepare_in_dry_run: bool = False
     actual: Table = field(default_factory=Table)
     retry: set[ServiceKey] = field(default_factory=set)
     draining: dict[tuple[ServiceKey, str, int], float] = field(default_factory=dict)
@@ -458,7 +461,7 @@ class Proxier:
                     if target.pod:
                         scope = {k for k in scope if visible(k)}
                     ops = diff(desired, actual, self.config.exclusions, only=scope)
-                if target.prepare is not None and not self.config.dry_run:
+                if target.prepare is not None and (target.prepare_in_dry_run or not self.config.dry_run):
                     target.prepare(desired)
                 done, bad = self._execute(target, ops, actual, scope)
             except NamespaceGone as exc:
@@ -595,6 +598,15 @@ class Proxier:
                 log.error("%s", error)
 
     # --- read-only views for tests and the CLI ---------------------------------------
+
+    def service_nat(self) -> list[ServiceNat]:
+        """What the node's masquerade rules need, per Service (node plumbing's input)."""
+        with self._lock:
+            infos = list(self._info.values())
+        return [ServiceNat(i.keys, i.cluster_ips, i.external_policy_local, i.local_endpoint_ips) for i in infos]
+
+    def node_addresses(self) -> tuple[str, ...]:
+        return self._translate_config.node.addresses
 
     @property
     def desired(self) -> Table:

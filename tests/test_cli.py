@@ -195,3 +195,51 @@ def test_python_dash_m_runs_the_cli(cluster: Path) -> None:
                            "--current-file", "/dev/null", "-o", "json"], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert len(json.loads(proc.stdout)["operations"]) == 3
+
+
+def _nft_in_netns(tmp_path: Path) -> tuple[str, Path]:
+    """A namespace of the test's own and an `nft` wrapper that runs there."""
+    import os
+    import shutil
+    import uuid
+
+    if os.geteuid() != 0 or not shutil.which("nft"):
+        pytest.skip("needs root and nft (nftables)")
+    name = f"svcproxy-cli-{uuid.uuid4().hex[:8]}"
+    if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
+        pytest.skip("cannot create a network namespace here")
+    wrapper = tmp_path / "nft"
+    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {name} nft "$@"\n')
+    wrapper.chmod(0o755)
+    return name, wrapper
+
+
+def test_cleanup_removes_ours_only_and_dry_run_changes_nothing(tmp_path: Path) -> None:
+    ours = VirtualService(ServiceKey(Protocol.TCP, "10.96.0.1", 80), "rr", None, (),
+                          (Destination("10.244.1.5", 8080, 1),))
+    foreign = VirtualService(ServiceKey(Protocol.TCP, "10.200.0.1", 80), "rr", None, (), ())
+    backend = MemoryBackend(Table({ours.key: ours, foreign.key: foreign}))
+    name, nft = _nft_in_netns(tmp_path)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "nft", "add", "table", "inet", "svcproxy"], check=True)
+        subprocess.run(["ip", "netns", "exec", name, "nft", "add", "table", "inet", "other"], check=True)
+        # The dummy device is looked up in this (the host's) namespace: there is none,
+        # and a lookup changes nothing.
+        base = ["cleanup", "--exclude-cidrs", "10.200.0.0/16", "--nft", str(nft), "--dummy-device", "svcpx-none0"]
+        out = io.StringIO()
+        assert main([*base, "--dry-run"], backend=backend, out=out) == 0
+        assert out.getvalue() == ("node: would remove 1 virtual services\n"
+                                  "node: would delete nftables table inet svcproxy\n")
+        assert set(backend.table.services) == {ours.key, foreign.key}
+        out = io.StringIO()
+        assert main(base, backend=backend, out=out) == 0
+        assert out.getvalue() == "node: removed 1 virtual services\nnode: removed nftables table inet svcproxy\n"
+        assert set(backend.table.services) == {foreign.key}
+        tables = subprocess.run(["ip", "netns", "exec", name, "nft", "list", "tables"], capture_output=True,
+                                text=True, check=True).stdout
+        assert tables.split() == ["table", "inet", "other"]
+        out = io.StringIO()
+        assert main(base, backend=backend, out=out) == 0  # again: nothing left to do
+        assert out.getvalue() == "node: removed 0 virtual services\n"
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)

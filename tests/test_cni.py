@@ -778,7 +778,7 @@ def test_a_socket_that_cannot_be_served(rundir: Path, tmp_path: Path, caplog: py
     err = io.StringIO()
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:  # main() installs the agent's signal handlers
-        rc = main(["run", "-f", str(cluster), "--node", "node-a", "--health-bind", "127.0.0.1:0",
+        rc = main(["run", "--node-plumbing", "off", "-f", str(cluster), "--node", "node-a", "--health-bind", "127.0.0.1:0",
                    "--healthcheck-bind-host", "127.0.0.1", "--cni-socket", str(blocker / "cni.sock")],
                   backend=MemoryBackend(), err=err)
     finally:

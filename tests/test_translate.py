@@ -494,6 +494,8 @@ def test_service_info() -> None:
         external_policy_local=True,
         internal_policy_local=False,
         local_endpoints=1,  # one dual-stack Pod; the terminating one does not count
+        cluster_ips=("10.96.12.34", "fd00:10:96::1234"),
+        local_endpoint_ips=("10.244.0.10", "fd00:10:244::10"),
     )
     assert len(info.keys) == 4
 

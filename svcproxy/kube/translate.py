@@ -131,6 +131,13 @@ class ServiceInfo:
     #: Ready endpoints on this node (the healthCheckNodePort answer): distinct
     #: addresses of the family with the most, so a dual-stack Pod counts once.
     local_endpoints: int
+    #: The Service's ClusterIPs in the families served; every other address of
+    #: its keys is an external/LoadBalancer address or a node address (NodePort).
+    #: Node plumbing tells them apart for masquerading.
+    cluster_ips: tuple[str, ...] = ()
+    #: Addresses of this node's ready endpoints: a Pod reaching itself through the
+    #: Service (hairpin) must be masqueraded, or it would answer itself directly.
+    local_endpoint_ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -735,6 +742,8 @@ def _translate_service(
         external_policy_local=external_local,
         internal_policy_local=internal_local,
         local_endpoints=max((len(ips) for ips in local_ips.values()), default=0),
+        cluster_ips=tuple(cluster_ips[f] for f in families),
+        local_endpoint_ips=tuple(sorted(set().union(*local_ips.values()))),
     )
     return vss, info
 

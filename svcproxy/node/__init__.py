@@ -1,0 +1,1 @@
+"""Node-namespace plumbing: sysctls, the dummy device, masquerade rules, cleanup."""

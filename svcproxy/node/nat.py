@@ -1,0 +1,262 @@
+"""Masquerade rules for the node namespace: one nftables table of svcproxy's own.
+
+IPVS rewrites the destination of a connection (NAT forwarding) but keeps the client's
+source address. That is right when the reply comes back through this node anyway and
+wrong when it would not:
+
+* NodePort, externalIP and LoadBalancer traffic with externalTrafficPolicy Cluster may
+  go to an endpoint on another node, which would answer the client directly (the client
+  drops a reply from an address it never talked to). Masquerading makes the endpoint
+  answer this node. With policy Local the table only holds local endpoints and the
+  client's address is kept, which is the point of that policy.
+* A Pod reaching itself through its own Service (hairpin) would see a packet from
+  itself and answer over loopback: masquerade it to the node.
+* ``--masquerade-all`` masquerades all traffic to ClusterIPs; ``--cluster-cidr``
+  masquerades ClusterIP traffic from outside the Pod network (kube-proxy's rules).
+* The node's own connections to ClusterIPs are always masqueraded: their source is
+  the VIP itself (bound to the dummy device), which an endpoint cannot answer.
+
+The shape follows kube-proxy's IPVS mode (mark in prerouting/output, masquerade marked
+packets in postrouting, sets instead of one rule per Service) in nftables: the
+structure (chains and rules) depends only on the configuration; what Services change
+are set elements, diffed like IPVS operations and applied as ``add element`` /
+``delete element`` lines in one ``nft -f`` transaction. Everything here is pure: the
+nftables adapter (svcproxy.node.nftables) runs the scripts and reads the table back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from svcproxy.model import ServiceKey, Table
+
+TABLE = "svcproxy"
+FAMILY = "inet"
+#: kube-proxy's masquerade bit (--iptables-masquerade-bit 14), for the same reasons:
+#: it stays clear of the bits CNI plugins and Istio use.
+DEFAULT_MARK = 0x4000
+
+#: Set name -> nftables element type.
+SET_TYPES: Mapping[str, str] = {
+    "external4": "ipv4_addr . inet_proto . inet_service",
+    "external6": "ipv6_addr . inet_proto . inet_service",
+    "cluster4": "ipv4_addr . inet_proto . inet_service",
+    "cluster6": "ipv6_addr . inet_proto . inet_service",
+    "hairpin4": "ipv4_addr . ipv4_addr",
+    "hairpin6": "ipv6_addr . ipv6_addr",
+}
+
+#: One element of a set: (address, protocol, port) or (address, address).
+Element = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class NatConfig:
+    masquerade_all: bool = False
+    #: The Pod network; ClusterIP traffic from outside it is masqueraded.
+    cluster_cidrs: tuple[str, ...] = ()
+    mark: int = DEFAULT_MARK
+
+    def __post_init__(self) -> None:
+        if self.mark <= 0 or self.mark & (self.mark - 1) or self.mark >= 1 << 32:
+            raise ValueError(f"the masquerade mark must be a single bit, not {self.mark:#x}")
+        for cidr in self.cluster_cidrs:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError for the caller to report
+
+
+@dataclass(frozen=True)
+class NatElements:
+    """What the sets should hold (or do hold): set name -> elements."""
+
+    sets: Mapping[str, frozenset[Element]] = field(default_factory=dict)
+
+    def get(self, name: str) -> frozenset[Element]:
+        return self.sets.get(name, frozenset())
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.sets.values())
+
+
+@dataclass(frozen=True)
+class ServiceNat:
+    """What the rules need to know about one Service (from translation's ServiceInfo)."""
+
+    keys: tuple[ServiceKey, ...]
+    cluster_ips: tuple[str, ...]
+    external_policy_local: bool
+    local_endpoint_ips: tuple[str, ...] = ()
+
+
+def _v6(address: str) -> bool:
+    return ":" in address
+
+
+def _element(key: ServiceKey) -> Element:
+    return (key.address, key.protocol.value.lower(), key.port)
+
+
+def nat_elements(desired: Table, services: Iterable[ServiceNat]) -> NatElements:
+    """The set elements for ``desired`` (only keys in it count: a Service whose keys
+    were dropped, e.g. as duplicates, gets no rules for them)."""
+    sets: dict[str, set[Element]] = {name: set() for name in SET_TYPES}
+    present = desired.services
+    for svc in services:
+        cluster = frozenset(svc.cluster_ips)
+        for key in svc.keys:
+            if key not in present:
+                continue
+            suffix = "6" if _v6(key.address) else "4"
+            if key.address in cluster:
+                sets["cluster" + suffix].add(_element(key))
+            elif not svc.external_policy_local:
+                sets["external" + suffix].add(_element(key))
+        for ip in svc.local_endpoint_ips:
+            sets["hairpin" + ("6" if _v6(ip) else "4")].add((ip, ip))
+    return NatElements({k: frozenset(v) for k, v in sets.items() if v})
+
+
+def _format_element(elem: Element) -> str:
+    return " . ".join(str(part) for part in elem)
+
+
+def _rules(config: NatConfig) -> list[tuple[str, str, str]]:
+    """(chain, rule text, purpose) for the configuration; purposes are unique."""
+    mark = f"{config.mark:#x}"
+    set_mark = f"meta mark set meta mark | {mark}"
+    rules: list[tuple[str, str, str]] = []
+    for chain in ("prerouting", "output"):
+        for fam, proto in (("4", "ip"), ("6", "ip6")):
+            match = f"{proto} daddr . meta l4proto . th dport"
+            rules.append((chain, f"{match} @external{fam} {set_mark}", f"{chain}-external{fam}"))
+            if config.masquerade_all or chain == "output":
+                # The node's own connections to a ClusterIP pick the VIP bound to the
+                # dummy device as their source, which no endpoint can answer: always
+                # masquerade them (to the address of the interface they leave by).
+                rules.append((chain, f"{match} @cluster{fam} {set_mark}", f"{chain}-cluster{fam}"))
+            else:
+                cidrs = [c for c in config.cluster_cidrs if _v6(c) == (fam == "6")]
+                if cidrs:
+                    nets = ", ".join(str(ipaddress.ip_network(c, strict=False)) for c in cidrs)
+                    rules.append((chain, f"{proto} saddr != {{ {nets} }} {match} @cluster{fam} {set_mark}",
+                                  f"{chain}-cluster{fam}"))
+    clear = f"meta mark set meta mark & {(~config.mark) & 0xFFFFFFFF:#x}"
+    rules.append(("postrouting", f"meta mark & {mark} == {mark} {clear} masquerade", "postrouting-marked"))
+    rules.append(("postrouting", "ip saddr . ip daddr @hairpin4 masquerade", "postrouting-hairpin4"))
+    rules.append(("postrouting", "ip6 saddr . ip6 daddr @hairpin6 masquerade", "postrouting-hairpin6"))
+    return rules
+
+
+_CHAINS = {
+    "prerouting": "type nat hook prerouting priority dstnat; policy accept;",
+    "output": "type nat hook output priority -100; policy accept;",
+    "postrouting": "type nat hook postrouting priority srcnat; policy accept;",
+}
+
+
+def structure_tag(config: NatConfig) -> str:
+    """A digest of the table's structure, kept in every rule's comment: a table left by
+    another version or configuration (or with a rule missing) is rebuilt, not patched."""
+    text = json.dumps([_rules(config), SET_TYPES, _CHAINS], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def rule_comments(config: NatConfig) -> frozenset[str]:
+    tag = structure_tag(config)
+    return frozenset(f"svcproxy {tag} {purpose}" for _, _, purpose in _rules(config))
+
+
+def render_table(config: NatConfig, elements: NatElements) -> str:
+    """The whole table as one nft script that replaces any table of that name
+    atomically (``add`` makes the ``delete`` safe when there is none)."""
+    tag = structure_tag(config)
+    lines = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}", f"table {FAMILY} {TABLE} {{"]
+    for name, typ in SET_TYPES.items():
+        elems = sorted(elements.get(name), key=_sort_key)
+        body = f"type {typ};"
+        if elems:
+            body += " elements = { " + ", ".join(_format_element(e) for e in elems) + " }"
+        lines.append(f"\tset {name} {{ {body} }}")
+    for chain, header in _CHAINS.items():
+        lines.append(f"\tchain {chain} {{")
+        lines.append(f"\t\t{header}")
+        for rule_chain, text, purpose in _rules(config):
+            if rule_chain == chain:
+                lines.append(f'\t\t{text} comment "svcproxy {tag} {purpose}"')
+        lines.append("\t}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _sort_key(elem: Element) -> tuple[str, ...]:
+    return tuple(str(p) for p in elem)
+
+
+def element_script(old: NatElements, new: NatElements) -> str:
+    """``delete element`` / ``add element`` lines turning ``old`` into ``new``; empty
+    when they are equal. Deletes come first so a moved element is never doubled."""
+    lines: list[str] = []
+    for verb, a, b in (("delete", old, new), ("add", new, old)):
+        for name in SET_TYPES:
+            extra = sorted(a.get(name) - b.get(name), key=_sort_key)
+            if extra:
+                lines.append(f"{verb} element {FAMILY} {TABLE} {name} {{ "
+                             + ", ".join(_format_element(e) for e in extra) + " }")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What ``nft -j list table`` showed: None when there is no table."""
+
+    comments: frozenset[str]
+    elements: NatElements
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, dict) and "prefix" in value:  # never in our sets; keep as text
+        return f'{value["prefix"]["addr"]}/{value["prefix"]["len"]}'
+    if isinstance(value, str) and ":" in value:
+        return str(ipaddress.ip_address(value))
+    return value
+
+
+_PROTO_NUMBERS = {6: "tcp", 17: "udp", 132: "sctp"}
+
+
+def parse_listing(text: str) -> Listing:
+    """Parse ``nft -j list table inet svcproxy`` output (nft >= 0.9.x JSON schema 1)."""
+    doc = json.loads(text)
+    comments: set[str] = set()
+    sets: dict[str, set[Element]] = {}
+    for item in doc.get("nftables", []):
+        if "rule" in item:
+            comment = item["rule"].get("comment")
+            if isinstance(comment, str):
+                comments.add(comment)
+        elif "set" in item:
+            s = item["set"]
+            elems: set[Element] = set()
+            for raw in s.get("elem", []) or []:
+                if isinstance(raw, dict) and "elem" in raw:  # element with options (timeout, comment)
+                    raw = raw["elem"]["val"]
+                parts = raw["concat"] if isinstance(raw, dict) and "concat" in raw else [raw]
+                values = [_json_value(p) for p in parts]
+                values = [_PROTO_NUMBERS.get(v, v) if i == 1 and len(values) == 3 and isinstance(v, int) else v
+                          for i, v in enumerate(values)]
+                elems.add(tuple(values))
+            sets[s["name"]] = elems
+    return Listing(frozenset(comments), NatElements({k: frozenset(v) for k, v in sets.items() if v}))
+
+
+def canonical(elements: NatElements) -> NatElements:
+    """Addresses in Python's canonical text (as ``parse_listing`` returns them)."""
+    out: dict[str, frozenset[Element]] = {}
+    for name, elems in elements.sets.items():
+        out[name] = frozenset(tuple(str(ipaddress.ip_address(p)) if isinstance(p, str) and ":" in p else p
+                                    for p in e) for e in elems)
+    return NatElements({k: v for k, v in out.items() if v})
+
