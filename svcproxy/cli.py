@@ -319,8 +319,8 @@ def sync_plumbing(args: argparse.Namespace, planned: Planned) -> bool:
     config = plumbing_config(args)
     if config is None:
         return False
-    services = [ServiceNat(i.keys, i.cluster_ips, i.external_policy_local, i.local_endpoint_ips)
-                for i in planned.translation.services.values()]
+    services = {nn: ServiceNat(i.keys, i.cluster_ips, i.external_policy_local, i.local_endpoint_ips)
+                for nn, i in planned.translation.services.items()}
     plumbing = NodePlumbing(config, services=lambda: services, node_addresses=lambda: planned.node_addresses)
     plumbing(planned.translation.table)
     return bool(plumbing.stats.errors)
@@ -341,7 +341,7 @@ def run_cleanup(args: argparse.Namespace, backend: Backend, out: TextIO) -> int:
     failed += len(errors)
     out.write(f"node: {verb} {sum(1 for o in ops if o.kind is OpKind.DELETE_SERVICE)} virtual services\n")
     plumbing = NodePlumbing(PlumbingConfig(device=args.dummy_device, dry_run=args.dry_run),
-                            services=list, node_addresses=tuple, nft=Nftables(args.nft), vs_sysctls={})
+                            services=dict, node_addresses=tuple, nft=Nftables(args.nft), vs_sysctls={})
     try:
         for what in plumbing.cleanup():
             out.write(f"node: {what if args.dry_run else 'removed ' + what}\n")

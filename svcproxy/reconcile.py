@@ -192,6 +192,11 @@ def _parse_trigger_time(text: object) -> float | None:
         return None
 
 
+def _service_nat(info: ServiceInfo, keys: tuple[ServiceKey, ...]) -> ServiceNat:
+    """``keys``: the Service's keys that made it into the table (duplicates dropped)."""
+    return ServiceNat(keys, info.cluster_ips, info.external_policy_local, info.local_endpoint_ips)
+
+
 class Proxier:
     """Owns the desired table and drives the backend. Thread-safe: watchers call
     ``on_event``/``on_synced`` from their threads, the loop runs in ``run``."""
@@ -227,6 +232,9 @@ class Proxier:
         self._keys_by_service: dict[NamespacedName, tuple[ServiceKey, ...]] = {}
         self._owner: dict[ServiceKey, NamespacedName] = {}
         self._info: dict[NamespacedName, ServiceInfo] = {}
+        #: Node plumbing's view of each Service; an unchanged Service keeps its object
+        #: across syncs, so plumbing only revisits the ones that changed.
+        self._nat: dict[NamespacedName, ServiceNat] = {}
         self.node_target = Target("node", backend)
         self._targets: dict[str, Target] = {"node": self.node_target}
         self._reported: set[Problem] = set()
@@ -390,6 +398,12 @@ class Proxier:
         self._keys_by_service = keys_by_service
         self._owner = {k: nn for nn, keys in keys_by_service.items() for k in keys}
         self._info = dict(translation.services)
+        old_nat, nat = self._nat, {}
+        for nn, info in self._info.items():
+            new = _service_nat(info, keys_by_service.get(nn, ()))
+            old = old_nat.get(nn)
+            nat[nn] = old if old == new and old is not None else new
+        self._nat = nat
         self.full_syncs += 1
         return self._sync_targets(start, full=True, changed=None)
 
@@ -404,6 +418,7 @@ class Proxier:
                     self._desired.pop(key, None)
             changed.update(old_keys)
             self._info.pop(nn, None)
+            self._nat.pop(nn, None)
             if svc is None:
                 continue
             vss, problems, info = translate_service(svc, slices, self._translate_config)
@@ -422,6 +437,7 @@ class Proxier:
             changed.update(kept)
             if info is not None:
                 self._info[nn] = info
+                self._nat[nn] = _service_nat(info, tuple(kept))
         self.partial_syncs += 1
         return self._sync_targets(start, full=False, changed=changed)
 
@@ -599,11 +615,10 @@ class Proxier:
 
     # --- read-only views for tests and the CLI ---------------------------------------
 
-    def service_nat(self) -> list[ServiceNat]:
-        """What the node's masquerade rules need, per Service (node plumbing's input)."""
+    def service_nat(self) -> dict[NamespacedName, ServiceNat]:
+        """What node plumbing needs, per Service (same object while a Service is unchanged)."""
         with self._lock:
-            infos = list(self._info.values())
-        return [ServiceNat(i.keys, i.cluster_ips, i.external_policy_local, i.local_endpoint_ips) for i in infos]
+            return dict(self._nat)
 
     def node_addresses(self) -> tuple[str, ...]:
         return self._translate_config.node.addresses

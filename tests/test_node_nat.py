@@ -9,6 +9,7 @@ driver: that part runs in the VM (tests/kernel/test_node.py).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 import os
 import shutil
 import subprocess
@@ -20,8 +21,8 @@ import pytest
 
 from svcproxy.model import Destination, Protocol, ServiceKey, Table, VirtualService
 from svcproxy.node.dummy import AddressChanges, address_changes, bound_addresses
-from svcproxy.node.nat import (NatConfig, NatElements, ServiceNat, canonical, element_script, nat_elements,
-                               parse_listing, render_table, rule_comments, structure_tag)
+from svcproxy.node.nat import (BIND, ElementIndex, NatConfig, NatElements, ServiceNat, canonical, element_script,
+                               nat_elements, parse_listing, render_table, rule_comments, structure_tag)
 from svcproxy.node.nftables import NftError, Nftables
 from svcproxy.node.plumbing import NodePlumbing, PlumbingConfig, node_sysctls
 
@@ -52,7 +53,7 @@ def web_nat(local: bool = False) -> ServiceNat:
 def test_elements_classify_keys() -> None:
     desired = table(*WEB, *LOCAL)
     dns = ServiceNat(tuple(v.key for v in LOCAL), ("10.96.0.20",), True, ())
-    e = nat_elements(desired, [web_nat(), dns])
+    e = nat_elements(desired, [web_nat(), dns], [NODE, "10.96.0.10", "fd00:10:96::a", "203.0.113.7", "10.96.0.20"])
     assert e.get("cluster4") == {("10.96.0.10", "tcp", 80), ("10.96.0.20", "udp", 53)}
     assert e.get("cluster6") == {("fd00:10:96::a", "tcp", 80)}
     # NodePort and externalIP with policy Cluster are masqueraded; policy Local keeps
@@ -61,7 +62,10 @@ def test_elements_classify_keys() -> None:
     assert e.get("external6") == frozenset()
     assert e.get("hairpin4") == {("10.244.1.10", "10.244.1.10")}
     assert e.get("hairpin6") == {("fd00:244:1::10", "fd00:244:1::10")}
+    assert e.get(BIND) == frozenset()  # every address is a node address here: nothing to bind
     assert len(e) == 7
+    bind = nat_elements(desired, [web_nat(), dns], [NODE]).get(BIND)
+    assert bind == {("10.96.0.10",), ("fd00:10:96::a",), ("203.0.113.7",), ("10.96.0.20",)}
 
 
 def test_elements_only_for_keys_in_the_desired_table() -> None:
@@ -193,12 +197,14 @@ class Clock:
 
 
 def plumbing(tmp_path: Path, config: PlumbingConfig | None = None, device: Any = None,
-             nft: Any = None, clock: Clock | None = None) -> NodePlumbing:
+             nft: Any = None, clock: Clock | None = None, services: dict[str, ServiceNat] | None = None
+             ) -> NodePlumbing:
+    services = services if services is not None else {"web": web_nat()}
     root = tmp_path / "sys"
     for name, value in (("net/ipv4/vs/conntrack", "0"), ("net/ipv4/ip_forward", "0")):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(value + "\n")
-    return NodePlumbing(config or PlumbingConfig(), services=lambda: [web_nat()], node_addresses=lambda: [NODE],
+    return NodePlumbing(config or PlumbingConfig(), services=lambda: services, node_addresses=lambda: [NODE],
                         device=device or RecordingDevice(), nft=nft or RecordingNft(),
                         vs_sysctls={"conntrack": "1", "expire_nodest_conn": "1"}, sysctl_root=str(root),
                         monotonic=clock or Clock())
@@ -206,7 +212,8 @@ def plumbing(tmp_path: Path, config: PlumbingConfig | None = None, device: Any =
 
 def test_plumbing_creates_then_patches_and_rereads_only_when_due(tmp_path: Path, caplog: Any) -> None:
     clock, device, nft = Clock(), RecordingDevice({"10.96.0.99"}), RecordingNft()
-    p = plumbing(tmp_path, device=device, nft=nft, clock=clock)
+    services = {"web": web_nat()}
+    p = plumbing(tmp_path, device=device, nft=nft, clock=clock, services=services)
     caplog.set_level(logging.INFO)
     p(table(*WEB))
     assert (tmp_path / "sys/net/ipv4/vs/conntrack").read_text() == "1"
@@ -217,19 +224,51 @@ def test_plumbing_creates_then_patches_and_rereads_only_when_due(tmp_path: Path,
     # Unchanged: nothing read, nothing written.
     p(table(*WEB))
     assert (device.reads, nft.reads, len(device.applied), len(nft.scripts)) == (1, 1, 1, 1)
-    # One Service less: one address and its elements, as a patch.
+    # The Service loses its externalIP: one address and one element, as a patch.
+    services["web"] = replace(web_nat(), keys=tuple(v.key for v in WEB[:3]))
     p(table(*WEB[:3]))
     assert device.applied[-1] == AddressChanges((), ("203.0.113.7",))
     assert nft.scripts[-1] == "delete element inet svcproxy external4 { 203.0.113.7 . tcp . 80 }\n"
+    # A second Service sharing the hairpin pair: only its own elements are added.
+    services["other"] = ServiceNat((WEB[3].key,), (), False, ("10.244.1.10",))
+    p(table(*WEB))
+    assert nft.scripts[-1] == "add element inet svcproxy external4 { 203.0.113.7 . tcp . 80 }\n"
+    del services["other"]
+    p(table(*WEB[:3]))
+    assert nft.scripts[-1] == "delete element inet svcproxy external4 { 203.0.113.7 . tcp . 80 }\n"
+    assert len(nft.scripts) == 4
     # Due for a re-read: the table (as nft would list it) is taken as it is.
     clock.now = 61
     nft.listing = parse_listing_of(render_elements(table(*WEB[:3])), rule_comments(NatConfig()))
     p(table(*WEB[:3]))
-    assert (device.reads, nft.reads, len(nft.scripts)) == (2, 2, 2)
+    assert (device.reads, nft.reads, len(nft.scripts)) == (2, 2, 4)
 
 
 def render_elements(desired: Table) -> NatElements:
-    return canonical(nat_elements(desired, [web_nat()]))
+    e = nat_elements(desired, [web_nat()])
+    return NatElements({k: v for k, v in e.sets.items() if k != BIND})
+
+
+def test_element_index_counts_shared_elements_and_follows_changes() -> None:
+    index = ElementIndex()
+    a = ServiceNat((WEB[0].key,), ("10.96.0.10",), False, ("10.244.1.10",))
+    b = ServiceNat((LOCAL[0].key,), ("10.96.0.20",), False, ("10.244.1.10",))
+    d = index.update({"a": a, "b": b}, [NODE])
+    assert d.changes["hairpin4"] == ({("10.244.1.10", "10.244.1.10")}, frozenset())
+    assert d.changes[BIND][0] == {("10.96.0.10",), ("10.96.0.20",)}
+    assert not index.update({"a": a, "b": b}, [NODE])  # same objects: nothing to do
+    d = index.update({"a": a}, [NODE])  # b gone; the shared hairpin pair stays
+    assert d.changes.get("hairpin4", (frozenset(), frozenset())) == (frozenset(), frozenset())
+    assert d.changes["cluster4"] == (frozenset(), {("10.96.0.20", "udp", 53)})
+    moved = replace(a, local_endpoint_ips=("10.244.1.11",))
+    d = index.update({"a": moved}, [NODE])
+    assert d.changes["hairpin4"] == ({("10.244.1.11", "10.244.1.11")}, {("10.244.1.10", "10.244.1.10")})
+    assert "cluster4" not in d.changes or d.changes["cluster4"] == (frozenset(), frozenset())
+    # The node's own address became a virtual address's: it is not bound any more.
+    d = index.update({"a": moved}, [NODE, "10.96.0.10"])
+    assert d.changes[BIND] == (frozenset(), {("10.96.0.10",)})
+    assert index.current().get(BIND) == frozenset()
+    assert index.current().get("hairpin4") == {("10.244.1.11", "10.244.1.11")}
 
 
 def parse_listing_of(elements: NatElements, comments: frozenset[str]) -> Any:

@@ -29,8 +29,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Hashable, Iterable, Mapping
 
 from svcproxy.model import ServiceKey, Table
 
@@ -99,24 +99,113 @@ def _element(key: ServiceKey) -> Element:
     return (key.address, key.protocol.value.lower(), key.port)
 
 
-def nat_elements(desired: Table, services: Iterable[ServiceNat]) -> NatElements:
-    """The set elements for ``desired`` (only keys in it count: a Service whose keys
-    were dropped, e.g. as duplicates, gets no rules for them)."""
-    sets: dict[str, set[Element]] = {name: set() for name in SET_TYPES}
+#: Not an nftables set: the addresses to bind to the dummy device, kept in the same
+#: index so that one pass over a changed Service updates both.
+BIND = "bind"
+
+
+def service_elements(svc: ServiceNat, node_addresses: frozenset[str]) -> dict[str, frozenset[Element]]:
+    """One Service's share of every set (and of BIND). Its keys must be the ones that
+    are in the desired table (translation drops duplicates from them)."""
+    sets: dict[str, set[Element]] = {}
+    cluster = frozenset(svc.cluster_ips)
+    for key in svc.keys:
+        suffix = "6" if _v6(key.address) else "4"
+        if key.address not in node_addresses:
+            sets.setdefault(BIND, set()).add((key.address,))
+        if key.address in cluster:
+            sets.setdefault("cluster" + suffix, set()).add(_element(key))
+        elif not svc.external_policy_local:
+            sets.setdefault("external" + suffix, set()).add(_element(key))
+    for ip in svc.local_endpoint_ips:
+        sets.setdefault("hairpin" + ("6" if _v6(ip) else "4"), set()).add((ip, ip))
+    return {k: frozenset(v) for k, v in sets.items()}
+
+
+def nat_elements(desired: Table, services: Iterable[ServiceNat],
+                 node_addresses: Iterable[str] = ()) -> NatElements:
+    """Every set's elements (and BIND) for ``desired``: only keys in it count."""
     present = desired.services
+    node = frozenset(node_addresses)
+    sets: dict[str, set[Element]] = {}
     for svc in services:
-        cluster = frozenset(svc.cluster_ips)
-        for key in svc.keys:
-            if key not in present:
-                continue
-            suffix = "6" if _v6(key.address) else "4"
-            if key.address in cluster:
-                sets["cluster" + suffix].add(_element(key))
-            elif not svc.external_policy_local:
-                sets["external" + suffix].add(_element(key))
-        for ip in svc.local_endpoint_ips:
-            sets["hairpin" + ("6" if _v6(ip) else "4")].add((ip, ip))
+        keys = tuple(k for k in svc.keys if k in present)
+        for name, elems in service_elements(replace(svc, keys=keys), node).items():
+            sets.setdefault(name, set()).update(elems)
     return NatElements({k: frozenset(v) for k, v in sets.items() if v})
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Elements whose presence changed: set name -> (added, removed)."""
+
+    changes: Mapping[str, tuple[frozenset[Element], frozenset[Element]]]
+
+    def __bool__(self) -> bool:
+        return any(a or r for a, r in self.changes.values())
+
+
+class ElementIndex:
+    """The union of every Service's elements, kept up to date Service by Service.
+
+    Several Services may share an element (an endpoint's hairpin pair, say), so each
+    element is reference-counted; ``update`` only looks at Services whose ServiceNat
+    object changed (the reconcile loop keeps the object of an unchanged Service), so
+    an endpoint change costs one Service, not the cluster.
+    """
+
+    def __init__(self) -> None:
+        self._shares: dict[Hashable, tuple[ServiceNat, dict[str, frozenset[Element]]]] = {}
+        self._counts: dict[str, dict[Element, int]] = {}
+        self._node: frozenset[str] | None = None
+
+    def update(self, services: Mapping[Any, ServiceNat], node_addresses: Iterable[str]) -> Delta:
+        node = frozenset(node_addresses)
+        if node != self._node:  # NodePorts move between BIND and not: start over
+            self._node = node
+            gone = {name: share for name, (_, share) in self._shares.items()}
+            self._shares = {}
+        else:
+            gone = {name: self._shares.pop(name)[1] for name in list(self._shares) if name not in services}
+        added: dict[str, set[Element]] = {}
+        removed: dict[str, set[Element]] = {}
+
+        def put(share: Mapping[str, frozenset[Element]], sign: int) -> None:
+            for set_name, elems in share.items():
+                counts = self._counts.setdefault(set_name, {})
+                for e in elems:
+                    n = counts.get(e, 0) + sign
+                    if n:
+                        counts[e] = n
+                    else:
+                        del counts[e]
+                    if sign > 0 and n == 1:
+                        if e in removed.get(set_name, ()):
+                            removed[set_name].discard(e)
+                        else:
+                            added.setdefault(set_name, set()).add(e)
+                    elif sign < 0 and n == 0:
+                        if e in added.get(set_name, ()):
+                            added[set_name].discard(e)
+                        else:
+                            removed.setdefault(set_name, set()).add(e)
+
+        for share in gone.values():
+            put(share, -1)
+        for name, svc in services.items():
+            old = self._shares.get(name)
+            if old is not None and old[0] is svc:
+                continue
+            share = service_elements(svc, node)
+            if old is not None:
+                put(old[1], -1)
+            put(share, +1)
+            self._shares[name] = (svc, share)
+        names = set(added) | set(removed)
+        return Delta({n: (frozenset(added.get(n, ())), frozenset(removed.get(n, ()))) for n in names})
+
+    def current(self) -> NatElements:
+        return NatElements({k: frozenset(v) for k, v in self._counts.items() if v})
 
 
 def _format_element(elem: Element) -> str:

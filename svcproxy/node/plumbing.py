@@ -21,12 +21,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from svcproxy.model import Table
-from svcproxy.node.dummy import DEVICE, AddressChanges, DeviceError, DummyDevice, address_changes, bound_addresses
-from svcproxy.node.nat import (NatConfig, NatElements, ServiceNat, canonical, element_script, nat_elements,
-                               render_table, rule_comments)
+from svcproxy.node.dummy import DEVICE, AddressChanges, DeviceError, DummyDevice, address_changes
+from svcproxy.node.nat import (BIND, SET_TYPES, Delta, Element, ElementIndex, NatConfig, NatElements, ServiceNat,
+                               element_script, render_table, rule_comments)
 from svcproxy.node.nftables import NftError, Nftables
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class PlumbingStats:
 
 class NodePlumbing:
     def __init__(self, config: PlumbingConfig, *,
-                 services: Callable[[], Iterable[ServiceNat]],
+                 services: Callable[[], Mapping[Any, ServiceNat]],
                  node_addresses: Callable[[], Iterable[str]],
                  device: DummyDevice | None = None,
                  nft: Nftables | None = None,
@@ -94,26 +94,35 @@ class NodePlumbing:
         self.monotonic = monotonic
         self.stats = PlumbingStats()
         # What the kernel is believed to hold; None = read it at the next call.
-        self._bound: frozenset[str] | None = None
-        self._elements: NatElements | None = None
+        self.index = ElementIndex()
+        self._bound: set[str] | None = None
+        self._elements: dict[str, set[Element]] | None = None
         self._next_check = float("-inf")
         self._sysctls_done = False
 
     # The reconcile loop's prepare hook.
     def __call__(self, desired: Table) -> None:
+        """``desired`` is the node's table; what plumbing needs of it comes, Service by
+        Service, from ``services`` (only changed Services are looked at)."""
         now = self.monotonic()
         if now >= self._next_check:
             self._bound = None
             self._elements = None
             self._sysctls_done = False
             self._next_check = now + self.config.recheck_period
+        try:
+            delta = self.index.update(self.services(), self.node_addresses())
+        except ValueError as exc:  # a malformed address in a ServiceNat: never expected
+            self.stats.error("nftables")
+            log.error("node plumbing: %s", exc)
+            return
         if self.sysctls and not self._sysctls_done:
             self._guard("sysctl", self._sync_sysctls)
         if self.config.bind_addresses:
-            self._guard("dummy", lambda: self._sync_addresses(desired))
+            self._guard("dummy", lambda: self._sync_addresses(delta))
         if self.config.nat is not None:
             nat = self.config.nat
-            self._guard("nftables", lambda: self._sync_nat(desired, nat))
+            self._guard("nftables", lambda: self._sync_nat(delta, nat))
 
     def _guard(self, part: str, fn: Callable[[], None]) -> None:
         try:
@@ -154,61 +163,75 @@ class NodePlumbing:
 
     # --- dummy device ---------------------------------------------------------------
 
-    def _sync_addresses(self, desired: Table) -> None:
-        want = bound_addresses(desired, self.node_addresses())
+    def _sync_addresses(self, delta: Delta) -> None:
         if self._bound is None:
-            self._bound = self.device.addresses()
-        changes = address_changes(want, self._bound)
+            want = frozenset(e[0] for e in self.index.current().get(BIND))
+            self._bound = set(self.device.addresses())
+            changes = address_changes(want, frozenset(self._bound))
+        else:
+            added, removed = delta.changes.get(BIND, (frozenset(), frozenset()))
+            changes = AddressChanges(tuple(sorted(e[0] for e in added if e[0] not in self._bound)),
+                                     tuple(sorted(e[0] for e in removed if e[0] in self._bound)))
         if not changes:
             return
         if self.config.dry_run:
             log.info("dry run: would change addresses on %s: %s", self.config.device, _short(changes))
-            self._bound = want
-            return
-        failed = self.device.apply(changes)
-        for address, error in failed:
-            self.stats.error("dummy")
-            log.error("cannot change address %s on %s: %s", address, self.config.device, error)
-        self.stats.changed("dummy", len(changes.add) + len(changes.delete) - len(failed))
-        log.info("addresses on %s: %d bound, %d unbound%s", self.config.device, len(changes.add),
-                 len(changes.delete), f", {len(failed)} failed" if failed else "")
-        # Failed ones are re-read next time rather than guessed at.
-        self._bound = want if not failed else None
+        else:
+            failed = self.device.apply(changes)
+            for address, error in failed:
+                self.stats.error("dummy")
+                log.error("cannot change address %s on %s: %s", address, self.config.device, error)
+            self.stats.changed("dummy", len(changes.add) + len(changes.delete) - len(failed))
+            log.info("addresses on %s: %d bound, %d unbound%s", self.config.device, len(changes.add),
+                     len(changes.delete), f", {len(failed)} failed" if failed else "")
+            if failed:  # re-read next time rather than guess
+                self._bound = None
+                self._next_check = float("-inf")
+                return
+        self._bound.difference_update(changes.delete)
+        self._bound.update(changes.add)
 
     # --- nftables -------------------------------------------------------------------
 
-    def _sync_nat(self, desired: Table, nat: NatConfig) -> None:
-        want = canonical(nat_elements(desired, self.services()))
+    def _sync_nat(self, delta: Delta, nat: NatConfig) -> None:
         if self._elements is None:
+            want = _nft_sets(self.index.current())
             listing = self.nft.read()
             if listing is None or listing.comments != rule_comments(nat):
                 what = "create" if listing is None else "rebuild (structure differs)"
                 if self.config.dry_run:
                     log.info("dry run: would %s nftables table inet svcproxy with %d set elements", what, len(want))
-                    self._elements = want
-                    return
-                self.nft.apply(render_table(nat, want))
-                self.stats.changed("nftables")
-                log.info("nftables table inet svcproxy: %s, %d set elements", what, len(want))
-                self._elements = want
+                else:
+                    self.nft.apply(render_table(nat, want))
+                    self.stats.changed("nftables")
+                    log.info("nftables table inet svcproxy: %s, %d set elements", what, len(want))
+                self._elements = {k: set(v) for k, v in want.sets.items()}
                 return
-            self._elements = listing.elements
-        script = element_script(self._elements, want)
+            old, new = listing.elements, want
+            self._elements = {k: set(v) for k, v in old.sets.items()}
+        else:
+            image = self._elements
+            old = NatElements({n: frozenset(e for e in removed if e in image.get(n, ()))
+                               for n, (_, removed) in delta.changes.items() if n in SET_TYPES})
+            new = NatElements({n: frozenset(e for e in added if e not in image.get(n, ()))
+                               for n, (added, _) in delta.changes.items() if n in SET_TYPES})
+        script = element_script(old, new)
         if not script:
             return
         if self.config.dry_run:
             log.info("dry run: would change nftables set elements:\n%s", script.rstrip())
-            self._elements = want
-            return
-        try:
-            self.nft.apply(script)
-        except NftError:
-            self._elements = None  # unknown now: read it back next time
-            raise
-        n = script.count("\n")
-        self.stats.changed("nftables", n)
-        log.info("nftables: %d set element changes", sum(len(x) for x in _element_counts(self._elements, want)))
-        self._elements = want
+        else:
+            try:
+                self.nft.apply(script)
+            except NftError:
+                self._elements = None  # unknown now: read it back next time
+                raise
+            n = sum(len(old.get(k)) + len(new.get(k)) for k in SET_TYPES)
+            self.stats.changed("nftables", n)
+            log.info("nftables: %d set elements changed", n)
+        for name in SET_TYPES:
+            self._elements.setdefault(name, set()).difference_update(old.get(name) - new.get(name))
+            self._elements[name].update(new.get(name))
 
     # --- cleanup --------------------------------------------------------------------
 
@@ -228,9 +251,8 @@ class NodePlumbing:
         return removed
 
 
-def _element_counts(old: NatElements, new: NatElements) -> list[frozenset[tuple[object, ...]]]:
-    names = set(old.sets) | set(new.sets)
-    return [old.get(n) ^ new.get(n) for n in names]
+def _nft_sets(elements: NatElements) -> NatElements:
+    return NatElements({k: v for k, v in elements.sets.items() if k in SET_TYPES})
 
 
 def _short(changes: AddressChanges, limit: int = 20) -> str:
