@@ -24,6 +24,7 @@ from svcproxy.kube.store import Kind
 from svcproxy.kube.translate import NodeInfo, TranslateConfig
 from svcproxy.metrics import Metrics
 from svcproxy.model import Family
+from svcproxy.node.addresses import NodeAddresses
 from svcproxy.node.plumbing import NodePlumbing, PlumbingConfig
 from svcproxy.podns.attach import PodNamespaces, factory_like
 from svcproxy.podns.mode import IP_VS_MODE_PARAM, decide
@@ -64,6 +65,8 @@ class AgentConfig:
     cni_timeout: float = 30.0
     #: Node-namespace plumbing (sysctls, dummy device, nftables masquerade); None: off.
     plumbing: PlumbingConfig | None = None
+    #: --nodeport-addresses CIDRs: NodePorts on the node's local addresses within them.
+    nodeport_addresses: tuple[str, ...] = ()
 
 
 class _SourceStats(Collector):
@@ -128,6 +131,7 @@ class Agent:
                 sync_period=config.sync_period,
                 graceful_timeout=config.graceful_timeout,
                 dry_run=config.dry_run,
+                node_address_source=self._node_addresses(config),
             ),
             metrics=self.metrics,
             health=self.health,
@@ -151,6 +155,13 @@ class Agent:
         self.sources: list[Any] = []
         self.cni_server: Any = None
         self.metrics.registry.register(_SourceStats(self._source_stats))
+
+    @staticmethod
+    def _node_addresses(config: AgentConfig) -> NodeAddresses | None:
+        if not config.nodeport_addresses:
+            return None
+        device = (config.plumbing or PlumbingConfig()).device
+        return NodeAddresses(config.nodeport_addresses, exclude_devices=(device,))
 
     def _source_stats(self) -> Iterable[tuple[str, Any]]:
         for source in self.sources:

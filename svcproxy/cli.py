@@ -162,6 +162,9 @@ def _plumbing_args(p: argparse.ArgumentParser, *, default_on: bool) -> None:
     p.add_argument("--strict-arp", action="store_true",
                    help="arp_ignore=1 and arp_announce=2 (needed by some LoadBalancer implementations)")
     p.add_argument("--nft", default="nft", help="nft binary (default: from PATH)")
+    p.add_argument("--nodeport-addresses", default="", metavar="CIDR,...",
+                   help="serve NodePorts on this node's local addresses within these ranges, re-read at "
+                        "every full sync (default: the Node object's addresses, or --node-ip)")
 
 
 def plumbing_config(args: argparse.Namespace) -> PlumbingConfig | None:
@@ -388,7 +391,8 @@ def run_agent(args: argparse.Namespace, backend: Backend) -> int:
     )
     config = replace(config, pod_netns_mode=args.pod_netns_mode, pod_netns=tuple(args.pod_netns),
                      pod_netns_dir=args.pod_netns_dir, pod_netns_scan_period=args.pod_netns_scan_period,
-                     ip_vs_mode_param=args.ip_vs_mode_param, plumbing=plumbing_config(args))
+                     ip_vs_mode_param=args.ip_vs_mode_param, plumbing=plumbing_config(args),
+                     nodeport_addresses=split_csv([args.nodeport_addresses]))
     agent = Agent(config, backend)
     agent.install_signal_handlers()
     return agent.run()

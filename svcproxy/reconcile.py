@@ -140,6 +140,9 @@ class ProxierConfig:
     #: While real servers drain, full syncs (which read connection counts) run this often.
     drain_check_period: float = 10.0
     dry_run: bool = False
+    #: --nodeport-addresses: the node's local addresses for NodePorts, re-read at each
+    #: full sync (None: the Node object's addresses, or node_ips_override).
+    node_address_source: Callable[[], tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,7 @@ class Proxier:
         self._reported: set[Problem] = set()
         self._last_full = float("-inf")
         self._last_sync = float("-inf")
+        self._discovered: tuple[str, ...] = ()
         self.full_syncs = 0
         self.partial_syncs = 0
         self.last_result: SyncResult | None = None
@@ -311,6 +315,9 @@ class Proxier:
         start = self._monotonic()
         if not self.initialized:
             return SyncResult(False, (), 0, 0.0, skipped="waiting for Services and EndpointSlices to sync")
+        if self.config.node_address_source is not None and (
+                force_full or self._last_full == float("-inf") or start - self._last_full >= self._full_interval()):
+            self._discover_node_addresses()
         with self._lock:
             full = (force_full or self._node_dirty or self._last_full == float("-inf")
                     or start - self._last_full >= self._full_interval())
@@ -360,9 +367,28 @@ class Proxier:
             return min(self.config.sync_period, self.config.drain_check_period)
         return self.config.sync_period
 
+    def _discover_node_addresses(self) -> None:
+        assert self.config.node_address_source is not None
+        try:
+            found = tuple(self.config.node_address_source())
+        except Exception as exc:  # rtnetlink trouble: keep the addresses we had
+            log.error("cannot read the node's addresses for NodePorts (keeping %s): %s",
+                      ", ".join(self._discovered) or "none", exc)
+            return
+        if found == self._discovered:
+            return
+        if not found:
+            log.warning("no local address matches --nodeport-addresses: NodePorts use the Node object's addresses")
+        else:
+            log.info("NodePorts served on %s (--nodeport-addresses)", ", ".join(found))
+        self._discovered = found
+        with self._lock:
+            self._node_dirty = True
+
     def _refresh_node(self) -> None:
         """Node labels and addresses feed translation (zone hints, NodePorts)."""
-        override = self.config.node_ips_override or self.config.translate.node.addresses
+        override = (self.config.node_ips_override or self._discovered
+                    or self.config.translate.node.addresses)
         info, problems = node_info(self.state.node_name, self.state.node, override)
         self._count_problems(problems)
         self._translate_config = replace(self._translate_config, node=info)

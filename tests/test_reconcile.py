@@ -443,3 +443,35 @@ def test_attached_namespace_restart_adopts_existing_table() -> None:
     restarted.attach(Target("/run/netns/a", pod))
     assert restarted.sync().operations == ()
     assert len(pod.applied) == before
+
+
+def test_nodeport_addresses_follow_the_node_and_are_reread_at_full_syncs(caplog: pytest.LogCaptureFixture) -> None:
+    found = [("192.168.0.10", "192.168.7.7")]
+    backend = MemoryBackend()
+    p, clock = make(backend, node_address_source=lambda: found[0], sync_period=30.0)
+    svc = service("np", "10.96.0.30", ("http", 80, "TCP"), type="NodePort")
+    svc["spec"]["ports"][0]["nodePort"] = 30080
+    p.on_event(Kind.SERVICE, "ADDED", svc)
+    p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps("np", ["10.244.1.1"], ("http", 8080, "TCP")))
+    p.on_synced(Kind.SERVICE)
+    p.on_synced(Kind.ENDPOINT_SLICE)
+    caplog.set_level("INFO")
+    p.sync()
+    node_ports = {k.address for k in backend.read().services if k.port == 30080}
+    assert node_ports == {"192.168.0.10", "192.168.7.7"}
+    assert "NodePorts served on 192.168.0.10, 192.168.7.7 (--nodeport-addresses)" in caplog.text
+    found[0] = ("192.168.0.10",)  # an address went away: noticed at the next full sync, not before
+    clock.t += 1
+    p.sync()
+    assert {k.address for k in backend.read().services if k.port == 30080} == {"192.168.0.10", "192.168.7.7"}
+    clock.t += 31
+    p.sync()
+    assert {k.address for k in backend.read().services if k.port == 30080} == {"192.168.0.10"}
+    # A failing read keeps what was found before.
+    def broken() -> tuple[str, ...]:
+        raise OSError("netlink: no buffer space")
+    object.__setattr__(p.config, "node_address_source", broken)
+    clock.t += 31
+    p.sync()
+    assert "cannot read the node's addresses for NodePorts (keeping 192.168.0.10)" in caplog.text
+    assert {k.address for k in backend.read().services if k.port == 30080} == {"192.168.0.10"}
