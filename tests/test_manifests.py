@@ -3,6 +3,7 @@ the agent needs, and the DaemonSet wired the way the agent expects."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,58 @@ def test_daemonset_matches_the_agent(tmp_path: Path) -> None:
     tokens = config_tokens(_subparser(build_parser(), "run"), tmp, [])
     parsed = build_parser().parse_args(["run", *tokens])
     assert parsed.sync_period == 30 and parsed.health_bind == "0.0.0.0:10256"
+
+
+def test_install_cni_init_container(tmp_path: Path) -> None:
+    """The init container installs svcproxy-cni from the agent's own image, with the
+    host's CNI directories mounted in it alone, before the agent starts; its command
+    parses with the installer's parser and, run against stand-ins for those
+    directories, does the job."""
+    from svcproxy.podns import install
+    from svcproxy.podns.cni import DEFAULT_SOCKET
+
+    ds = next(d for d in documents() if d["kind"] == "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    agent = pod["containers"][0]
+    (init,) = pod["initContainers"]
+    assert init["name"] == "install-cni"
+    # An init container (not a native sidecar): it runs to completion before the agent.
+    assert "restartPolicy" not in init
+    assert [c["name"] for c in pod["containers"]] == ["svcproxy"]
+    assert init["image"] == agent["image"]
+    assert init["securityContext"]["runAsUser"] == 0 and not init["securityContext"].get("privileged")
+    # hostPath mounts for the CNI directories, in the init container only.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    host_paths = {m["mountPath"]: volumes[m["name"]]["hostPath"]["path"] for m in init["volumeMounts"]}
+    assert sorted(host_paths.values()) == ["/etc/cni/net.d", "/opt/cni/bin"]
+    assert not any(m.get("readOnly") for m in init["volumeMounts"])
+    cni_volumes = {m["name"] for m in init["volumeMounts"]}
+    assert not cni_volumes & {m["name"] for m in agent["volumeMounts"]}
+    # The command: the installer, pointed at those mounts and at the agent's socket.
+    command = init["command"]
+    assert command[:3] == ["python", "-m", "svcproxy.podns.install"]
+    args = install.build_parser().parse_args(command[3:])
+    assert not args.uninstall
+    assert host_paths[str(args.bin_dir)] == "/opt/cni/bin"
+    assert host_paths[str(args.conf_dir)] == "/etc/cni/net.d"
+    assert args.conflist is None  # the runtime's choice: the first *.conflist
+    # The plugin runs on the host and dials the socket by its host path: the agent
+    # serves it there (its default --cni-socket), in a directory shared with the host.
+    assert args.socket == DEFAULT_SOCKET
+    agent_args = build_parser().parse_args(agent["command"][1:])
+    assert agent_args.cni_socket in (None, DEFAULT_SOCKET)
+    socket_dir = str(Path(DEFAULT_SOCKET).parent)
+    mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == socket_dir)
+    assert volumes[mount["name"]]["hostPath"]["path"] == socket_dir
+    # Run it against a fake node: the example conflist without our entry.
+    root = tmp_path / "host"
+    (root / "opt/cni/bin").mkdir(parents=True)
+    (root / "etc/cni/net.d").mkdir(parents=True)
+    example = json.loads((MANIFESTS.parent / "examples/cni/10-eni.conflist").read_text())
+    example["plugins"] = example["plugins"][:1]
+    (root / "etc/cni/net.d/10-eni.conflist").write_text(json.dumps(example))
+    local = [str(root / a[len("/host/"):]) if a.startswith("/host/") else a for a in command[3:]]
+    assert install.main(local) == 0
+    written = json.loads((root / "etc/cni/net.d/10-eni.conflist").read_text())
+    assert [p["type"] for p in written["plugins"]] == ["host-device", "svcproxy-cni"]
+    assert (root / "opt/cni/bin/svcproxy-cni").stat().st_mode & 0o111
