@@ -132,10 +132,13 @@ class Agent:
                 graceful_timeout=config.graceful_timeout,
                 dry_run=config.dry_run,
                 node_address_source=self._node_addresses(config),
+                wait_for_node=True,
             ),
             metrics=self.metrics,
             health=self.health,
-            health_checks=self.health_checks,
+            # A dry run serves no healthCheckNodePorts: it may run beside the proxy that
+            # does (kube-proxy), and must not take its ports or answer for it.
+            health_checks=None if config.dry_run else self.health_checks,
         )
         self.server = HealthServer(config.health_bind, self.health, self.metrics)
         self.plumbing: NodePlumbing | None = None

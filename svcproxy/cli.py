@@ -128,7 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cni-timeout", type=_seconds, default=30.0,
                      help="seconds a CNI ADD may wait for its namespace's table to be programmed (default 30)")
     _plumbing_args(run, default_on=True)
-    cleanup = sub.add_parser("cleanup", help="remove everything svcproxy created on this node and nothing else")
+    run.add_argument("--nodeport-addresses", default="", metavar="CIDR,...",
+                     help="serve NodePorts on this node's local addresses within these ranges, re-read at "
+                          "every full sync (default: the Node object's addresses, or --node-ip)")
+    cleanup = sub.add_parser("cleanup", help="remove what svcproxy programs: every virtual service outside "
+                                             "--exclude-cidrs (what a sync with no Services would delete), the "
+                                             "dummy device, the nftables table inet svcproxy, and the tables and "
+                                             "VIP routes of the Pod namespaces named")
     cleanup.add_argument("--exclude-cidrs", default="", metavar="CIDR,...",
                          help="kernel virtual services inside these ranges are left alone")
     cleanup.add_argument("--pod-netns", action="append", default=[], metavar="PATH",
@@ -162,9 +168,6 @@ def _plumbing_args(p: argparse.ArgumentParser, *, default_on: bool) -> None:
     p.add_argument("--strict-arp", action="store_true",
                    help="arp_ignore=1 and arp_announce=2 (needed by some LoadBalancer implementations)")
     p.add_argument("--nft", default="nft", help="nft binary (default: from PATH)")
-    p.add_argument("--nodeport-addresses", default="", metavar="CIDR,...",
-                   help="serve NodePorts on this node's local addresses within these ranges, re-read at "
-                        "every full sync (default: the Node object's addresses, or --node-ip)")
 
 
 def plumbing_config(args: argparse.Namespace) -> PlumbingConfig | None:

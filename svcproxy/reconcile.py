@@ -145,6 +145,13 @@ class ProxierConfig:
     #: --nodeport-addresses: the node's local addresses for NodePorts, re-read at each
     #: full sync (None: the Node object's addresses, or node_ips_override).
     node_address_source: Callable[[], tuple[str, ...]] | None = None
+    #: Also wait for the Node object's first list before programming anything: without
+    #: it, a restarted agent would translate NodePorts without the node's addresses and
+    #: delete them until the Node arrives (the agent sets this; its sources list Nodes).
+    wait_for_node: bool = False
+    #: A sync that could not run at all (backend unavailable) is retried after this
+    #: many seconds, doubling up to sync_period: never a hot loop.
+    retry_backoff: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -264,6 +271,8 @@ class Proxier:
         self._last_full = float("-inf")
         self._last_sync = float("-inf")
         self._discovered: tuple[str, ...] = ()
+        self._failed_syncs = 0
+        self._retry_at = float("-inf")
         self.full_syncs = 0
         self.partial_syncs = 0
         self.last_result: SyncResult | None = None
@@ -301,8 +310,10 @@ class Proxier:
 
     @property
     def initialized(self) -> bool:
+        wanted = {Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.NODE} if self.config.wait_for_node else {
+            Kind.SERVICE, Kind.ENDPOINT_SLICE}
         with self._lock:
-            return {Kind.SERVICE, Kind.ENDPOINT_SLICE} <= self._synced
+            return wanted <= self._synced
 
     # --- the loop -------------------------------------------------------------------
 
@@ -310,7 +321,7 @@ class Proxier:
         """Sync when woken, at most every min_sync_period, fully every sync_period."""
         while not stop.is_set():
             now = self._monotonic()
-            next_full = self._last_full + self._full_interval()
+            next_full = max(self._last_full + self._full_interval(), self._retry_at)
             if self.initialized:
                 timeout = max(0.0, next_full - now)
                 with self._lock:
@@ -325,7 +336,7 @@ class Proxier:
             self._wake.clear()
             if not self.initialized:
                 continue
-            wait = self._last_sync + self.config.min_sync_period - self._monotonic()
+            wait = max(self._last_sync + self.config.min_sync_period, self._retry_at) - self._monotonic()
             if wait > 0 and stop.wait(wait):
                 break
             self.sync()
@@ -354,7 +365,11 @@ class Proxier:
             else:
                 result = self._partial_sync(snapshot, dirty, start)
         except BackendError as exc:
-            log.error("sync failed, will retry: %s", exc)
+            self._failed_syncs += 1
+            delay = min(self.config.retry_backoff * 2 ** (self._failed_syncs - 1),
+                        max(self.config.sync_period, self.config.retry_backoff))
+            self._retry_at = self._monotonic() + delay
+            log.error("sync failed, will retry in %.0f s: %s", delay, exc)
             self.metrics.sync_errors.inc()
             with self._lock:
                 self._dirty |= dirty
@@ -363,6 +378,8 @@ class Proxier:
             self.last_result = result
             return result
         self._last_sync = start
+        self._failed_syncs = 0
+        self._retry_at = float("-inf")
         if full:
             self._last_full = start
         self.metrics.sync_duration.observe(result.duration)

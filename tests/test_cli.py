@@ -243,3 +243,21 @@ def test_cleanup_removes_ours_only_and_dry_run_changes_nothing(tmp_path: Path) -
         assert out.getvalue() == "node: removed 0 virtual services\n"
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_run_without_cluster_config_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal as _signal
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_PORT", raising=False)
+    err = io.StringIO()
+    saved = {sig: _signal.getsignal(sig) for sig in (_signal.SIGTERM, _signal.SIGINT)}
+    try:
+        rc = main(["run", "--node-plumbing", "off", "--node", "node-a", "--health-bind", "127.0.0.1:0",
+                   "--healthcheck-bind-host", "127.0.0.1", "--cni-socket", ""], backend=MemoryBackend(), err=err)
+    finally:
+        for sig, handler in saved.items():
+            _signal.signal(sig, handler)
+    assert rc == 1
+    assert "svcproxy: error: cannot configure the API client from the in-cluster service account" in err.getvalue()
+    assert "Traceback" not in err.getvalue()

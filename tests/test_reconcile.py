@@ -475,3 +475,50 @@ def test_nodeport_addresses_follow_the_node_and_are_reread_at_full_syncs(caplog:
     p.sync()
     assert "cannot read the node's addresses for NodePorts (keeping 192.168.0.10)" in caplog.text
     assert {k.address for k in backend.read().services if k.port == 30080} == {"192.168.0.10"}
+
+
+def test_unavailable_backend_is_retried_with_backoff_not_in_a_hot_loop() -> None:
+    class Counting(MemoryBackend):
+        calls = 0
+
+        def read(self) -> Table:
+            Counting.calls += 1
+            raise BackendError("ipvsadm: Can't initialize ipvs: Protocol not available")
+
+    config = ProxierConfig(translate=TranslateConfig(node=NodeInfo("node-a", ("192.168.0.10",))),
+                           min_sync_period=0.0, sync_period=30.0, retry_backoff=0.2)
+    p = Proxier(Counting(), config)
+    load(p)
+    stop = threading.Event()
+    thread = threading.Thread(target=p.run, args=(stop,), daemon=True)
+    thread.start()
+    time.sleep(1.0)
+    stop.set()
+    p._wake.set()
+    thread.join(5)
+    # 0.2 + 0.4 (+ 0.8 would be at 1.4 s): three attempts, where the loop used to spin
+    # thousands of times a second.
+    assert 2 <= Counting.calls <= 4, Counting.calls
+    assert p.metrics.sync_errors._value.get() == Counting.calls
+
+
+def test_agent_waits_for_the_node_so_a_restart_keeps_its_nodeports() -> None:
+    svc = service("np", "10.96.0.30", ("http", 80, "TCP"), type="NodePort")
+    svc["spec"]["ports"][0]["nodePort"] = 30080
+    node_port = ServiceKey(Protocol.TCP, "192.168.0.77", 30080)
+    kept = VirtualService(node_port, "rr", None, (), (Destination("10.244.1.1", 8080, 1),))
+    backend = MemoryBackend(Table({node_port: kept}))
+    config = ProxierConfig(translate=TranslateConfig(node=NodeInfo("node-a")), wait_for_node=True)
+    p = Proxier(backend, config)
+    p.on_event(Kind.SERVICE, "ADDED", svc)
+    p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps("np", ["10.244.1.1"], ("http", 8080, "TCP")))
+    p.on_synced(Kind.SERVICE)
+    p.on_synced(Kind.ENDPOINT_SLICE)
+    assert p.sync().skipped  # the Node (with the address) has not been listed yet
+    assert backend.applied == []
+    p.on_event(Kind.NODE, "ADDED", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+                                    "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.77"}]}})
+    p.on_synced(Kind.NODE)
+    assert p.sync().failed == 0
+    assert node_port in backend.read().services
+    assert not any(op.kind is OpKind.DELETE_SERVICE for op in backend.applied)

@@ -90,12 +90,16 @@ def make_api_client(kubeconfig: str | None = None, *, context: str | None = None
     cfg = kubernetes.client.Configuration()
     # The config loaders carry no annotations: cast rather than a "type: ignore" that
     # would turn into an unused-ignore error with a client version that adds them.
-    if kubeconfig:
-        load = cast(Callable[..., None], kubernetes.config.load_kube_config)
-        load(config_file=kubeconfig, context=context, client_configuration=cfg, persist_config=False)
-    else:
-        load = cast(Callable[..., None], kubernetes.config.load_incluster_config)
-        load(client_configuration=cfg)
+    try:
+        if kubeconfig:
+            load = cast(Callable[..., None], kubernetes.config.load_kube_config)
+            load(config_file=kubeconfig, context=context, client_configuration=cfg, persist_config=False)
+        else:
+            load = cast(Callable[..., None], kubernetes.config.load_incluster_config)
+            load(client_configuration=cfg)
+    except kubernetes.config.ConfigException as exc:
+        where = f"kubeconfig {kubeconfig}" if kubeconfig else "the in-cluster service account (or pass --kubeconfig)"
+        raise ValueError(f"cannot configure the API client from {where}: {exc}") from None
     cfg.retries = 0
     client = kubernetes.client.ApiClient(cfg)
     client.user_agent = f"svcproxy/{__version__}"
