@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the node agent: watch the API server (or -f FILE) and keep IPVS in sync")
     _source_args(run, file_required=False)
     run.add_argument("--kubeconfig", default=None, help="kubeconfig for out-of-cluster runs (default: in-cluster)")
-    run.add_argument("--dry-run", action="store_true", help="watch and compute as usual, log each plan, change nothing")
+    run.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False, help="watch and compute as usual, log each plan, change nothing")
     run.add_argument("--min-sync-period", type=_seconds, default=1.0, help="minimum seconds between syncs (default 1)")
     run.add_argument("--sync-period", type=_seconds, default=30.0,
                      help="seconds between full syncs that re-read the kernel and repair drift (default 30)")
@@ -161,11 +161,11 @@ def _plumbing_args(p: argparse.ArgumentParser, *, default_on: bool) -> None:
                         f"(default {'on' if default_on else 'off'})")
     p.add_argument("--dummy-device", default=DEVICE,
                    help=f"dummy device virtual addresses are bound to (default {DEVICE})")
-    p.add_argument("--masquerade-all", action="store_true",
+    p.add_argument("--masquerade-all", action=argparse.BooleanOptionalAction, default=False,
                    help="masquerade all traffic to ClusterIPs (kube-proxy's --masquerade-all)")
     p.add_argument("--cluster-cidr", default="", metavar="CIDR,...",
                    help="the Pod network: ClusterIP traffic from outside it is masqueraded")
-    p.add_argument("--strict-arp", action="store_true",
+    p.add_argument("--strict-arp", action=argparse.BooleanOptionalAction, default=False,
                    help="arp_ignore=1 and arp_announce=2 (needed by some LoadBalancer implementations)")
     p.add_argument("--nft", default="nft", help="nft binary (default: from PATH)")
 
@@ -427,7 +427,10 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
     if args.config is not None:
         try:
             at = argv.index(args.command)
-            tokens = config_tokens(_subparser(parser, args.command), args.config, argv[at + 1:])
+            others = {opt[2:] for name in ("plan", "sync", "run", "cleanup") if name != args.command
+                      for action in _subparser(parser, name)._actions for opt in action.option_strings
+                      if opt.startswith("--")}
+            tokens = config_tokens(_subparser(parser, args.command), args.config, argv[at + 1:], others)
         except ConfigError as exc:
             err.write(f"svcproxy: error: {exc}\n")
             return EXIT_ERROR

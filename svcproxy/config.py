@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import yaml
 
@@ -26,12 +26,18 @@ def _options(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
         opt[2:]: action
         for action in sub._actions  # argparse keeps no public list of its actions
         for opt in action.option_strings
-        if opt.startswith("--")
+        if opt.startswith("--") and not (isinstance(action, argparse.BooleanOptionalAction)
+                                         and opt.startswith("--no-"))
     }
 
 
-def config_tokens(sub: argparse.ArgumentParser, path: str | Path, given: Sequence[str]) -> list[str]:
-    """Flag tokens for the settings in ``path``, skipping those given on the command line."""
+def config_tokens(sub: argparse.ArgumentParser, path: str | Path, given: Sequence[str],
+                  other_keys: Collection[str] = ()) -> list[str]:
+    """Flag tokens for the settings in ``path``, skipping those given on the command line.
+
+    Keys in ``other_keys`` (flags of the other subcommands) are skipped, so the agent's
+    file also serves ``plan``/``sync --config``; anything else unknown is an error.
+    """
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
@@ -51,12 +57,19 @@ def config_tokens(sub: argparse.ArgumentParser, path: str | Path, given: Sequenc
             continue
         action = options.get(key)
         if action is None:
-            unknown.append(str(raw_key))
+            if key not in other_keys:
+                unknown.append(str(raw_key))
             continue
         if key in explicit:
             continue
         flag = f"--{key}"
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(action, argparse.BooleanOptionalAction):
+            # --x / --no-x: the command line can switch off what the file switches on.
+            if not isinstance(value, bool):
+                raise ConfigError(f"configuration file {path}: {raw_key} must be true or false")
+            if f"no-{key}" not in explicit:
+                tokens.append(flag if value else f"--no-{key}")
+        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(value, bool):
                 raise ConfigError(f"configuration file {path}: {raw_key} must be true or false")
             if value == isinstance(action, argparse._StoreTrueAction):
