@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import operator
 import os
 import socket
 import struct
@@ -106,6 +107,7 @@ class _Channel:
         self.sock = sock
         self.timeout = timeout
         self.buf = bytearray(_RECV_SIZE)
+        self.recv_size = _RECV_SIZE
         self.seq = 0
         self.rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
@@ -117,7 +119,7 @@ class _Channel:
 
     def recv(self) -> bytes:
         try:
-            n = self.sock.recv_into(self.buf, 0, socket.MSG_TRUNC)
+            n = self.sock.recv_into(self.buf, self.recv_size, socket.MSG_TRUNC)
         except BlockingIOError:
             raise BackendError(f"no answer from the kernel within {self.timeout:g} s") from None
         except OSError as exc:
@@ -127,8 +129,8 @@ class _Channel:
                     "netlink receive buffer overflowed (answers lost); the sync must be retried"
                 ) from exc
             raise BackendError(f"netlink recv failed: {exc}") from exc
-        if n > len(self.buf):  # MSG_TRUNC: the real length of a datagram cut short
-            raise DecodeError(f"a {n}-byte datagram does not fit the {len(self.buf)}-byte buffer")
+        if n > self.recv_size:  # MSG_TRUNC: the real length of a datagram cut short
+            raise DecodeError(f"a {n}-byte datagram does not fit the {self.recv_size}-byte buffer")
         return bytes(self.buf[:n])
 
     def send(self, data: bytes) -> None:
@@ -302,8 +304,8 @@ def _socket_in(netns: str, bufsize: int, timeout: float) -> socket.socket:
     return result[0]
 
 
-def _dest_order(dest: Destination) -> tuple[str, int]:
-    return (dest.address, dest.port)
+#: The model's order of real servers (DestKey's: address text, then port).
+_DEST_ORDER = operator.attrgetter("address", "port")
 
 
 class NetlinkBackend:
@@ -376,7 +378,7 @@ class NetlinkBackend:
         for vs, family, ident in listed:
             dests = channel.dump_dests(ident or encoder.ident(vs.key).attrs, family, names)
             if dests:
-                dests.sort(key=_dest_order)
+                dests.sort(key=_DEST_ORDER)
                 vs = VirtualService(vs.key, vs.scheduler, vs.persistence, vs.flags, tuple(dests))
             services[vs.key] = vs
         return Table(services)
@@ -388,9 +390,8 @@ class NetlinkBackend:
             return []
         flags = NLM_F_REQUEST | NLM_F_ACK if self.acks else NLM_F_REQUEST
         with self._channel() as channel:
-            first = channel.seq + 1
+            first = channel.reserve(len(ops))  # refused operations leave harmless gaps
             messages, index, refused = Encoder().messages(ops, channel.family, flags, first)
-            channel.reserve(len(messages))
             errors = channel.transact(messages, first, acks=self.acks, window=self.window) if messages else {}
         results = {i: OperationResult(ops[i], text) for i, text in refused.items()}
         for k, (code, text) in errors.items():

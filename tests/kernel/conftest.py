@@ -6,7 +6,7 @@ namespace with the helpers' prefix that is left at the end and reports it as an
 error, so a leak cannot go unnoticed.
 
 In the VM every test (its fixtures included) has a time budget,
-SVCPROXY_TEST_TIMEOUT seconds (default 600; 0 = none): a test that hangs fails
+SVCPROXY_TEST_TIMEOUT seconds (default 1500; 0 = none): a test that hangs fails
 with TestTimeout instead of eating the whole run's timeout.
 """
 
@@ -33,7 +33,7 @@ class TestTimeout(BaseException):
 
 @pytest.fixture(autouse=True)
 def _test_time_budget(request: pytest.FixtureRequest) -> Iterator[None]:
-    budget = int(os.environ.get("SVCPROXY_TEST_TIMEOUT", "600"))
+    budget = int(os.environ.get("SVCPROXY_TEST_TIMEOUT", "1500"))
     if not IN_VM or budget <= 0:
         yield
         return

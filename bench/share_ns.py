@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Benchmark of share-NS replicate mode against a real kernel (docs/performance.md).
+
+Two figures, each as ratios measured in the same run (under emulation, seconds mean
+little; see tests/kernel notes):
+
+* Attach: what a new Pod namespace costs before its containers may start: read its
+  (empty) IPVS table, diff, prepare it (loopback, sysctls, one VIP route per
+  ClusterIP in one ``ip -batch``), apply the Pod-visible table with ``ipvsadm -R``;
+  at 1,000 and 10,000 virtual services, compared with programming the node's table
+  from empty and with a steady-state full sync of the node (read + diff, nothing to
+  do) in the same run. Also: re-adopting an already programmed namespace (what an
+  agent restart costs per namespace).
+* Fan-out: one endpoint change (one real server added) through the reconcile loop
+  (``Proxier.sync``, a partial sync) with 0, 1, 10 and 50 attached namespaces.
+
+Runs as root where IPVS exists, in namespaces of its own (the VM's root namespace is
+not touched)::
+
+    bench/share_ns.py --vm                          # boots the VM (virtme-ng, emulated)
+    bench/share_ns.py --vm --sizes 1000,2000        # smaller
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from svcproxy.diff import diff  # noqa: E402
+from svcproxy.ipvs.ipvsadm import IpvsadmBackend  # noqa: E402
+from svcproxy.model import Destination, Protocol, ServiceKey, Table, VirtualService  # noqa: E402
+from svcproxy.podns.attach import Preparer, PodNamespace, ipvsadm_factory, pod_target, sync_namespace  # noqa: E402
+from svcproxy.podns.mode import decide  # noqa: E402
+
+NETNS = "/var/run/netns"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t0, value
+
+
+def build_table(services: int, dests: int) -> Table:
+    out = []
+    for i in range(services):
+        key = ServiceKey(Protocol.TCP, f"10.96.{i // 250}.{i % 250 + 1}", 80)
+        ds = tuple(Destination(f"10.244.{(i * dests + j) // 250 % 250}.{(i * dests + j) % 250 + 1}", 8080)
+                   for j in range(dests))
+        out.append(VirtualService(key, "rr", destinations=ds))
+    return Table.of(out)
+
+
+class Namespaces:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def add(self, *, nic: bool = True) -> str:
+        """A Pod-like namespace: lo down (as a runtime leaves it), a veth pair inside it
+        standing for its NIC, with an address and a default route. Without ``nic``: a
+        plain namespace with lo up, standing for the node."""
+        name = f"svcb-{uuid.uuid4().hex[:8]}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        self.names.append(name)
+        if not nic:  # IPVS refuses IPv4 real servers in a namespace that never had lo up
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        if nic:
+            script = ("link add name eth0 type veth peer name eth1\naddr add 10.250.0.2/16 dev eth0\n"
+                      "link set eth0 up\nlink set eth1 up\nroute add default via 10.250.0.1\n")
+            subprocess.run(["ip", "-n", name, "-batch", "-"], input=script, text=True, check=True)
+        return f"{NETNS}/{name}"
+
+    def close(self) -> None:
+        for name in self.names:
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def attach_bench(sizes: list[int], dests: int, nss: Namespaces) -> None:
+    replicate = decide("replicate")
+    print(f"\n## Attach of a new Pod namespace vs. the node's full sync ({dests} real servers per service)\n")
+    print("| services | node: program from empty | node: steady full sync | attach: total | of which prepare "
+          "(routes+sysctls) | re-adopt | attach / node program | attach / node steady |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        table = build_table(n, dests)
+        node = IpvsadmBackend(netns=nss.add(nic=False), counts=True)
+
+        def node_full() -> int:
+            ops = diff(table, node.read())
+            if ops:
+                failed = node.apply(ops)
+                assert not failed, failed[:3]
+            return len(ops)
+
+        t_node, node_ops = timed(node_full)
+        t_steady, steady_ops = timed(node_full)
+        assert steady_ops == 0
+        path = nss.add()
+        t_attach, report = timed(lambda: sync_namespace(path, table, replicate,
+                                                        backend_factory=ipvsadm_factory(counts=True)))
+        assert report.status == "synced" and not report.failed, report.summary()
+        # preparation alone, in another fresh namespace
+        other = PodNamespace.open(nss.add())
+        t_prep, _ = timed(lambda: Preparer(other)(table))
+        t_readopt, again = timed(lambda: sync_namespace(path, table, replicate,
+                                                        backend_factory=ipvsadm_factory(counts=True)))
+        assert again.status == "synced" and not again.operations
+        print(f"| {n:,} | {t_node:.2f} s ({node_ops:,} ops) | {t_steady:.2f} s | {t_attach:.2f} s "
+              f"({len(report.operations):,} ops) | {t_prep:.2f} s | {t_readopt:.2f} s | "
+              f"{t_attach / t_node:.2f} | {t_attach / t_steady:.2f} |", flush=True)
+
+
+def fanout_bench(counts: list[int], services: int, nss: Namespaces) -> None:
+    from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
+
+    from svcproxy.kube.store import Kind
+    from svcproxy.kube.translate import NodeInfo, TranslateConfig
+    from svcproxy.reconcile import Proxier, ProxierConfig
+
+    print(f"\n## Fan-out of one endpoint change ({services} Services x 2 endpoints; one real server added)\n")
+    print("| attached namespaces | partial sync | operations | per namespace (over 0 attached) |")
+    print("|---:|---:|---:|---:|")
+    node_path = nss.add(nic=False)
+    pods = [nss.add() for _ in range(max(counts))]
+    objs: list[dict[str, Any]] = [node("node-a")]
+    for i in range(services):
+        objs.append(service(f"s{i}", cluster_ips=(f"10.96.{i // 250}.{i % 250 + 1}",),
+                            ports=[svc_port("http", 80, target_port=8080)]))
+        objs.append(endpoint_slice(f"s{i}", ports=[slice_port("http", 8080)],
+                                   endpoints=[endpoint(f"10.244.{i // 100}.{(i % 100) * 2 + j + 1}")
+                                              for j in range(2)]))
+    kinds = {"Node": Kind.NODE, "Service": Kind.SERVICE, "EndpointSlice": Kind.ENDPOINT_SLICE}
+    base: float | None = None
+    for round_, k in enumerate([0, *counts]):
+        proxier = Proxier(IpvsadmBackend(netns=node_path, counts=True),
+                          # no time-based full syncs: the measured sync must be the partial one
+                          ProxierConfig(translate=TranslateConfig(node=NodeInfo("node-a", ("192.168.49.2",))),
+                                        sync_period=1e9, drain_check_period=1e9))
+        for obj in objs:
+            proxier.on_event(kinds[obj["kind"]], "ADDED", obj)
+        proxier.on_synced(Kind.SERVICE)
+        proxier.on_synced(Kind.ENDPOINT_SLICE)
+        for path in pods[:k]:
+            proxier.attach(pod_target(path, ipvsadm_factory(counts=True)))
+        first = proxier.sync(force_full=True)
+        assert first.failed == 0, first
+        # one real server added to one Service (another one each round, so earlier
+        # rounds' changes never show up in this round's measured partial sync)
+        i = round_
+        changed = endpoint_slice(f"s{i}", ports=[slice_port("http", 8080)],
+                                 endpoints=[endpoint(f"10.244.{i // 100}.{(i % 100) * 2 + j + 1}") for j in range(2)]
+                                 + [endpoint(f"10.244.250.{i + 1}")])
+        proxier.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", changed)
+        t, result = timed(proxier.sync)
+        assert not result.full and result.failed == 0, result
+        assert len(result.operations) == k + 1, result.operations
+        if base is None:
+            base = t
+        per = "" if k == 0 else f"{(t - base) / k * 1000:.0f} ms"
+        print(f"| {k} | {t:.2f} s | {len(result.operations)} | {per} |", flush=True)
+
+
+def vm(args: argparse.Namespace, argv: list[str]) -> int:
+    kernels = sorted(k for k in glob.glob("/boot/vmlinuz-*")
+                     if glob.glob(f"/lib/modules/{k.removeprefix('/boot/vmlinuz-')}/kernel/net/netfilter/ipvs/ip_vs.ko*"))
+    if not kernels:
+        print("no kernel with IPVS modules under /boot", file=sys.stderr)
+        return 2
+    venv = REPO / ".venv"
+    inner = [a for a in argv if a != "--vm"]
+    script = (
+        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONDONTWRITEBYTECODE=1; "
+        "modprobe ip_vs && modprobe ip_vs_rr && modprobe veth && ip link set lo up && "
+        f"cd {shlex.quote(str(REPO))} && {shlex.quote(str(venv / 'bin' / 'python'))} bench/share_ns.py "
+        + " ".join(shlex.quote(a) for a in inner)
+    )
+    cmd = [str(venv / "bin" / "vng"), "--run", kernels[-1], "--user", "root", "--disable-kvm", "--force-9p",
+           "--memory", args.memory, "--cpus", "2", "--exec", script]
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    env = dict(os.environ, PATH=f"{venv / 'bin'}:{os.environ.get('PATH', '')}")
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, env=env).returncode
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000,10000", help="virtual services for the attach figure")
+    parser.add_argument("--dests", type=int, default=2, help="real servers per virtual service (attach)")
+    parser.add_argument("--fanout", default="1,10,50", help="attached namespace counts for the fan-out figure")
+    parser.add_argument("--fanout-services", type=int, default=200)
+    parser.add_argument("--skip", choices=["attach", "fanout"], default=None)
+    parser.add_argument("--vm", action="store_true", help="boot the test VM (vng) and run there")
+    parser.add_argument("--memory", default="2G", help="VM memory (with --vm)")
+    args = parser.parse_args(argv)
+    if args.vm:
+        return vm(args, argv)
+    if os.geteuid() != 0 or not os.path.exists("/proc/net/ip_vs"):
+        print("needs root and IPVS (use --vm)", file=sys.stderr)
+        return 2
+    print(f"kernel {os.uname().release}, {os.cpu_count()} cpus")
+    nss = Namespaces()
+    try:
+        if args.skip != "attach":
+            attach_bench([int(s) for s in args.sizes.split(",")], args.dests, nss)
+        if args.skip != "fanout":
+            fanout_bench([int(s) for s in args.fanout.split(",")], args.fanout_services, nss)
+    finally:
+        nss.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
