@@ -511,15 +511,24 @@ class Proxier:
         node_addresses = frozenset(self._translate_config.node.addresses)
         return lambda key: key.address not in node_addresses
 
-    def _desired_for(self, target: Target, visible: Callable[[ServiceKey], bool]) -> Table:
-        if not target.pod:
-            return Table(self._desired)
-        return Table({k: v for k, v in self._desired.items() if visible(k)})
+    def _desired_for(self, target: Target, visible: Callable[[ServiceKey], bool],
+                     cache: dict[bool, Table]) -> Table:
+        """The node's table, or the Pod-visible part of it; each built once per sync
+        and shared by every Pod namespace (not filtered again for each of them)."""
+        table = cache.get(target.pod)
+        if table is None:
+            if target.pod:
+                table = Table({k: v for k, v in self._desired.items() if visible(k)})
+            else:
+                table = Table(self._desired)
+            cache[target.pod] = table
+        return table
 
     def _sync_targets(self, start: float, *, full: bool, changed: set[ServiceKey] | None) -> SyncResult:
         """Bring every target in line; the node first (its failure to read aborts the
         sync), then each Pod namespace on its own."""
         visible = self._pod_visible()
+        tables: dict[bool, Table] = {}
         all_ops: list[Operation] = []
         failed = 0
         with self._lock:
@@ -530,7 +539,7 @@ class Proxier:
                 continue
             target_full = full or target.needs_full
             try:
-                desired = self._desired_for(target, visible)
+                desired = self._desired_for(target, visible, tables)
                 if target_full:
                     actual = target.backend.read()
                     ops = diff(desired, actual, self.config.exclusions)
