@@ -233,6 +233,19 @@ def sysctl_get(ns: str | None, key: str) -> str:
     return run(["sysctl", "-n", key], ns=ns).stdout.strip()
 
 
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Poll ``predicate`` until it returns something true (returned), or fail after
+    ``timeout`` seconds naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
 def ipvsadm(ns: str | None, *args: str, input: str | None = None) -> str:
     """Run ipvsadm in ``ns``; return its stdout."""
     return run(["ipvsadm", *args], ns=ns, input=input).stdout

@@ -35,7 +35,7 @@ from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc
 from svcproxy.ipvs.ipvsadm import parse_list
 from svcproxy.model import Destination, Protocol, ServiceKey
 
-from .netns import HELPER_PYTHON, Lab, curl, ipvsadm, ns_cmd, request, request_many
+from .netns import HELPER_PYTHON, Lab, curl, ipvsadm, ns_cmd, request, request_many, wait_until
 from .test_sync import write_cluster
 from .test_traffic import HTTP_PORT, PODS, Client, Net, answered, client, net  # noqa: F401 (fixtures)
 
@@ -57,17 +57,6 @@ VIP = "10.96.0.10"
 ECHO_VIP = "10.96.0.50"
 WEB_KEY = ServiceKey(Protocol.TCP, VIP, 80)
 ECHO_KEY = ServiceKey(Protocol.TCP, ECHO_VIP, ECHO_PORT)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def guest_state() -> str:

@@ -40,7 +40,7 @@ import pytest
 
 from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
 
-from .netns import Lab, ip_batch, ipvsadm, ns_cmd, request, run, sysctl
+from .netns import Lab, ip_batch, ipvsadm, ns_cmd, request, run, sysctl, wait_until
 from .test_sync import write_cluster
 
 pytestmark = pytest.mark.kernel
@@ -57,17 +57,6 @@ HEALTH = "127.0.0.1:10256"  # inside the node namespace
 START_TIMEOUT = 180.0
 #: How long svcproxy-cni waits for the agent (its config's ``timeout``).
 PLUGIN_TIMEOUT = 90
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 
 from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
 
-from .netns import Lab, curl, ipvsadm, ns_cmd, request_many, route_add, run, sysctl
+from .netns import Lab, curl, ipvsadm, ns_cmd, request_many, route_add, run, sysctl, wait_until
 from .test_sync import SVCPROXY, write_cluster
 
 pytestmark = pytest.mark.kernel
@@ -98,17 +98,6 @@ def cluster(node_ip: str = NODE1) -> list[dict[str, Any]]:
         service("self", cluster_ips=(SELF_VIP,), ports=port),
         slice_for("self", ep_a),
     ]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def seen(replies: list[Any]) -> dict[str, set[str]]:

@@ -36,7 +36,7 @@ import pytest
 
 from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
 
-from .netns import Lab, Reply, curl, default_route, ipvsadm, ns_cmd, request, request_many, run, sysctl, sysctl_get
+from .netns import Lab, Reply, curl, default_route, ipvsadm, ns_cmd, request, request_many, run, sysctl, sysctl_get, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -70,17 +70,6 @@ class Vpc:
 
 
 _subnets = itertools.count(100)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def add_pod(lab: Lab, vpc: str, name: str, *, servers: bool = False) -> Pod:
