@@ -8,10 +8,16 @@ Design decisions (see docs/architecture.md):
   been listed once: an agent that starts with half the picture would delete the
   rules of every Service it has not seen yet.
 - Two kinds of sync. A *full* sync (the first one, every ``sync_period``, and after a
-  Node change) translates everything and diffs against a fresh read of the kernel, so
-  drift is repaired. A *partial* sync recomputes only the dirty Services and diffs
-  just their keys against the kernel image kept since the last full sync; its cost
-  scales with the change, not with the cluster.
+  Node change) diffs everything against a fresh read of the kernel, so drift is
+  repaired. A *partial* sync diffs just the dirty Services' keys against the kernel
+  image kept since the last full sync; its cost scales with the change, not with the
+  cluster.
+- Translation is incremental in both. Only Services whose objects changed are
+  translated again; everything is re-translated only when what translation reads
+  besides the objects changed (the Node: addresses, zone), on the first sync, or
+  while two Services claim the same virtual service (ownership may move). So an idle
+  agent's periodic full sync costs a kernel read and a diff, not a translation of
+  the whole cluster.
 - Bounded frequency. Syncs are at least ``min_sync_period`` apart, so bursts of
   events coalesce into one sync.
 - Graceful termination as kube-proxy does it: a removed TCP real server goes to
@@ -161,6 +167,9 @@ class SyncResult:
     failed: int
     duration: float
     skipped: str | None = None
+    #: How many Services were translated for this sync (all of them, or only the
+    #: changed ones: see the module docstring).
+    translated: int = 0
 
 
 class NamespaceGone(Exception):
@@ -273,6 +282,9 @@ class Proxier:
         self._discovered: tuple[str, ...] = ()
         self._failed_syncs = 0
         self._retry_at = float("-inf")
+        #: Everything is translated again at the next sync (first sync, Node changed,
+        #: or two Services claimed one virtual service).
+        self._translate_all = True
         self.full_syncs = 0
         self.partial_syncs = 0
         self.last_result: SyncResult | None = None
@@ -357,13 +369,17 @@ class Proxier:
             node_changed, self._node_dirty = self._node_dirty, False
             if node_changed:
                 self._refresh_node()
-            snapshot = self._snapshot(None if full else dirty)
+                self._translate_all = True
+            translate_all = full and self._translate_all
+            if translate_all:
+                self._translate_all = False
+            snapshot = self._snapshot(None if translate_all else dirty)
         try:
-            if full:
+            if translate_all:
                 with paused_gc():
                     result = self._full_sync(snapshot, start)
             else:
-                result = self._partial_sync(snapshot, dirty, start)
+                result = self._partial_sync(snapshot, start, full=full)
         except BackendError as exc:
             self._failed_syncs += 1
             delay = min(self.config.retry_backoff * 2 ** (self._failed_syncs - 1),
@@ -374,6 +390,7 @@ class Proxier:
             with self._lock:
                 self._dirty |= dirty
                 self._node_dirty = self._node_dirty or node_changed
+                self._translate_all = self._translate_all or translate_all
             result = SyncResult(full, (), 0, self._monotonic() - start, skipped=str(exc))
             self.last_result = result
             return result
@@ -454,6 +471,9 @@ class Proxier:
         translation = translate(services, slices + orphans, self._translate_config)
         self._reported &= set(translation.problems)
         self._count_problems(translation.problems)
+        # While two Services claim one virtual service, deleting or changing the
+        # owner must hand it to the other, which only a translation of all does.
+        self._translate_all = any(p.kind == "duplicate-virtual-service" for p in translation.problems)
         desired = dict(translation.table.services)
         keys_by_service: dict[NamespacedName, tuple[ServiceKey, ...]] = {}
         for nn, info in translation.services.items():
@@ -469,11 +489,14 @@ class Proxier:
             nat[nn] = old if old == new and old is not None else new
         self._nat = nat
         self.full_syncs += 1
-        return self._sync_targets(start, full=True, changed=None)
+        return replace(self._sync_targets(start, full=True, changed=None), translated=len(services))
 
     def _partial_sync(self, snapshot: Mapping[NamespacedName, tuple[Mapping[str, Any] | None, list[Mapping[str, Any]]]],
-                      dirty: set[NamespacedName], start: float) -> SyncResult:
+                      start: float, *, full: bool) -> SyncResult:
+        """Translate the changed Services only; then diff their keys (``full``:
+        everything) against the kernel."""
         changed: set[ServiceKey] = set()
+        translated = 0
         for nn, (svc, slices) in snapshot.items():
             old_keys = self._keys_by_service.pop(nn, ())
             for key in old_keys:
@@ -486,11 +509,13 @@ class Proxier:
             if svc is None:
                 continue
             vss, problems, info = translate_service(svc, slices, self._translate_config)
+            translated += 1
             self._count_problems(problems)
             kept: list[ServiceKey] = []
             for vs in vss:
                 owner = self._owner.get(vs.key)
                 if owner is not None and owner != nn:
+                    self._translate_all = True
                     self._count_problems([Problem("duplicate-virtual-service", f"Service {nn[0]}/{nn[1]}",
                                                   f"{vs.key} is already provided by Service {owner[0]}/{owner[1]}")])
                     continue
@@ -502,8 +527,12 @@ class Proxier:
             if info is not None:
                 self._info[nn] = info
                 self._nat[nn] = _service_nat(info, tuple(kept))
-        self.partial_syncs += 1
-        return self._sync_targets(start, full=False, changed=changed)
+        if full:
+            self.full_syncs += 1
+        else:
+            self.partial_syncs += 1
+        result = self._sync_targets(start, full=full, changed=None if full else changed)
+        return replace(result, translated=translated)
 
     def _pod_visible(self) -> Callable[[ServiceKey], bool]:
         """Pod namespaces get ClusterIPs, externalIPs and LoadBalancer IPs; NodePorts

@@ -522,3 +522,74 @@ def test_agent_waits_for_the_node_so_a_restart_keeps_its_nodeports() -> None:
     assert p.sync().failed == 0
     assert node_port in backend.read().services
     assert not any(op.kind is OpKind.DELETE_SERVICE for op in backend.applied)
+
+
+def test_idle_full_syncs_translate_nothing_and_still_repair_drift() -> None:
+    backend = MemoryBackend()
+    p, clock = make(backend)
+    load(p)
+    assert p.sync().translated == 2
+    clock.t += 31
+    idle = p.sync()
+    assert idle.full and idle.translated == 0 and idle.operations == ()
+    # drift in the kernel is found by the full sync's read, not by translation
+    backend.table = Table({k: v for k, v in backend.table.services.items() if k != WEB})
+    clock.t += 31
+    repaired = p.sync()
+    assert repaired.full and repaired.translated == 0
+    assert [op.kind for op in repaired.operations] == [OpKind.ADD_SERVICE, OpKind.ADD_DESTINATION,
+                                                        OpKind.ADD_DESTINATION]
+    assert dests(backend, WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}
+
+
+def test_full_sync_translates_only_what_changed_since_the_last() -> None:
+    backend = MemoryBackend()
+    p, clock = make(backend, min_sync_period=0)
+    load(p)
+    p.sync()
+    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("dns", ["10.244.2.9"], ("dns", 53, "UDP")))
+    clock.t += 31  # the change is picked up by a due full sync
+    result = p.sync()
+    assert result.full and result.translated == 1
+    assert dests(backend, DNS_UDP) == {"10.244.2.9": 1}
+    assert dests(backend, WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}
+
+
+def test_node_change_translates_everything_again() -> None:
+    backend = MemoryBackend()
+    clock = Clock()
+    p = Proxier(backend, ProxierConfig(translate=TranslateConfig(node=NodeInfo("node-a"))), clock=clock, monotonic=clock)
+    p.on_event(Kind.NODE, "ADDED", node("192.168.0.10"))
+    load(p)
+    assert p.sync().translated == 2
+    clock.t += 2
+    p.on_event(Kind.NODE, "MODIFIED", node("192.168.0.11"))
+    result = p.sync()
+    assert result.full and result.translated == 2
+
+
+def test_virtual_service_claimed_twice_moves_to_the_survivor() -> None:
+    """Two Services with one ClusterIP:port (bad input): one owns it; when the owner
+    goes, the other's real servers take over by the next full sync at the latest."""
+    backend = MemoryBackend()
+    p, clock = make(backend)
+    load(p)
+    shared = ServiceKey(Protocol.TCP, "10.96.0.50", 80)
+    ips = {"one": "10.244.5.1", "two": "10.244.5.2"}
+    for name, ip in ips.items():
+        p.on_event(Kind.SERVICE, "ADDED", service(name, "10.96.0.50", ("http", 80, "TCP")))
+        p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps(name, [ip], ("http", 8080, "TCP")))
+    p.sync()
+    assert p.metrics.input_problems.labels("duplicate-virtual-service")._value.get() >= 1
+    (owner_ip,) = dests(backend, shared)
+    owner = next(n for n, ip in ips.items() if ip == owner_ip)
+    survivor = next(n for n in ips if n != owner)
+    clock.t += 2
+    p.on_event(Kind.SERVICE, "DELETED", service(owner, "10.96.0.50", ("http", 80, "TCP")))
+    p.sync()
+    clock.t += 31
+    result = p.sync()
+    assert result.full and result.translated == 3  # everything, while claims collided
+    assert dests(backend, shared) == {ips[survivor]: 1}
+    clock.t += 31
+    assert p.sync().translated == 0  # no collision left: back to incremental
