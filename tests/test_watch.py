@@ -638,3 +638,18 @@ def test_filesource_skips_objects_without_a_name(tmp_path: Path) -> None:
     src = _source(path, rec)
     assert src.check() is True
     assert rec.changes() == [("ADDED", "ok")] and src.stats.malformed == 1
+
+
+def test_objects_are_kept_without_managed_fields(fake: FakeApiServer, watch: Any) -> None:
+    fake.apply(svc("listed"))
+    assert fake.get("Service", "default", "listed")["metadata"]["managedFields"]  # the server sends them
+    w, rec = watch()
+    synced(rec)
+    wait_until(lambda: fake.open_watches() == 1, what="the watch")
+    fake.apply(svc("watched"))
+    events = rec.wait_events(2)
+    assert {e.key[1] for e in events} == {"listed", "watched"}
+    for event in events:
+        assert "managedFields" not in event.obj["metadata"], event.obj
+        assert event.obj["metadata"]["resourceVersion"] and event.obj["metadata"]["uid"]
+    assert all("managedFields" not in obj["metadata"] for obj in w.cache.values())

@@ -28,6 +28,9 @@ Design decisions:
   that refuses, fails or drops every stream immediately is never hammered. The client
   made by ``make_api_client`` has urllib3's own retries off: one retry layer, so a
   stalled request costs one read timeout and attempts can be counted.
+- Objects are kept without ``metadata.managedFields``: nothing here reads them, and
+  they are often the largest part of an object (client-go's informers in kube-proxy
+  drop them the same way), so a node's memory does not grow with their history.
 - Nothing a server sends may kill the thread: malformed objects and events are
   counted and skipped, sink exceptions are logged, and every other error is retried.
 """
@@ -450,10 +453,14 @@ class Watcher:
         return items, rv
 
     def _accept(self, obj: Any, what: str) -> Key | None:
+        """The object's key, None (counted, logged) if it has none. Accepted objects
+        lose their managedFields here, before anything keeps them."""
         key = object_key(obj)
         if key is None:
             self.stats.malformed += 1
             log.warning("watch %s: skipping malformed %s: %.200r", self._what, what, obj)
+        else:
+            obj["metadata"].pop("managedFields", None)
         return key
 
     # --- watch --------------------------------------------------------------------
