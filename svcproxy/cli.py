@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     cleanup.add_argument("--config", type=Path, default=None, help="YAML file with the same keys as these flags")
     for p in (plan, sync, run, cleanup):
-        p.add_argument("--backend", choices=["ipvsadm", "netlink"], default="ipvsadm",
-                       help="how IPVS is read and written: the ipvsadm program, or svcproxy's pipelined "
-                            "generic-netlink client (default ipvsadm)")
+        p.add_argument("--backend", choices=["netlink", "ipvsadm"], default="netlink",
+                       help="how IPVS is read and written: svcproxy's pipelined generic-netlink client "
+                            "(default), or the ipvsadm program (--ipvsadm)")
     return parser
 
 

@@ -463,7 +463,7 @@ def test_restart_with_rules_in_place_writes_nothing(
     wrapper = tmp_path / "ipvsadm-logged"
     wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexec ipvsadm "$@"\n')
     wrapper.chmod(0o755)
-    s.agent = AgentProc(procs, client.ns, s.api, s.log, "--ipvsadm", str(wrapper))
+    s.agent = AgentProc(procs, client.ns, s.api, s.log, "--backend", "ipvsadm", "--ipvsadm", str(wrapper))
     s.agent.wait_ready()
     s.agent.wait_full_syncs(2)
 

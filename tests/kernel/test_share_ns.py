@@ -283,7 +283,7 @@ def test_fifty_namespaces_and_one_deleted_mid_sync(vpc: Vpc, lab: Lab, tmp_path:
     cluster = write_cluster(tmp_path / "c.json", web([vpc.pods["pod-a"], vpc.pods["pod-b"]], vip6=None))
 
     t0 = time.monotonic()
-    out = sync(vpc, cluster, *(f"{NETNS_DIR}/{n}" for n in names), extra=("--ipvsadm", str(wrapper)))
+    out = sync(vpc, cluster, *(f"{NETNS_DIR}/{n}" for n in names), extra=("--backend", "ipvsadm", "--ipvsadm", str(wrapper)))
     took = time.monotonic() - t0
 
     assert f"sync netns {NETNS_DIR}/{victim}: gone, skipped" in out, out
