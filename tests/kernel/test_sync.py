@@ -176,14 +176,18 @@ def assert_converged(ns: str, cluster: Path, expected: Table, *extra: str) -> No
 # tests
 
 
-def test_sync_programs_exactly_the_desired_table(ns: str, cluster: Path) -> None:
+BACKENDS = ["netlink", "ipvsadm"]  # the default first
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sync_programs_exactly_the_desired_table(ns: str, cluster: Path, backend: str) -> None:
     assert kernel_table(ns) == Table()
-    rc, planned = plan_json(ns, cluster)
+    rc, planned = plan_json(ns, cluster, "--backend", backend)
     assert rc == 2
     assert len(planned["operations"]) == EXPECTED_OPS
     assert planned["services"] == as_json(EXPECTED)
 
-    applied, failed, out = sync(ns, cluster)
+    applied, failed, out = sync(ns, cluster, "--backend", backend)
 
     assert (applied, failed) == (EXPECTED_OPS, 0), out
     assert "FAILED" not in out
@@ -196,9 +200,9 @@ def test_sync_programs_exactly_the_desired_table(ns: str, cluster: Path) -> None
     assert "UDP  [fd00:96::35]:53 rr" in listed
     # a second sync performs zero operations and changes nothing
     saved = ipvsadm(ns, "-Sn")
-    assert sync(ns, cluster)[:2] == (0, 0)
+    assert sync(ns, cluster, "--backend", backend)[:2] == (0, 0)
     assert ipvsadm(ns, "-Sn") == saved  # byte for byte: nothing was rewritten
-    assert_converged(ns, cluster, EXPECTED)
+    assert_converged(ns, cluster, EXPECTED, "--backend", backend)
 
 
 @pytest.fixture(scope="module")
@@ -238,8 +242,9 @@ DRIFT: dict[str, tuple[list[list[str]], list[tuple[str, str]]]] = {
 }
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(DRIFT))
-def test_sync_repairs_drift(synced: tuple[str, Path], case: str) -> None:
+def test_sync_repairs_drift(synced: tuple[str, Path], case: str, backend: str) -> None:
     ns, cluster = synced
     damage, repair = DRIFT[case]
     assert kernel_table(ns) == EXPECTED
@@ -247,7 +252,7 @@ def test_sync_repairs_drift(synced: tuple[str, Path], case: str) -> None:
         ipvsadm(ns, *cmd)
     assert kernel_table(ns) != EXPECTED  # the damage is real
 
-    applied, failed, out = sync(ns, cluster)
+    applied, failed, out = sync(ns, cluster, "--backend", backend)
 
     if repair:
         assert applied_ops(out) == sorted(repair), out
@@ -313,9 +318,18 @@ def _kernel_has_twos() -> bool:
     return subprocess.run(["modprobe", "-n", "-q", "ip_vs_twos"], check=False).returncode == 0
 
 
+#: How each backend words the kernel's refusals (ipvsadm's own text; netlink: the
+#: same, with the errno's name).
+REFUSALS = {
+    "netlink": ("Scheduler or persistence engine not found (ENOENT)", "Service not defined (ESRCH)"),
+    "ipvsadm": ("Scheduler or persistence engine not found", "Service not defined"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_endpoints", [False, True], ids=["no-endpoints", "with-endpoints"])
 def test_kernel_rejection_is_reported_alone_and_the_rest_applied(
-    ns: str, tmp_path: Path, with_endpoints: bool
+    ns: str, tmp_path: Path, with_endpoints: bool, backend: str
 ) -> None:
     """'twos' is a valid IPVS scheduler name (svcproxy accepts the annotation: Linux
     6.2+ has it) but this 6.1 kernel has no ip_vs_twos module, so the kernel refuses
@@ -331,16 +345,16 @@ def test_kernel_rejection_is_reported_alone_and_the_rest_applied(
     cluster = write_cluster(tmp_path / "cluster.json", cluster_objects(extra=extra))
     n_twos = 1 + len(twos_eps)
 
-    cp = svcproxy(ns, "sync", "-f", str(cluster), *COMMON)
+    no_scheduler, no_service = REFUSALS[backend]
+    cp = svcproxy(ns, "sync", "-f", str(cluster), *COMMON, "--backend", backend)
 
     assert cp.returncode == 1, f"{cp.stdout}\n{cp.stderr}"
     failed_lines = [line for line in cp.stdout.splitlines() if line.startswith("FAILED")]
-    assert failed_lines[0] == (f"FAILED  add-service tcp://{TWOS}:80 scheduler=twos: "
-                               "Scheduler or persistence engine not found"), cp.stdout
+    assert failed_lines[0] == f"FAILED  add-service tcp://{TWOS}:80 scheduler=twos: {no_scheduler}", cp.stdout
     # the destinations of a service that could not be created fail with it, and
     # nothing else fails
     assert sorted(failed_lines[1:]) == sorted(
-        f"FAILED  add-destination tcp://{TWOS}:80 -> {ip}:8080 weight=1 forward=masq: Service not defined"
+        f"FAILED  add-destination tcp://{TWOS}:80 -> {ip}:8080 weight=1 forward=masq: {no_service}"
         for ip in twos_eps
     ), cp.stdout
     m = SUMMARY_RE.search(cp.stdout)
@@ -348,7 +362,7 @@ def test_kernel_rejection_is_reported_alone_and_the_rest_applied(
     assert kernel_table(ns) == EXPECTED  # everything else was applied
 
     # the next sync retries exactly that service and reports it again (JSON this time)
-    cp = svcproxy(ns, "sync", "-f", str(cluster), *COMMON, "-o", "json")
+    cp = svcproxy(ns, "sync", "-f", str(cluster), *COMMON, "--backend", backend, "-o", "json")
     assert cp.returncode == 1, f"{cp.stdout}\n{cp.stderr}"
     doc = json.loads(cp.stdout)
     assert doc["applied"] == 0
