@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import struct
+import threading
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -803,7 +804,9 @@ def test_failures_are_matched_to_operations_by_sequence(acks: bool, window: int)
     ]
     sent = [list(walk(d)) for d in kernel.sent[1:]]  # after the family lookup
     assert sum(map(len, sent)) == len(mixed) - 1  # the refused one never reached the kernel
-    assert [len(d) for d in sent[:-1]] == [window] * (len(sent) - 1)
+    # one datagram per window of operations; the refused one is left out of its own
+    per_window = [sum(op is not refused for op in mixed[i : i + window]) for i in range(0, len(mixed), window)]
+    assert [len(d) for d in sent] == [n for n in per_window if n]
     acked = sum(1 for d in sent for m in d if m.flags & nlcodec.NLM_F_ACK)
     assert acked == (len(mixed) - 1 if acks else len(sent))
     assert backend.read() == DESIRED
@@ -904,3 +907,63 @@ def test_a_kernel_without_ipvs() -> None:
 def test_missing_namespace_file() -> None:
     with pytest.raises(BackendError, match="cannot open network namespace /nonexistent/ns: No such file"):
         NetlinkBackend(netns="/nonexistent/ns").read()
+
+
+def _encoder_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "svcproxy-netlink-encode"]
+
+
+@pytest.mark.parametrize("acks", [False, True])
+def test_prefetched_encoding_sends_the_same_datagrams_and_reports_the_same_failures(acks: bool) -> None:
+    """A plan of many windows is encoded by a helper thread; what reaches the kernel,
+    and what comes back, is the same as encoding in the caller's thread."""
+    table = Table.of(vs(TCP, f"10.96.1.{i}", 80, "rr", *(D(f"10.244.{i}.{j}", 80) for j in range(1, 9)))
+                     for i in range(1, 41))
+    plan = diff(table, Table())
+    bad = Operation(OpKind.ADD_DESTINATION, ServiceKey(TCP, "10.96.9.9", 80), destination=D("10.244.9.9", 80))
+    refused = Operation(OpKind.ADD_SERVICE, ServiceKey(TCP, "10.96.9.7", 80), "rr", None, frozenset({"sh-port"}))
+    mixed = [*plan[:100], bad, *plan[100:200], refused, *plan[200:], bad]
+    outcomes = []
+    for prefetch in (False, True):
+        kernel = FakeKernel()
+        got = backend_on(kernel, acks=acks, window=16, prefetch=prefetch).apply(mixed)
+        outcomes.append((got, list(kernel.sent)))
+        assert [r.operation for r in got] == [bad, refused, bad]
+        assert len(kernel.sent) - 1 == -(-len(mixed) // 16)  # one datagram per window of operations
+        assert backend_on(kernel).read() == table
+    assert outcomes[0] == outcomes[1]
+    assert not _encoder_threads()
+
+
+def test_prefetch_helper_stops_when_the_sender_gives_up() -> None:
+    class Unprivileged(FakeKernel):
+        def _change(self, cmd: int, attrs: dict[str, dict[str, Any]]) -> int:
+            return errno.EPERM
+
+    table = Table.of(vs(TCP, f"10.96.1.{i}", 80, "rr", *(D(f"10.244.{i}.{j}", 80) for j in range(1, 9)))
+                     for i in range(1, 41))
+    kernel = Unprivileged()
+    with pytest.raises(BackendError, match="needs CAP_NET_ADMIN"):
+        backend_on(kernel, window=4).apply(diff(table, Table()))
+    assert len(kernel.sent) == 2  # the family lookup and the first window: nothing after the refusal
+    assert not _encoder_threads()
+
+
+def test_prefetch_helper_errors_reach_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = Table.of(vs(TCP, f"10.96.1.{i}", 80, "rr", *(D(f"10.244.{i}.{j}", 80) for j in range(1, 9)))
+                     for i in range(1, 41))
+    calls = []
+    real = nlcodec.Encoder.messages
+
+    def failing(self: nlcodec.Encoder, ops: Any, *args: Any) -> Any:
+        calls.append(len(ops))
+        if len(calls) == 3:
+            raise RuntimeError("encoder bug")
+        return real(self, ops, *args)
+
+    monkeypatch.setattr(nlcodec.Encoder, "messages", failing)
+    kernel = FakeKernel()
+    with pytest.raises(RuntimeError, match="encoder bug"):
+        backend_on(kernel, window=8).apply(diff(table, Table()))
+    assert len(kernel.sent) == 1 + 2  # the windows encoded before the failure were sent
+    assert not _encoder_threads()

@@ -6,7 +6,9 @@ requests are not sent one round trip at a time. The kernel handles a netlink
 datagram synchronously inside ``send()``, one message after another, and a failed
 message never stops the ones after it. So ``apply`` packs a window of requests into
 one datagram, and by the time ``send()`` returns every answer is queued on the
-socket. Success acknowledgements are not asked for, except on the last request of
+socket. ``send()`` releases the GIL while the kernel works, so for large plans a
+helper thread encodes the next windows meanwhile: encoding is hidden behind the
+kernel's own time instead of adding to it. Success acknowledgements are not asked for, except on the last request of
 a window: failures always come back as NLMSG_ERROR with the request's sequence
 number, and the last request's answer marks the end of the window. That halves the
 syscalls and skb allocations of acking everything (measured: see
@@ -33,11 +35,12 @@ import ctypes
 import errno
 import operator
 import os
+import queue
 import socket
 import struct
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 from svcproxy.ipvs import nlcodec
 from svcproxy.ipvs.backend import BackendError
@@ -78,6 +81,13 @@ _SEND_SLACK = 4096
 #: engine, is under 150 bytes): bounds a window's datagram size.
 _MAX_MESSAGE = 256
 _RECV_SIZE = 1 << 16  # dump parts are at most 32 KiB
+#: Plans of at least this many windows are encoded by a helper thread, this many
+#: windows ahead of the sender at most (smaller plans: no thread, nothing to hide).
+_PREFETCH_MIN_WINDOWS = 3
+_PREFETCH_DEPTH = 4
+_LOUD = struct.pack("=H", NLM_F_REQUEST | NLM_F_ACK)
+
+T = TypeVar("T")
 
 
 class NetlinkSocket(Protocol):
@@ -156,43 +166,40 @@ class _Channel:
                 elif msg.type == nlcodec.GENL_ID_CTRL:
                     return nlcodec.decode_family_id(data, msg)
 
-    def transact(
-        self, messages: Sequence[bytes], first_seq: int, *, acks: bool, window: int
-    ) -> dict[int, tuple[int, str]]:
-        """Send complete, numbered messages in windows; return (errno, extack) by
-        message index.
+    def window_size(self, requested: int) -> int:
+        """Requests per datagram: as asked, but a window of failures must fit the
+        receive buffer and a datagram the send buffer."""
+        return max(1, min(requested, self.rcvbuf // _ANSWER_BUDGET, (self.sndbuf - _SEND_SLACK) // _MAX_MESSAGE))
 
-        With ``acks`` every message already asks for an acknowledgement and a
-        window ends when all have answered. Without, only the window's last message
-        is made to ask (its flags are patched here), and its answer, ack or error,
-        ends the window: it is queued after the answers to the ones before it.
+    def exchange(self, messages: list[bytes], base: int, *, acks: bool) -> dict[int, tuple[int, str]]:
+        """Send one window of complete messages numbered from ``base`` as one
+        datagram; return (errno, extack) by message index.
+
+        With ``acks`` every message already asks for an acknowledgement and the
+        window ends when all have answered. Without, only the last message is made
+        to ask (its flags are patched here, in the list given), and its answer, ack
+        or error, ends the window: it is queued after the answers to the others.
         """
-        window = max(1, min(window, self.rcvbuf // _ANSWER_BUDGET, (self.sndbuf - _SEND_SLACK) // _MAX_MESSAGE))
+        count = len(messages)
+        last = count - 1
+        if not acks:
+            messages[last] = messages[last][:6] + _LOUD + messages[last][8:]
+        self.send(b"".join(messages))
         errors: dict[int, tuple[int, str]] = {}
-        loud = struct.pack("=H", NLM_F_REQUEST | NLM_F_ACK)
-        total = len(messages)
-        for i in range(0, total, window):
-            chunk = list(messages[i : i + window])
-            count = len(chunk)
-            if not acks:
-                chunk[-1] = chunk[-1][:6] + loud + chunk[-1][8:]
-            base = (first_seq + i) & 0xFFFFFFFF
-            last = count - 1
-            self.send(b"".join(chunk))
-            pending = count if acks else 1
-            while pending:
-                data = self.recv()
-                for msg in walk(data):
-                    if msg.type != NLMSG_ERROR:
-                        continue
-                    k = (msg.seq - base) & 0xFFFFFFFF
-                    if k >= count:
-                        continue  # not ours (a stale answer)
-                    code, text = decode_error(data, msg)
-                    if code:
-                        errors[i + k] = (code, text)
-                    if acks or k == last:
-                        pending -= 1
+        pending = count if acks else 1
+        while pending:
+            data = self.recv()
+            for msg in walk(data):
+                if msg.type != NLMSG_ERROR:
+                    continue
+                k = (msg.seq - base) & 0xFFFFFFFF
+                if k >= count:
+                    continue  # not ours (a stale answer)
+                code, text = decode_error(data, msg)
+                if code:
+                    errors[k] = (code, text)
+                if acks or k == last:
+                    pending -= 1
         return errors
 
     def reserve(self, count: int) -> int:
@@ -236,6 +243,71 @@ class _Channel:
                 elif mtype == NLMSG_ERROR:
                     code, text = decode_error(data, msg)
                     raise _KernelError(code, text)
+
+
+class _Window(NamedTuple):
+    """One datagram's worth of encoded operations."""
+
+    start: int  # index in the plan of the window's first operation
+    messages: list[bytes]
+    owners: list[int] | None  # each message's operation, from ``start`` (None: one per operation)
+    refused: dict[int, str]  # operations the encoder refused, from ``start``
+    first_seq: int
+
+
+def _encode_windows(ops: Sequence[Operation], family: int, flags: int, first_seq: int,
+                    size: int) -> Iterator[_Window]:
+    encoder = Encoder()
+    seq = first_seq
+    for start in range(0, len(ops), size):
+        messages, index, refused = encoder.messages(ops[start : start + size], family, flags, seq)
+        yield _Window(start, messages, index, refused, seq)
+        seq = (seq + len(messages)) & 0xFFFFFFFF
+
+
+def _prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items``, produced by a helper thread up to ``depth`` ahead of the consumer.
+
+    The kernel handles a window inside ``send()``, with the GIL released, so the
+    helper encodes the next windows meanwhile. Its exceptions are raised here; when
+    the consumer stops early (close()), the helper is stopped and joined.
+    """
+    slots: queue.Queue[tuple[bool, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+        except BaseException as exc:  # re-raised in the consumer's thread
+            put((False, exc))
+            return
+        put((False, None))
+
+    worker = threading.Thread(target=produce, name="svcproxy-netlink-encode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, value = slots.get()
+            if ok:
+                yield value
+            elif value is None:
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
@@ -314,6 +386,7 @@ class NetlinkBackend:
     ``netns``: a network namespace file to work in (None: this process's own).
     ``acks``: ask for an acknowledgement of every request (slower, same results).
     ``window``: requests per datagram (also capped by the socket buffers).
+    ``prefetch``: encode large plans in a helper thread while the kernel works.
     ``opener``: makes the socket (tests pass a fake kernel); ``netns`` is then unused.
     """
 
@@ -325,6 +398,7 @@ class NetlinkBackend:
         window: int = 256,
         bufsize: int = 8 << 20,
         timeout: float = 60.0,
+        prefetch: bool = True,
         opener: Callable[[], NetlinkSocket] | None = None,
     ) -> None:
         if window < 1:
@@ -334,10 +408,12 @@ class NetlinkBackend:
         self.window = window
         self.bufsize = bufsize
         self.timeout = timeout
+        self.prefetch = prefetch
         self.opener = opener
 
     def __repr__(self) -> str:
-        return f"NetlinkBackend(netns={self.netns!r}, acks={self.acks}, window={self.window})"
+        return (f"NetlinkBackend(netns={self.netns!r}, acks={self.acks}, window={self.window}, "
+                f"prefetch={self.prefetch})")
 
     @contextmanager
     def _channel(self) -> Iterator[_Channel]:
@@ -389,15 +465,28 @@ class NetlinkBackend:
         if not ops:
             return []
         flags = NLM_F_REQUEST | NLM_F_ACK if self.acks else NLM_F_REQUEST
+        results: dict[int, OperationResult] = {}
         with self._channel() as channel:
+            size = channel.window_size(self.window)
             first = channel.reserve(len(ops))  # refused operations leave harmless gaps
-            messages, index, refused = Encoder().messages(ops, channel.family, flags, first)
-            errors = channel.transact(messages, first, acks=self.acks, window=self.window) if messages else {}
-        results = {i: OperationResult(ops[i], text) for i, text in refused.items()}
-        for k, (code, text) in errors.items():
-            i = index[k] if index is not None else k
-            op = ops[i]
-            if code == errno.EPERM:
-                raise BackendError(f"changing IPVS needs CAP_NET_ADMIN ({op}: {describe_error(None, code, text)})")
-            results[i] = OperationResult(op, describe_error(op.kind, code, text))
+            windows = _encode_windows(ops, channel.family, flags, first, size)
+            if self.prefetch and len(ops) >= _PREFETCH_MIN_WINDOWS * size:
+                windows = _prefetched(windows, _PREFETCH_DEPTH)
+            try:
+                for w in windows:
+                    for k, text in w.refused.items():
+                        results[w.start + k] = OperationResult(ops[w.start + k], text)
+                    if not w.messages:
+                        continue
+                    for k, (code, text) in channel.exchange(w.messages, w.first_seq, acks=self.acks).items():
+                        i = w.start + (w.owners[k] if w.owners is not None else k)
+                        op = ops[i]
+                        if code == errno.EPERM:
+                            raise BackendError(
+                                f"changing IPVS needs CAP_NET_ADMIN ({op}: {describe_error(None, code, text)})")
+                        results[i] = OperationResult(op, describe_error(op.kind, code, text))
+            finally:
+                close = getattr(windows, "close", None)
+                if close is not None:
+                    close()
         return [results[i] for i in sorted(results)]
