@@ -297,6 +297,9 @@ class Encoder:
 
     def __init__(self) -> None:
         self._idents: dict[ServiceKey, _ServiceIdent] = {}
+        #: Service settings attributes by everything they depend on: most services
+        #: share a handful of settings, and building them is most of a service's cost.
+        self._settings: dict[tuple[object, ...], bytes] = {}
         # Plans list a service's operations together: skip even the dict lookup
         # (a ServiceKey hash costs half a microsecond) while the key repeats.
         self._last: tuple[ServiceKey | None, _ServiceIdent | None] = (None, None)
@@ -337,6 +340,8 @@ class Encoder:
         head, port_hdr, weight_hdr = _DEST_FULL_HEAD, _PORT_HDR, _WEIGHT_HDR
         structs: dict[int, struct.Struct] = {}
         parts = _dest_parts
+        masq, fwd_masq, tail_v4 = Forward.MASQ, _FWD_ATTR[Forward.MASQ], _DEST_FULL_TAIL[_AF_INET]
+        af_inet, pton, zero12 = _AF_INET, socket.inet_pton, _ZERO12
         last_key: ServiceKey | None = None
         nest = b""
         svc_family = size = 0
@@ -353,7 +358,24 @@ class Encoder:
                         if whole is None:
                             whole = structs[len(nest)] = _dest_message_struct(len(nest))
                         dest_pack, size = whole.pack, whole.size
-                    addr, port, fwd, weight, tail = parts(op, svc_family)
+                    dest = op.destination
+                    # The usual real server (NAT, a plain address of the service's
+                    # family, a valid port and weight) inline; anything else, with its
+                    # checks and refusals, through _dest_parts.
+                    if dest is not None and dest.forward is masq and 0 <= dest.weight <= MAX_WEIGHT:
+                        address = dest.address
+                        try:
+                            if svc_family == af_inet and ":" not in address:
+                                addr = pton(af_inet, address) + zero12
+                            else:
+                                raise OSError
+                            port = dest.port.to_bytes(2, "big")
+                        except (OSError, OverflowError):
+                            addr, port, fwd, weight, tail = parts(op, svc_family)
+                        else:
+                            fwd, weight, tail = fwd_masq, dest.weight, tail_v4
+                    else:
+                        addr, port, fwd, weight, tail = parts(op, svc_family)
                     message = dest_pack(
                         size, family, flags, seq & 0xFFFFFFFF, 0, new_dest if kind is add else set_dest, nest,
                         head, addr, port_hdr, port, fwd, weight_hdr, weight, tail,
@@ -393,7 +415,12 @@ class Encoder:
         if kind is OpKind.DELETE_SERVICE:
             return _GENL[IPVS_CMD_DEL_SERVICE] + ident.nest
         cmd = IPVS_CMD_NEW_SERVICE if kind is OpKind.ADD_SERVICE else IPVS_CMD_SET_SERVICE
-        return _GENL[cmd] + _nest(IPVS_CMD_ATTR_SERVICE, ident.attrs + _service_settings(op, ident.family))
+        key = op.service
+        inputs = (op.scheduler, op.persistence, op.flags, ident.family, key.port == 0, key.fwmark != 0, key.protocol)
+        settings = self._settings.get(inputs)
+        if settings is None:  # refusals (EncodeError) are not kept: raised again each time
+            settings = self._settings[inputs] = _service_settings(op, ident.family)
+        return _GENL[cmd] + _nest(IPVS_CMD_ATTR_SERVICE, ident.attrs + settings)
 
 
 def _port_bytes(port: int) -> bytes:
