@@ -52,6 +52,7 @@ from svcproxy.ipvs import nlcodec  # noqa: E402
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend, parse_list, parse_save, render  # noqa: E402
 from svcproxy.ipvs.netlink import NetlinkBackend, _Channel, _new_socket  # noqa: E402
 from svcproxy.model import Destination, OpKind, Operation, Protocol, ServiceKey, Table, VirtualService  # noqa: E402
+from svcproxy.reconcile import paused_gc  # noqa: E402
 
 
 CLONE_NEWNET = 0x40000000
@@ -196,6 +197,11 @@ class Namespaces:
             os.close(fd)
 
 
+def gc_paused(fn: Callable[[], object]) -> object:
+    with paused_gc():
+        return fn()
+
+
 def best(repeat: int, fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> tuple[float, object]:
     """The fastest of ``repeat`` runs (the VM shares the machine: the minimum is
     the least disturbed one)."""
@@ -273,6 +279,10 @@ def kernel_bench(args: argparse.Namespace) -> int:
         ("ipvsadm -Ln (no parsing)", lambda: ipvsadm_text("-Ln")),
         ("IpvsadmBackend.read(counts=True) (-Ln + parse)", lambda: IpvsadmBackend().read(counts=True)),
         ("NetlinkBackend.read (with counts)", lambda: NetlinkBackend().read()),
+        # As the agent's full syncs run them: with the cyclic GC paused (reconcile.paused_gc).
+        ("IpvsadmBackend.read (-Sn + parse), GC paused", lambda: gc_paused(IpvsadmBackend().read)),
+        ("IpvsadmBackend.read(counts=True), GC paused", lambda: gc_paused(lambda: IpvsadmBackend().read(counts=True))),
+        ("NetlinkBackend.read, GC paused (as in the agent)", lambda: gc_paused(NetlinkBackend().read)),
     ]
     for name, fn in reads:
         seconds, result = best(args.repeat, fn)
@@ -330,6 +340,9 @@ def kernel_bench(args: argparse.Namespace) -> int:
     encoding = report.get("apply", "(encoding alone, no kernel: Encoder.messages)")
     nl_read = report.get("read", "NetlinkBackend.read (with counts)")
     sn_read = report.get("read", "IpvsadmBackend.read (-Sn + parse)")
+    nl_read_p = report.get("read", "NetlinkBackend.read, GC paused (as in the agent)")
+    sn_read_p = report.get("read", "IpvsadmBackend.read (-Sn + parse), GC paused")
+    ln_read_p = report.get("read", "IpvsadmBackend.read(counts=True), GC paused")
     nl_change = report.get("change", "NetlinkBackend.apply")
     nl_acks = report.get("apply", "NetlinkBackend.apply acks=True")
     nl_inline = report.get("apply", "NetlinkBackend.apply prefetch=False (encode inline)")
@@ -340,6 +353,9 @@ def kernel_bench(args: argparse.Namespace) -> int:
         ("   ... of the floor plus encoding alone (x)", nl_apply / (floor_noack + encoding),
          nl_apply / (floor_noack + encoding) <= 1.3),
         ("full read >= 2x faster than ipvsadm -Sn + parse (x)", sn_read / nl_read, sn_read / nl_read >= 2),
+        ("   ... both with the GC paused, as the agent reads (x)", sn_read_p / nl_read_p, sn_read_p / nl_read_p >= 2),
+        ("   ... against -Ln + parse (counts, what the agent needs), GC paused (x)", ln_read_p / nl_read_p,
+         ln_read_p / nl_read_p >= 2),
         ("1% change ~1% of a full apply (%)", 100 * nl_change / nl_apply, nl_change / nl_apply <= 0.02),
     ]
     for text_, value, ok in goals:
@@ -394,11 +410,14 @@ def codec_bench(args: argparse.Namespace) -> int:
     cpu = time.process_time
     enc, _ = best(args.repeat, lambda: nlcodec.Encoder().messages(plan, family, nlcodec.NLM_F_REQUEST, 1), cpu)
     dec, got = best(args.repeat, decode, cpu)
+    dec_paused, _ = best(args.repeat, lambda: gc_paused(decode), cpu)
     parse, _ = best(args.repeat, lambda: parse_save(text), cpu)
     assert isinstance(got, list) and len(got) == table.destination_count()
     print(f"host codec, {args.services} x {args.dests}, best of {args.repeat} (CPU time):")
     print(f"  encode {len(plan)} requests (Encoder.messages):        {enc:.3f} s ({1e6 * enc / len(plan):.2f} us each)")
     print(f"  decode {len(got)} real servers (decode_dest_datagram): {dec:.3f} s ({1e6 * dec / len(got):.2f} us each)")
+    print(f"    the same with the GC paused (as the agent's full syncs read): {dec_paused:.3f} s "
+          f"({1e6 * dec_paused / len(got):.2f} us each)")
     print(f"  for comparison, parse_save of the same table's ipvsadm -Sn text: {parse:.3f} s "
           f"({1e6 * parse / len(plan):.2f} us a line)")
     return 0

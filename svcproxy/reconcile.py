@@ -34,7 +34,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -215,12 +215,13 @@ def _parse_trigger_time(text: object) -> float | None:
 
 @contextmanager
 def paused_gc() -> Iterator[None]:
-    """Keep the cyclic garbage collector out of a full translate + diff.
+    """Keep the cyclic garbage collector out of a full sync.
 
-    Those build hundreds of thousands of small objects without cycles (refcounting
-    frees them), yet every few hundred allocations trigger a collection that walks the
-    whole heap: 30% of a full sync's CPU time at 10,000 Services (bench/core.py). The
-    collector runs again as soon as the sync is done.
+    Translation, the kernel read and the diff build hundreds of thousands of small
+    objects without cycles (refcounting frees them), yet every few hundred allocations
+    trigger a collection that walks the whole heap: 30% of a full translate + diff's
+    CPU time at 10,000 Services (bench/core.py), half of decoding a netlink read
+    (bench/ipvs.py --codec). The collector runs again as soon as the sync is done.
     """
     was = gc.isenabled()
     gc.disable()
@@ -375,11 +376,11 @@ class Proxier:
                 self._translate_all = False
             snapshot = self._snapshot(None if translate_all else dirty)
         try:
-            if translate_all:
-                with paused_gc():
+            with paused_gc() if full else nullcontext():
+                if translate_all:
                     result = self._full_sync(snapshot, start)
-            else:
-                result = self._partial_sync(snapshot, start, full=full)
+                else:
+                    result = self._partial_sync(snapshot, start, full=full)
         except BackendError as exc:
             self._failed_syncs += 1
             delay = min(self.config.retry_backoff * 2 ** (self._failed_syncs - 1),
