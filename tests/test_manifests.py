@@ -42,7 +42,6 @@ def test_rbac_is_no_wider_than_needed() -> None:
                for resource in rule["resources"] for verb in rule["verbs"]}
     needed = {("", r, v) for r in ("services", "nodes") for v in ("get", "list", "watch")}
     needed |= {("discovery.k8s.io", "endpointslices", v) for v in ("get", "list", "watch")}
-    needed |= {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
     assert granted == needed
     assert not any("*" in str(rule) for rule in role["rules"])
     binding = next(d for d in documents() if d["kind"] == "ClusterRoleBinding")
