@@ -529,6 +529,14 @@ class Proxier:
                 self._info[nn] = info
                 self._nat[nn] = _service_nat(info, tuple(kept))
         if full:
+            # What a translation of everything would also say: slices whose Service
+            # does not exist (warnings; only at full syncs, as before, so that the
+            # moment between a Service's deletion and its slices' is not reported).
+            with self._lock:
+                orphans = [s for nn, group in self.state.slices_by_service.items()
+                           if nn not in self.state.services for s in group.values()]
+            if orphans:
+                self._count_problems(translate([], orphans, self._translate_config).problems)
             self.full_syncs += 1
         else:
             self.partial_syncs += 1

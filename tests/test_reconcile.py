@@ -593,3 +593,20 @@ def test_virtual_service_claimed_twice_moves_to_the_survivor() -> None:
     assert dests(backend, shared) == {ips[survivor]: 1}
     clock.t += 31
     assert p.sync().translated == 0  # no collision left: back to incremental
+
+
+def test_orphan_slices_are_still_reported_by_incremental_full_syncs() -> None:
+    p, clock = make()
+    load(p)
+    p.sync()
+    p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps("ghost", ["10.244.7.7"], ("http", 8080, "TCP")))
+    clock.t += 2
+    p.sync()  # partial: a Service may be on its way, nothing said yet
+    assert p.metrics.input_problems.labels("orphan-slice")._value.get() == 0
+    clock.t += 31
+    result = p.sync()
+    assert result.full and result.translated == 0
+    assert p.metrics.input_problems.labels("orphan-slice")._value.get() == 1
+    clock.t += 31
+    p.sync()
+    assert p.metrics.input_problems.labels("orphan-slice")._value.get() == 1  # said once
