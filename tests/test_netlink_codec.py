@@ -227,6 +227,20 @@ def test_refused_before_the_kernel(op: Operation, message: str) -> None:
     assert str(info.value) == message
 
 
+BAD_DEST_ADDRESS = (Operation(OpKind.ADD_DESTINATION, ServiceKey(TCP, "10.0.0.1", 80),
+                              destination=D("10.1.0.300", 80)), "not an IP address: '10.1.0.300'")
+
+
+@pytest.mark.parametrize("op,message", [*REFUSED, BAD_DEST_ADDRESS], ids=[m for _, m in [*REFUSED, BAD_DEST_ADDRESS]])
+def test_refused_the_same_way_by_the_batch_encoder(op: Operation, message: str) -> None:
+    """Encoder.messages (what apply uses, with an inlined path for usual real
+    servers) refuses exactly what encode refuses, and keeps the operations around."""
+    good = Operation(OpKind.ADD_DESTINATION, ServiceKey(TCP, "10.0.0.1", 80), destination=D("10.1.0.1", 80))
+    messages, owners, refused = Encoder().messages([good, op, good], 30, nlcodec.NLM_F_REQUEST, 1)
+    assert refused == {1: message}
+    assert owners == [0, 2] and len(messages) == 2
+
+
 def test_flags_the_ipvsadm_backend_accepts_are_encoded() -> None:
     """flag-N works with any scheduler (ipvsadm -b flag-1,flag-3)."""
     op = Operation(OpKind.ADD_SERVICE, ServiceKey(TCP, "10.0.0.7", 80), "rr", None, frozenset({"flag-1", "flag-3"}))

@@ -7,9 +7,9 @@ datagram synchronously inside ``send()``, one message after another, and a faile
 message never stops the ones after it. So ``apply`` packs a window of requests into
 one datagram, and by the time ``send()`` returns every answer is queued on the
 socket. ``send()`` releases the GIL while the kernel works, so for large plans a
-helper thread encodes the next windows meanwhile: encoding is hidden behind the
-kernel's own time instead of adding to it. Success acknowledgements are not asked for, except on the last request of
-a window: failures always come back as NLMSG_ERROR with the request's sequence
+helper thread encodes the next windows meanwhile: encoding overlaps the kernel's
+own work instead of adding to it. Success acknowledgements are not asked for,
+except on the last request of a window: failures always come back as NLMSG_ERROR with the request's sequence
 number, and the last request's answer marks the end of the window. That halves the
 syscalls and skb allocations of acking everything (measured: see
 docs/performance.md). Sequence numbers tie each error to its operation.
@@ -40,7 +40,7 @@ import socket
 import struct
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Generator, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 from svcproxy.ipvs import nlcodec
 from svcproxy.ipvs.backend import BackendError
@@ -256,7 +256,7 @@ class _Window(NamedTuple):
 
 
 def _encode_windows(ops: Sequence[Operation], family: int, flags: int, first_seq: int,
-                    size: int) -> Iterator[_Window]:
+                    size: int) -> Generator[_Window, None, None]:
     encoder = Encoder()
     seq = first_seq
     for start in range(0, len(ops), size):
@@ -265,7 +265,7 @@ def _encode_windows(ops: Sequence[Operation], family: int, flags: int, first_seq
         seq = (seq + len(messages)) & 0xFFFFFFFF
 
 
-def _prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+def _prefetched(items: Iterator[T], depth: int) -> Generator[T, None, None]:
     """``items``, produced by a helper thread up to ``depth`` ahead of the consumer.
 
     The kernel handles a window inside ``send()``, with the GIL released, so the
@@ -486,7 +486,5 @@ class NetlinkBackend:
                                 f"changing IPVS needs CAP_NET_ADMIN ({op}: {describe_error(None, code, text)})")
                         results[i] = OperationResult(op, describe_error(op.kind, code, text))
             finally:
-                close = getattr(windows, "close", None)
-                if close is not None:
-                    close()
+                windows.close()  # stops the helper thread, if there is one
         return [results[i] for i in sorted(results)]

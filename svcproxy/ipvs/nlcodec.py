@@ -358,23 +358,21 @@ class Encoder:
                         if whole is None:
                             whole = structs[len(nest)] = _dest_message_struct(len(nest))
                         dest_pack, size = whole.pack, whole.size
+                    # The usual real server (NAT, IPv4 in an IPv4 service, a valid port
+                    # and weight) inline; anything else, with its checks and refusals,
+                    # through _dest_parts.
                     dest = op.destination
-                    # The usual real server (NAT, a plain address of the service's
-                    # family, a valid port and weight) inline; anything else, with its
-                    # checks and refusals, through _dest_parts.
-                    if dest is not None and dest.forward is masq and 0 <= dest.weight <= MAX_WEIGHT:
-                        address = dest.address
+                    addr = None
+                    if (dest is not None and dest.forward is masq and svc_family == af_inet
+                            and ":" not in dest.address and 0 <= dest.weight <= MAX_WEIGHT
+                            and 0 <= dest.port <= 65535):
                         try:
-                            if svc_family == af_inet and ":" not in address:
-                                addr = pton(af_inet, address) + zero12
-                            else:
-                                raise OSError
-                            port = dest.port.to_bytes(2, "big")
-                        except (OSError, OverflowError):
-                            addr, port, fwd, weight, tail = parts(op, svc_family)
+                            addr = pton(af_inet, dest.address) + zero12
+                        except OSError:
+                            pass  # not an address: _dest_parts refuses it
                         else:
-                            fwd, weight, tail = fwd_masq, dest.weight, tail_v4
-                    else:
+                            port, fwd, weight, tail = dest.port.to_bytes(2, "big"), fwd_masq, dest.weight, tail_v4
+                    if addr is None:
                         addr, port, fwd, weight, tail = parts(op, svc_family)
                     message = dest_pack(
                         size, family, flags, seq & 0xFFFFFFFF, 0, new_dest if kind is add else set_dest, nest,
