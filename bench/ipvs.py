@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
-import glob
 import os
-import shlex
 import socket
 import struct
 import subprocess
@@ -53,6 +51,7 @@ from svcproxy.ipvs.ipvsadm import IpvsadmBackend, parse_list, parse_save, render
 from svcproxy.ipvs.netlink import NetlinkBackend, _Channel, _new_socket  # noqa: E402
 from svcproxy.model import Destination, OpKind, Operation, Protocol, ServiceKey, Table, VirtualService  # noqa: E402
 from svcproxy.reconcile import paused_gc  # noqa: E402
+from vmboot import run_in_vm  # noqa: E402  (bench/vmboot.py)
 
 
 CLONE_NEWNET = 0x40000000
@@ -427,27 +426,7 @@ def codec_bench(args: argparse.Namespace) -> int:
 
 
 def vm(args: argparse.Namespace, argv: list[str]) -> int:
-    def has_ipvs(image: str) -> bool:
-        version = image.removeprefix("/boot/vmlinuz-")
-        return bool(glob.glob(f"/lib/modules/{version}/kernel/net/netfilter/ipvs/ip_vs.ko*"))
-
-    kernels = sorted(k for k in glob.glob("/boot/vmlinuz-*") if has_ipvs(k))
-    if not kernels:
-        print("no kernel with IPVS modules under /boot", file=sys.stderr)
-        return 2
-    venv = REPO / ".venv"
-    inner = [a for a in argv if a != "--vm"]
-    script = (
-        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONDONTWRITEBYTECODE=1; "
-        "modprobe ip_vs && modprobe ip_vs_rr && ip link set lo up && "
-        f"cd {shlex.quote(str(REPO))} && {shlex.quote(str(venv / 'bin' / 'python'))} bench/ipvs.py "
-        + " ".join(shlex.quote(a) for a in inner)
-    )
-    cmd = [str(venv / "bin" / "vng"), "--run", kernels[-1], "--user", "root", "--disable-kvm", "--force-9p",
-           "--memory", args.memory, "--cpus", "2", "--exec", script]
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    env = dict(os.environ, PATH=f"{venv / 'bin'}:{os.environ.get('PATH', '')}")
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, env=env).returncode
+    return run_in_vm("ipvs.py", [a for a in argv if a != "--vm"], memory=args.memory, modules=["ip_vs", "ip_vs_rr"])
 
 
 def main(argv: list[str]) -> int:

@@ -24,9 +24,7 @@ not touched)::
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -43,6 +41,7 @@ from svcproxy.ipvs.ipvsadm import IpvsadmBackend  # noqa: E402
 from svcproxy.model import Destination, Protocol, ServiceKey, Table, VirtualService  # noqa: E402
 from svcproxy.podns.attach import Preparer, PodNamespace, ipvsadm_factory, pod_target, sync_namespace  # noqa: E402
 from svcproxy.podns.mode import decide  # noqa: E402
+from vmboot import run_in_vm  # noqa: E402  (bench/vmboot.py)
 
 NETNS = "/var/run/netns"
 
@@ -173,24 +172,8 @@ def fanout_bench(counts: list[int], services: int, nss: Namespaces) -> None:
 
 
 def vm(args: argparse.Namespace, argv: list[str]) -> int:
-    kernels = sorted(k for k in glob.glob("/boot/vmlinuz-*")
-                     if glob.glob(f"/lib/modules/{k.removeprefix('/boot/vmlinuz-')}/kernel/net/netfilter/ipvs/ip_vs.ko*"))
-    if not kernels:
-        print("no kernel with IPVS modules under /boot", file=sys.stderr)
-        return 2
-    venv = REPO / ".venv"
-    inner = [a for a in argv if a != "--vm"]
-    script = (
-        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONDONTWRITEBYTECODE=1; "
-        "modprobe ip_vs && modprobe ip_vs_rr && modprobe veth && ip link set lo up && "
-        f"cd {shlex.quote(str(REPO))} && {shlex.quote(str(venv / 'bin' / 'python'))} bench/share_ns.py "
-        + " ".join(shlex.quote(a) for a in inner)
-    )
-    cmd = [str(venv / "bin" / "vng"), "--run", kernels[-1], "--user", "root", "--disable-kvm", "--force-9p",
-           "--memory", args.memory, "--cpus", "2", "--exec", script]
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    env = dict(os.environ, PATH=f"{venv / 'bin'}:{os.environ.get('PATH', '')}")
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, env=env).returncode
+    return run_in_vm("share_ns.py", [a for a in argv if a != "--vm"], memory=args.memory,
+                     modules=["ip_vs", "ip_vs_rr", "veth"])
 
 
 def main(argv: list[str]) -> int:
