@@ -241,6 +241,71 @@ def test_refused_the_same_way_by_the_batch_encoder(op: Operation, message: str) 
     assert owners == [0, 2] and len(messages) == 2
 
 
+def _one_by_one(ops: list[Operation], flags: int,
+                first_seq: int) -> tuple[list[bytes], list[int] | None, dict[int, str]]:
+    """What Encoder.messages must return, from Encoder.encode one operation at a time."""
+    messages: list[bytes] = []
+    owners: list[int] = []
+    refused: dict[int, str] = {}
+    for i, op in enumerate(ops):
+        try:
+            body = Encoder().encode(op)
+        except EncodeError as exc:
+            refused[i] = str(exc)
+            continue
+        messages.append(frame(FAMILY, flags, (first_seq + len(messages)) & 0xFFFFFFFF, body))
+        owners.append(i)
+    return messages, owners if refused else None, refused
+
+
+# Around every check of the batch encoder's inlined path (a NAT server of an IPv4
+# service), on both sides: a port or weight at its limit is encoded, one past it is
+# refused. Ports repeat, so cached port bytes are used as well as made.
+_EDGE_SERVICES = [ServiceKey(TCP, "10.0.0.1", 80), ServiceKey(UDP, "fd00::1", 80), ServiceKey(TCP, "0.0.0.0", 0, 7)]
+_EDGE_ADDRESSES = ["10.1.0.1", "fd00::5", "::ffff:10.1.0.2", "10.1.0.300", "", "10.1.0", " 10.1.0.3"]
+_EDGE_PORTS = [80, 0, 65535, 65536, -1, 80]
+_EDGE_WEIGHTS = [1, 0, nlcodec.MAX_WEIGHT, nlcodec.MAX_WEIGHT + 1, 2**32, -1]
+EDGE_DESTINATION_OPS = [
+    Operation(kind, key, destination=D(address, port, weight, forward))
+    for key in _EDGE_SERVICES
+    for address in _EDGE_ADDRESSES
+    for port in _EDGE_PORTS
+    for weight in _EDGE_WEIGHTS
+    for forward in (MASQ, ROUTE, TUNNEL)
+    for kind in (OpKind.ADD_DESTINATION, OpKind.EDIT_DESTINATION)
+]
+
+
+def test_batch_encoder_agrees_with_encode_on_edge_destinations() -> None:
+    ops = EDGE_DESTINATION_OPS
+    want_messages, want_owners, want_refused = _one_by_one(ops, nlcodec.NLM_F_REQUEST, 9)
+    assert want_messages and want_refused  # both kinds of outcome are covered
+    assert set(want_refused.values()) >= {
+        "port 65536 out of range", "port -1 out of range", "not an IP address: '10.1.0.300'",
+        f"weight {nlcodec.MAX_WEIGHT + 1} out of range 0..{nlcodec.MAX_WEIGHT}",
+        "Different address family is allowed only for tunneling servers",
+    }
+    assert Encoder().messages(ops, FAMILY, nlcodec.NLM_F_REQUEST, 9) == (want_messages, want_owners, want_refused)
+    # and one at a time, where each operation is the first of its service and port
+    for op in ops:
+        assert Encoder().messages([op], FAMILY, 1, 9) == _one_by_one([op], 1, 9)
+
+
+@pytest.mark.parametrize("first_seq", [2**32 - 7, 2**32 - 19, 2**32 - 20, 2**32 - 21, 2**32 - 30, 2**32 - 1,
+                                       2**32 + 5, -3, 0])
+def test_sequence_numbers_wrap_like_u32(first_seq: int) -> None:
+    """Numbering goes on from 2**32 - 1 to 0 (with or without refused operations),
+    and any first number is taken modulo 2**32."""
+    good = [Operation(OpKind.ADD_DESTINATION, ServiceKey(TCP, "10.0.0.1", 80), destination=D(f"10.1.0.{n}", 80))
+            for n in range(1, 21)]
+    ops = [*good[:5], BAD_DEST_ADDRESS[0], *good[5:], Operation(OpKind.DELETE_SERVICE, ServiceKey(TCP, "10.0.0.1", 80)),
+           *[op for op, _ in REFUSED[:9]]]
+    assert len(ops) == 31
+    want_messages, want_owners, want_refused = _one_by_one(ops, 5, first_seq)
+    assert Encoder().messages(ops, FAMILY, 5, first_seq) == (want_messages, want_owners, want_refused)
+    assert Encoder().messages(good, FAMILY, 5, first_seq) == (_one_by_one(good, 5, first_seq)[0], None, {})
+
+
 def test_flags_the_ipvsadm_backend_accepts_are_encoded() -> None:
     """flag-N works with any scheduler (ipvsadm -b flag-1,flag-3)."""
     op = Operation(OpKind.ADD_SERVICE, ServiceKey(TCP, "10.0.0.7", 80), "rr", None, frozenset({"flag-1", "flag-3"}))

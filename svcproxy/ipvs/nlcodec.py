@@ -37,7 +37,6 @@ import os
 import re
 import socket
 import struct
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from svcproxy.model import (
@@ -201,6 +200,7 @@ _U16_ATTR = struct.Struct("=HHH2x")
 _U32_ATTR = struct.Struct("=HHI")
 _GENL_HDR = struct.Struct("=BBH")
 _ERR = struct.Struct("=i")
+_U32 = struct.Struct("=I")
 
 
 class EncodeError(ValueError):
@@ -279,9 +279,9 @@ _DEST_KEY_HEAD = _NLA_HDR.pack(_DEST_KEY.size, IPVS_CMD_ATTR_DEST) + _NLA_HDR.pa
 _AF_ATTR = {af: _U16_ATTR.pack(6, IPVS_DEST_ATTR_ADDR_FAMILY, af) for af in (_AF_INET, _AF_INET6)}
 
 
-@dataclass(frozen=True)
-class _ServiceIdent:
-    """A service's identifying attributes, encoded once per service and reused."""
+class _ServiceIdent(NamedTuple):
+    """A service's identifying attributes, encoded once per service and reused
+    (a NamedTuple: a plan makes 10,000 of them, a frozen dataclass costs 4x more)."""
 
     family: int  # AF_INET / AF_INET6
     attrs: bytes  # AF + FWMARK or AF + PROTOCOL + ADDR + PORT, without the nest header
@@ -333,20 +333,28 @@ class Encoder:
         append = out.append
         pack = NLMSG_HDR.pack
         refused: dict[int, str] = {}
-        accepted: list[int] | None = None
-        seq = first_seq
+        # Sequence numbers are u32. A batch that wraps them (once in 4 billion
+        # messages) is numbered from 0 and renumbered at the end: no mask per message.
+        seq = first_seq & 0xFFFFFFFF
+        wraps = seq + len(ops) > 0x100000000
+        if wraps:
+            seq = 0
         add, edit = OpKind.ADD_DESTINATION, OpKind.EDIT_DESTINATION
-        new_dest, set_dest = _GENL[IPVS_CMD_NEW_DEST], _GENL[IPVS_CMD_SET_DEST]
-        head, port_hdr, weight_hdr = _DEST_FULL_HEAD, _PORT_HDR, _WEIGHT_HDR
-        structs: dict[int, struct.Struct] = {}
+        new_dest, set_dest, dest_head = _GENL[IPVS_CMD_NEW_DEST], _GENL[IPVS_CMD_SET_DEST], _DEST_FULL_HEAD
+        layouts: dict[int, tuple[bytes, Callable[..., bytes], Callable[..., bytes]]] = {}
+        # A NAT server's PORT + FWD_METHOD + WEIGHT header, by port: a plan has few
+        # distinct ports, and the lookup replaces a range check and to_bytes().
+        masq_runs: dict[int, bytes] = {}
         parts = _dest_parts
-        masq, fwd_masq, tail_v4 = Forward.MASQ, _FWD_ATTR[Forward.MASQ], _DEST_FULL_TAIL[_AF_INET]
-        af_inet, pton, zero12 = _AF_INET, socket.inet_pton, _ZERO12
+        masq, tail_v4, max_weight = Forward.MASQ, _DEST_FULL_TAIL[_AF_INET], MAX_WEIGHT
+        af_inet, pton = _AF_INET, socket.inet_pton
+        # Per service (set when its first destination operation is seen):
         last_key: ServiceKey | None = None
-        nest = b""
-        svc_family = size = 0
-        dest_pack = NLMSG_HDR.pack  # replaced once a destination operation is seen
-        for i, op in enumerate(ops):
+        svc_family = 0
+        inline_ok = False  # an IPv4 service, whose NAT servers may take the inline path
+        lead = new_prefix = set_prefix = b""  # see _dest_message_layout
+        pack_v4 = pack_any = pack
+        for op in ops:
             try:
                 kind = op.kind
                 if kind is add or kind is edit:
@@ -354,43 +362,53 @@ class Encoder:
                     if key is not last_key:
                         ident = self.ident(key)
                         last_key, nest, svc_family = key, ident.nest, ident.family
-                        whole = structs.get(len(nest))
-                        if whole is None:
-                            whole = structs[len(nest)] = _dest_message_struct(len(nest))
-                        dest_pack, size = whole.pack, whole.size
+                        inline_ok = svc_family == af_inet
+                        layout = layouts.get(len(nest))
+                        if layout is None:
+                            layout = layouts[len(nest)] = _dest_message_layout(len(nest), family, flags)
+                        lead, pack_v4, pack_any = layout
+                        nest_head = nest + dest_head
+                        new_prefix, set_prefix = new_dest + nest_head, set_dest + nest_head
                     # The usual real server (NAT, IPv4 in an IPv4 service, a valid port
                     # and weight) inline; anything else, with its checks and refusals,
-                    # through _dest_parts.
+                    # through _dest_parts. (The checks keep their order, so even a
+                    # value of the wrong type fails here as it did before.)
                     dest = op.destination
-                    addr = None
-                    if (dest is not None and dest.forward is masq and svc_family == af_inet
-                            and ":" not in dest.address and 0 <= dest.weight <= MAX_WEIGHT
-                            and 0 <= dest.port <= 65535):
-                        try:
-                            addr = pton(af_inet, dest.address) + zero12
-                        except OSError:
-                            pass  # not an address: _dest_parts refuses it
-                        else:
-                            port, fwd, weight, tail = dest.port.to_bytes(2, "big"), fwd_masq, dest.weight, tail_v4
-                    if addr is None:
-                        addr, port, fwd, weight, tail = parts(op, svc_family)
-                    message = dest_pack(
-                        size, family, flags, seq & 0xFFFFFFFF, 0, new_dest if kind is add else set_dest, nest,
-                        head, addr, port_hdr, port, fwd, weight_hdr, weight, tail,
-                    )
+                    message = b""
+                    if inline_ok and dest is not None and dest.forward is masq and 0 <= dest.weight <= max_weight:
+                        port = dest.port
+                        run = masq_runs.get(port)
+                        if run is None and 0 <= port <= 65535:
+                            run = masq_runs[port] = _masq_run(port)
+                        if run is not None:
+                            try:
+                                message = pack_v4(
+                                    lead, seq, new_prefix if kind is add else set_prefix,
+                                    pton(af_inet, dest.address), run, dest.weight, tail_v4,
+                                )
+                            except OSError:
+                                pass  # not IPv4 text (an IPv6 address, say): _dest_parts decides
+                    if not message:
+                        addr, port_bytes, fwd, weight, tail = parts(op, svc_family)
+                        message = pack_any(
+                            lead, seq, new_prefix if kind is add else set_prefix,
+                            addr, _PORT_HDR, port_bytes, fwd, _WEIGHT_HDR, weight, tail,
+                        )
                 else:
                     body = self.encode(op)
-                    message = pack(16 + len(body), family, flags, seq & 0xFFFFFFFF, 0) + body
+                    message = pack(16 + len(body), family, flags, seq, 0) + body
             except EncodeError as exc:
-                refused[i] = str(exc)
-                if accepted is None:
-                    accepted = list(range(i))
+                # Each earlier operation is either encoded or refused, so this is
+                # its index: no enumerate() per operation for a rare case.
+                refused[len(out) + len(refused)] = str(exc)
                 continue
-            if accepted is not None:
-                accepted.append(i)
             append(message)
             seq += 1
-        return out, accepted, refused
+        if wraps:
+            out = [_renumbered(message, first_seq + k) for k, message in enumerate(out)]
+        if not refused:
+            return out, None, refused
+        return out, [i for i in range(len(ops)) if i not in refused], refused
 
     def encode(self, op: Operation) -> bytes:
         """The request body for one operation; EncodeError if it cannot be one."""
@@ -414,7 +432,9 @@ class Encoder:
             return _GENL[IPVS_CMD_DEL_SERVICE] + ident.nest
         cmd = IPVS_CMD_NEW_SERVICE if kind is OpKind.ADD_SERVICE else IPVS_CMD_SET_SERVICE
         key = op.service
-        inputs = (op.scheduler, op.persistence, op.flags, ident.family, key.port == 0, key.fwmark != 0, key.protocol)
+        # (Whether UDP, not the Protocol: an enum hashes in Python, at every lookup.)
+        inputs = (op.scheduler, op.persistence, op.flags, ident.family, key.port == 0, key.fwmark != 0,
+                  key.protocol is Protocol.UDP)
         settings = self._settings.get(inputs)
         if settings is None:  # refusals (EncodeError) are not kept: raised again each time
             settings = self._settings[inputs] = _service_settings(op, ident.family)
@@ -427,20 +447,23 @@ def _port_bytes(port: int) -> bytes:
     return port.to_bytes(2, "big")
 
 
+#: A service's AF, PROTOCOL, ADDR and PORT attributes, inside their nest: one pack
+#: (the nest, then the attributes are its last 44 bytes).
+_SVC_IDENT = struct.Struct("=HHHHH2xHHH2xHH16sHH2s2x")
+
+
 def _make_ident(key: ServiceKey) -> _ServiceIdent:
     af, addr = _packed_address(key.address)
     if key.fwmark:
         if not 0 < key.fwmark < 2**32:
             raise EncodeError(f"fwmark {key.fwmark} out of range")
         attrs = _U16_ATTR.pack(6, IPVS_SVC_ATTR_AF, af) + _U32_ATTR.pack(8, IPVS_SVC_ATTR_FWMARK, key.fwmark)
-    else:
-        attrs = (
-            _U16_ATTR.pack(6, IPVS_SVC_ATTR_AF, af)
-            + _U16_ATTR.pack(6, IPVS_SVC_ATTR_PROTOCOL, _PROTO_NUMBER[key.protocol])
-            + _nla(IPVS_SVC_ATTR_ADDR, addr)
-            + _nla(IPVS_SVC_ATTR_PORT, _port_bytes(key.port))
-        )
-    return _ServiceIdent(af, attrs, _nest(IPVS_CMD_ATTR_SERVICE, attrs))
+        return _ServiceIdent(af, attrs, _nest(IPVS_CMD_ATTR_SERVICE, attrs))
+    nest = _SVC_IDENT.pack(
+        _SVC_IDENT.size, IPVS_CMD_ATTR_SERVICE, 6, IPVS_SVC_ATTR_AF, af, 6, IPVS_SVC_ATTR_PROTOCOL,
+        _PROTO_NUMBER[key.protocol], 20, IPVS_SVC_ATTR_ADDR, addr, 6, IPVS_SVC_ATTR_PORT, _port_bytes(key.port),
+    )
+    return _ServiceIdent(af, nest[4:], nest)
 
 
 def _dest_parts(op: Operation, svc_family: int) -> tuple[bytes, bytes, bytes, int, bytes]:
@@ -481,10 +504,39 @@ def _dest_full(op: Operation, svc_family: int) -> bytes:
     return _DEST_FULL.pack(_DEST_FULL_HEAD, addr, _PORT_HDR, port, fwd, _WEIGHT_HDR, weight, tail)
 
 
-def _dest_message_struct(nest_size: int) -> struct.Struct:
+def _renumbered(message: bytes, seq: int) -> bytes:
+    return message[:8] + _U32.pack(seq & 0xFFFFFFFF) + message[12:]
+
+
+#: The netlink header up to the sequence number: length, type, flags.
+_NLMSG_LEAD = struct.Struct("=IHH")
+#: What lies between ADDR and the weight in a NAT server's NEW/SET_DEST nest: the
+#: PORT attribute (padded), the FWD_METHOD attribute and the WEIGHT header.
+_MASQ_RUN = struct.Struct("=4s2s2x8s4s")
+
+
+def _masq_run(port: int) -> bytes:
+    return _MASQ_RUN.pack(_PORT_HDR, port.to_bytes(2, "big"), _FWD_ATTR[Forward.MASQ], _WEIGHT_HDR)
+
+
+def _dest_message_layout(
+    nest_size: int, family: int, flags: int
+) -> tuple[bytes, Callable[..., bytes], Callable[..., bytes]]:
     """A whole NEW/SET_DEST message (netlink header, genl header, service nest of
-    ``nest_size`` bytes, destination nest) as one Struct: one pack per request."""
-    return struct.Struct(f"=IHHII4s{nest_size}s" + _DEST_FULL.format[1:])
+    ``nest_size`` bytes, destination nest) as one pack per request.
+
+    Returns the header's constant start (length, type, flags), then two packs
+    that take it, the sequence number and the genl header + service nest +
+    destination nest header + ADDR header as one string: that of a NAT server
+    with an IPv4 address (then the 4-byte address, padded to 16 by the format, a
+    ``_masq_run`` and the weight), and that of any real server (then the rest of
+    ``_DEST_FULL``). Port id 0 is padding. Each argument left out is a step less
+    per request.
+    """
+    head = f"=8sI4x{4 + nest_size + len(_DEST_FULL_HEAD)}s"
+    ipv4_masq = struct.Struct(f"{head}4s12x{_MASQ_RUN.size}sI24s")
+    any_server = struct.Struct(f"{head}16s4s2s2x8s4sI24s")
+    return _NLMSG_LEAD.pack(any_server.size, family, flags), ipv4_masq.pack, any_server.pack
 
 
 def _service_settings(op: Operation, af: int) -> bytes:
