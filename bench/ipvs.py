@@ -13,7 +13,8 @@ baselines, all in the same run so that ratios are meaningful:
   the next windows are encoded while the kernel works);
 * full read: ``ipvsadm -Sn`` alone, ``-Sn`` + parse (IpvsadmBackend.read),
   ``-Ln`` + parse (read(counts=True), the one with connection counts),
-  NetlinkBackend.read (always with counts);
+  NetlinkBackend.read (always with counts; real servers from /proc/net/ip_vs), and
+  the same with proc=False (one GET_DEST dump per service, its fallback);
 * a 1% change (1% of the services each lose a real server, gain one and change a
   weight): apply alone, and read + diff + apply (what a full sync costs).
 
@@ -46,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from svcproxy.diff import diff  # noqa: E402
-from svcproxy.ipvs import nlcodec  # noqa: E402
+from svcproxy.ipvs import nlcodec, procfs  # noqa: E402
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend, parse_list, parse_save, render  # noqa: E402
 from svcproxy.ipvs.netlink import NetlinkBackend, _Channel, _new_socket  # noqa: E402
 from svcproxy.model import Destination, OpKind, Operation, Protocol, ServiceKey, Table, VirtualService  # noqa: E402
@@ -278,6 +279,7 @@ def kernel_bench(args: argparse.Namespace) -> int:
         ("ipvsadm -Ln (no parsing)", lambda: ipvsadm_text("-Ln")),
         ("IpvsadmBackend.read(counts=True) (-Ln + parse)", lambda: IpvsadmBackend().read(counts=True)),
         ("NetlinkBackend.read (with counts)", lambda: NetlinkBackend().read()),
+        ("NetlinkBackend.read proc=False (a GET_DEST dump per service)", lambda: NetlinkBackend(proc=False).read()),
         # As the agent's full syncs run them: with the cyclic GC paused (reconcile.paused_gc).
         ("IpvsadmBackend.read (-Sn + parse), GC paused", lambda: gc_paused(IpvsadmBackend().read)),
         ("IpvsadmBackend.read(counts=True), GC paused", lambda: gc_paused(lambda: IpvsadmBackend().read(counts=True))),
@@ -342,6 +344,7 @@ def kernel_bench(args: argparse.Namespace) -> int:
     nl_read_p = report.get("read", "NetlinkBackend.read, GC paused (as in the agent)")
     sn_read_p = report.get("read", "IpvsadmBackend.read (-Sn + parse), GC paused")
     ln_read_p = report.get("read", "IpvsadmBackend.read(counts=True), GC paused")
+    nl_dumps = report.get("read", "NetlinkBackend.read proc=False (a GET_DEST dump per service)")
     nl_change = report.get("change", "NetlinkBackend.apply")
     nl_acks = report.get("apply", "NetlinkBackend.apply acks=True")
     nl_inline = report.get("apply", "NetlinkBackend.apply prefetch=False (encode inline)")
@@ -361,6 +364,8 @@ def kernel_bench(args: argparse.Namespace) -> int:
         print(f"  {'OK  ' if ok else 'MISS'} {text_}: {value:.2f}")
     print(f"  encoding in a helper thread while the kernel works: {nl_inline / nl_apply:.2f}x faster than inline "
           f"({nl_inline:.2f} s vs {nl_apply:.2f} s)")
+    print(f"  real servers from /proc/net/ip_vs: the read is {nl_dumps / nl_read:.2f}x faster than with a "
+          f"GET_DEST dump per service ({nl_read:.2f} s vs {nl_dumps:.2f} s)")
     print(f"  acks: asking only the last of each window is {floor_ack / floor_noack:.2f}x faster at the floor, "
           f"{nl_acks / nl_apply:.2f}x faster for the backend")
     return 0
@@ -385,6 +390,19 @@ def kernel_dest_message(seq: int, family: int, dest: Destination) -> bytes:
     return nlcodec.frame(family, nlcodec.NLM_F_MULTI, seq, body)
 
 
+def proc_text(table: Table) -> str:
+    """``table`` as the kernel writes /proc/net/ip_vs (IPv4, no persistence)."""
+    lines = ["IP Virtual Server version 1.2.1 (size=4096)", "Prot LocalAddress:Port Scheduler Flags",
+             "  -> RemoteAddress:Port Forward Weight ActiveConn InActConn"]
+    for vs in table.sorted():
+        protocol, address = procfs.label(vs.key)
+        lines.append(f"{protocol}  {address} {vs.scheduler}  ")
+        for d in vs.destinations:
+            lines.append(f"  -> {socket.inet_aton(d.address).hex().upper()}:{d.port:04X}      Masq    "
+                         f"{d.weight:<6} {d.active_conns:<10} {d.inactive_conns:<10}")
+    return "\n".join(lines) + "\n"
+
+
 def codec_bench(args: argparse.Namespace) -> int:
     """What the backend's own Python costs, without a kernel: encoding a full plan
     (Encoder.messages, as apply does) and decoding a full read's real servers
@@ -398,6 +416,7 @@ def codec_bench(args: argparse.Namespace) -> int:
     messages = b"".join(kernel_dest_message(seq, family, d) for vs in table.sorted() for d in vs.destinations)
     grams = [messages[i * size : (i + per) * size] for i in range(0, len(messages) // size, per)]
     text = "".join(line + "\n" for line in render(plan))
+    proc = proc_text(table)
 
     def decode() -> list[Destination]:
         out: list[Destination] = []
@@ -411,12 +430,16 @@ def codec_bench(args: argparse.Namespace) -> int:
     dec, got = best(args.repeat, decode, cpu)
     dec_paused, _ = best(args.repeat, lambda: gc_paused(decode), cpu)
     parse, _ = best(args.repeat, lambda: parse_save(text), cpu)
+    proc_paused, parsed = best(args.repeat, lambda: gc_paused(lambda: procfs.parse(proc)), cpu)
     assert isinstance(got, list) and len(got) == table.destination_count()
+    assert isinstance(parsed, dict) and sum(map(len, parsed.values())) == len(got)
     print(f"host codec, {args.services} x {args.dests}, best of {args.repeat} (CPU time):")
     print(f"  encode {len(plan)} requests (Encoder.messages):        {enc:.3f} s ({1e6 * enc / len(plan):.2f} us each)")
     print(f"  decode {len(got)} real servers (decode_dest_datagram): {dec:.3f} s ({1e6 * dec / len(got):.2f} us each)")
     print(f"    the same with the GC paused (as the agent's full syncs read): {dec_paused:.3f} s "
           f"({1e6 * dec_paused / len(got):.2f} us each)")
+    print(f"  the same real servers from /proc/net/ip_vs text (procfs.parse), GC paused: {proc_paused:.3f} s "
+          f"({1e6 * proc_paused / len(got):.2f} us each)")
     print(f"  for comparison, parse_save of the same table's ipvsadm -Sn text: {parse:.3f} s "
           f"({1e6 * parse / len(plan):.2f} us a line)")
     return 0

@@ -14,12 +14,16 @@ number, and the last request's answer marks the end of the window. That halves t
 syscalls and skb allocations of acking everything (measured: see
 docs/performance.md). Sequence numbers tie each error to its operation.
 
-Reading: one GET_SERVICE dump, then one GET_DEST dump per service. Dumps cannot be
-batched the same way: a socket runs one dump at a time (a second request gets
-EBUSY) and a dump only finishes when its reader calls ``recv()`` (the kernel fills
-the next part, here the NLMSG_DONE, from inside ``recvmsg``). So each service costs
-one ``send`` and two ``recv`` calls, with no other waiting. Destination messages
-come back with their connection counts, which graceful termination needs.
+Reading: one GET_SERVICE dump gives every service with all its settings. Real
+servers come from /proc/net/ip_vs (``procfs``), which lists all of them, connection
+counts included, in a few large reads. Over netlink they would take one GET_DEST
+dump per service, and dumps cannot be batched the way requests are: a socket runs
+one dump at a time (a second request gets EBUSY) and a dump only finishes when its
+reader calls ``recv()`` (the kernel fills the next part, here the NLMSG_DONE, from
+inside ``recvmsg``), so each service costs one ``send`` and two ``recv`` calls.
+Those per-service dumps remain the fallback whenever the file is missing, cannot be
+parsed, or does not list exactly the services of the dump (the table changed
+between the two reads): the file only ever saves time.
 
 Namespaces: with ``netns`` (a path such as /var/run/netns/NAME or
 /proc/PID/ns/net), the socket is created by a short-lived thread that first joins
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import operator
 import os
 import queue
@@ -42,7 +47,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Generator, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
-from svcproxy.ipvs import nlcodec
+from svcproxy.ipvs import nlcodec, procfs
 from svcproxy.ipvs.backend import BackendError
 from svcproxy.ipvs.nlcodec import (
     NLM_F_ACK,
@@ -52,6 +57,7 @@ from svcproxy.ipvs.nlcodec import (
     NLMSG_ERROR,
     DecodeError,
     Encoder,
+    DecodedService,
     Message,
     decode_dest_datagram,
     decode_error,
@@ -63,6 +69,8 @@ from svcproxy.ipvs.nlcodec import (
 from svcproxy.model import Destination, Operation, OperationResult, ServiceKey, Table, VirtualService
 
 __all__ = ["NetlinkBackend", "NetlinkSocket"]
+
+log = logging.getLogger(__name__)
 
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
@@ -341,16 +349,14 @@ def _new_socket(bufsize: int, timeout: float) -> socket.socket:
     return sock
 
 
-def _socket_in(netns: str, bufsize: int, timeout: float) -> socket.socket:
-    """A netlink socket created inside the network namespace at ``netns``.
-
-    setns() changes the namespace of the calling thread only, so a throwaway thread
-    does it and creates the socket; the socket keeps that namespace for its life.
-    """
-    result: list[socket.socket] = []
+def _in_netns(netns: str, fn: Callable[[], T]) -> T:
+    """``fn()`` run by a throwaway thread that has joined the network namespace at
+    ``netns`` (setns() changes the namespace of the calling thread only). A socket
+    or file it opens keeps that namespace for its life."""
+    result: list[T] = []
     failure: list[BaseException] = []
 
-    def enter_and_create() -> None:
+    def enter_and_run() -> None:
         try:
             fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -362,18 +368,23 @@ def _socket_in(netns: str, bufsize: int, timeout: float) -> socket.socket:
                 code = ctypes.get_errno()
                 failure.append(BackendError(f"cannot enter network namespace {netns}: {os.strerror(code)}"))
                 return
-            result.append(_new_socket(bufsize, timeout))
+            result.append(fn())
         except BaseException as exc:  # re-raised in the caller's thread
             failure.append(exc)
         finally:
             os.close(fd)
 
-    worker = threading.Thread(target=enter_and_create, name=f"svcproxy-netns:{netns}", daemon=True)
+    worker = threading.Thread(target=enter_and_run, name=f"svcproxy-netns:{netns}", daemon=True)
     worker.start()
     worker.join()
     if failure:
         raise failure[0]
     return result[0]
+
+
+def _read_proc_file() -> str:
+    with open(procfs.PATH, "rb", buffering=0) as file:
+        return procfs.read(file)
 
 
 #: The model's order of real servers (DestKey's: address text, then port).
@@ -388,6 +399,9 @@ class NetlinkBackend:
     ``window``: requests per datagram (also capped by the socket buffers).
     ``prefetch``: encode large plans in a helper thread while the kernel works.
     ``opener``: makes the socket (tests pass a fake kernel); ``netns`` is then unused.
+    ``proc``: where ``read`` takes real servers from: True, /proc/net/ip_vs of the
+    namespace; False, a GET_DEST dump per service; or a function returning the
+    file's text (tests). Default: True, but False with an ``opener``.
     """
 
     def __init__(
@@ -400,6 +414,7 @@ class NetlinkBackend:
         timeout: float = 60.0,
         prefetch: bool = True,
         opener: Callable[[], NetlinkSocket] | None = None,
+        proc: bool | Callable[[], str] | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -410,6 +425,8 @@ class NetlinkBackend:
         self.timeout = timeout
         self.prefetch = prefetch
         self.opener = opener
+        self.proc: bool | Callable[[], str] = opener is None if proc is None else proc
+        self._proc_warned = False
 
     def __repr__(self) -> str:
         return (f"NetlinkBackend(netns={self.netns!r}, acks={self.acks}, window={self.window}, "
@@ -424,7 +441,7 @@ class NetlinkBackend:
             elif self.netns is None:
                 sock = _new_socket(self.bufsize, self.timeout)
             else:
-                sock = _socket_in(self.netns, self.bufsize, self.timeout)
+                sock = _in_netns(self.netns, lambda: _new_socket(self.bufsize, self.timeout))
         except OSError as exc:
             raise BackendError(f"cannot open a generic netlink socket: {exc}") from exc
         try:
@@ -448,6 +465,10 @@ class NetlinkBackend:
 
     def _read(self, channel: _Channel) -> Table:
         listed = [decode_service(data, msg) for data, msg in channel.dump(nlcodec.GET_SERVICE_BODY)]
+        if self.proc is not False:
+            table = self._joined(listed)
+            if table is not None:
+                return table
         encoder = Encoder()
         names: dict[bytes, str] = {}
         services: dict[ServiceKey, VirtualService] = {}
@@ -458,6 +479,43 @@ class NetlinkBackend:
                 vs = VirtualService(vs.key, vs.scheduler, vs.persistence, vs.flags, tuple(dests))
             services[vs.key] = vs
         return Table(services)
+
+    def _joined(self, listed: list[DecodedService]) -> Table | None:
+        """The dumped services with their real servers from /proc/net/ip_vs, or None
+        when the file cannot be used this time (the caller dumps them instead)."""
+        try:
+            if callable(self.proc):
+                text = self.proc()
+            elif self.netns is None:
+                text = _read_proc_file()
+            else:
+                text = _in_netns(self.netns, _read_proc_file)
+            servers = procfs.parse(text)
+        except (OSError, BackendError, DecodeError) as exc:
+            self._proc_unusable(f"{exc}")
+            return None
+        if len(servers) != len(listed):
+            self._proc_unusable(f"it lists {len(servers)} services, the netlink dump {len(listed)}")
+            return None
+        services: dict[ServiceKey, VirtualService] = {}
+        for vs, _, _ in listed:
+            dests = servers.get(procfs.label(vs.key))
+            if dests is None:
+                self._proc_unusable(f"it does not list {vs.key}")
+                return None
+            if dests:
+                dests.sort(key=_DEST_ORDER)
+                vs = VirtualService(vs.key, vs.scheduler, vs.persistence, vs.flags, tuple(dests))
+            services[vs.key] = vs
+        return Table(services)
+
+    def _proc_unusable(self, why: str) -> None:
+        # A warning the first time (a missing or unexpected file stays so); a
+        # table that changed between the two reads is normal, hence debug after.
+        level = logging.DEBUG if self._proc_warned else logging.WARNING
+        self._proc_warned = True
+        log.log(level, "reading real servers over netlink, one dump per service (slower): %s: %s",
+                procfs.PATH, why)
 
     def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
         """Apply in order; return the operations the kernel (or the encoder) refused,

@@ -10,6 +10,7 @@ the kernel behaviour the design relies on (dumps cannot share a socket).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import time
@@ -66,6 +67,29 @@ def test_both_backends_read_the_same_kernel_table(root: None) -> None:
     assert netlink == IpvsadmBackend().read()
     assert netlink == IpvsadmBackend().read(counts=True)
     assert netlink == parse_save(text)
+
+
+@pytest.mark.parametrize("where", ["root", "netns"])
+def test_real_servers_come_from_proc_net_ip_vs(root: None, where: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The default read takes real servers from the namespace's /proc/net/ip_vs
+    (no fallback warning) and gives what one GET_DEST dump per service gives, for
+    every setting ipvsadm can express; in a namespace, that namespace's file."""
+    text = (FIXTURES / "save_mixed.txt").read_text()
+    name = make_netns() if where == "netns" else None
+    netns = f"/var/run/netns/{name}" if name else None
+    try:
+        cmd = ["ip", "netns", "exec", name, "ipvsadm", "-R"] if name else ["ipvsadm", "-R"]
+        subprocess.run(cmd, input=text, text=True, check=True)
+        with caplog.at_level(logging.DEBUG, logger="svcproxy.ipvs.netlink"):
+            by_file = NetlinkBackend(netns=netns).read()
+        assert [r.getMessage() for r in caplog.records if "one dump per service" in r.getMessage()] == []
+        assert by_file == NetlinkBackend(netns=netns, proc=False).read()
+        assert by_file == parse_save(text)
+        if name:
+            assert NetlinkBackend().read() == Table()
+    finally:
+        if name:
+            subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 def test_ipvsadm_reads_what_netlink_wrote_and_back(root: None) -> None:

@@ -1,0 +1,198 @@
+"""/proc/net/ip_vs: the parser (on a file the test VM's kernel wrote) and the
+netlink backend's use of it (against the fake kernel of test_netlink_codec)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from svcproxy.ipvs import nlcodec, procfs
+from svcproxy.ipvs.netlink import NetlinkBackend
+from svcproxy.ipvs.nlcodec import DecodeError
+from svcproxy.model import Destination, Forward, Protocol, ServiceKey
+from test_netlink_codec import DESIRED, FakeKernel
+
+TCP, UDP, SCTP = Protocol.TCP, Protocol.UDP, Protocol.SCTP
+MASQ, ROUTE, TUNNEL = Forward.MASQ, Forward.ROUTE, Forward.TUNNEL
+D = Destination
+
+#: Written by Linux 6.1 (the test VM's kernel) after these ipvsadm commands:
+#: -A -t [fd00::20]:80 -s rr; -a ... -r 10.1.1.1:80 -i
+#: -A -t 10.96.0.1:80 -s rr; -a ... -r 10.244.1.5:8080 -m -w 1; -r 10.244.2.7:8080 -m -w 0
+#: -A -u 10.96.0.4:53 -s rr -o; -a ... -r 10.244.1.5:53 -m
+#: -A -u [fd00::10]:53 -s wlc; -a ... -r [fd00::1:5]:53 -m -w 3
+#: -A -t 10.96.0.9:8443 -s rr (no real servers)
+#: -A -t 10.96.0.2:443 -s sh -b sh-port,sh-fallback; -a ... -r 192.168.1.2:443 -i -w 256
+#: -A --sctp-service 10.96.0.3:9 -s rr -p 60 -M 255.255.255.0; -a ... -r 10.244.3.1:9 -g -w 65535
+#: -A -f 7 -s wlc -p 300; -a -f 7 -r 10.0.0.5:0 -g -w 1
+#: -A -f 8 -6 -s rr (no real servers)
+KERNEL_FILE = (Path(__file__).parent / "data" / "proc_net_ip_vs.txt").read_text()
+
+EXPECTED = {
+    ServiceKey(TCP, "fd00::20", 80): [D("10.1.1.1", 80, 1, TUNNEL)],
+    ServiceKey(TCP, "10.96.0.1", 80): [D("10.244.2.7", 8080, 0), D("10.244.1.5", 8080, 1)],
+    ServiceKey(UDP, "10.96.0.4", 53): [D("10.244.1.5", 53, 1)],
+    ServiceKey(UDP, "fd00::10", 53): [D("fd00::1:5", 53, 3)],
+    ServiceKey(TCP, "10.96.0.9", 8443): [],
+    ServiceKey(TCP, "10.96.0.2", 443): [D("192.168.1.2", 443, 256, TUNNEL)],
+    ServiceKey(SCTP, "10.96.0.3", 9): [D("10.244.3.1", 9, 65535, ROUTE)],
+    ServiceKey(TCP, "0.0.0.0", 0, 7): [D("10.0.0.5", 0, 1, ROUTE)],
+    ServiceKey(TCP, "::", 0, 8): [],
+}
+
+
+def test_the_kernels_file_parses_into_every_service_and_real_server() -> None:
+    parsed = procfs.parse(KERNEL_FILE)
+    assert parsed == {procfs.label(key): dests for key, dests in EXPECTED.items()}
+    assert list(parsed) == [procfs.label(key) for key in EXPECTED]  # the file's order
+
+
+def test_labels_are_the_files_own_words() -> None:
+    lines = [line.split()[:2] for line in KERNEL_FILE.splitlines()[3:] if not line.startswith(" ")]
+    assert [list(procfs.label(key)) for key in EXPECTED] == lines
+
+
+def test_connection_counts_and_the_other_forwarding_names() -> None:
+    text = "\n".join([
+        *KERNEL_FILE.splitlines()[:3],
+        "TCP  0A600001:0050 rr  ",
+        "  -> 0AF40105:1F90      Masq    5      1234       987654    ",
+        "  -> 0AF40106:1F90      Local   1      0          7         ",
+        "  -> [fd00:0000:0000:0000:0000:0000:0001:0005]:1F90      Route   2      3          4         ",
+        "",
+    ])
+    assert procfs.parse(text) == {("TCP", "0A600001:0050"): [
+        D("10.244.1.5", 8080, 5, MASQ, 1234, 987654),
+        D("10.244.1.6", 8080, 1, MASQ, 0, 7),  # LOCALNODE: masq, as over netlink
+        D("fd00::1:5", 8080, 2, ROUTE, 3, 4),
+    ]}
+
+
+def test_an_empty_table() -> None:
+    assert procfs.parse("\n".join(KERNEL_FILE.splitlines()[:3]) + "\n") == {}
+
+
+HEAD = "\n".join(KERNEL_FILE.splitlines()[:3]) + "\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "expected header"),
+    ("IP Virtual Server version 1.2.1 (size=4096)\nProt LocalAddress:Port\n", "expected header"),
+    (HEAD + "  -> 0AF40105:1F90      Masq    1      0          0\n", "real server line"),
+    (HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Masq    1      0\n", "real server line"),
+    (HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Bypass  1      0          0\n", "forwarding method"),
+    (HEAD + "TCP  0A600001:0050 rr\n  -> 0AF4010:1F90      Masq    1      0          0\n", "bad address"),
+    (HEAD + "TCP  0A600001:0050 rr\n  -> 0AF4010Z:1F90      Masq    1      0          0\n", "non-hexadecimal"),
+    (HEAD + "TCP  0A600001:0050 rr\n  -> [fd00::zz]:1F90      Masq    1      0          0\n", "illegal IP"),
+    (HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F9      Masq    1      0          0\n", "bad port"),
+    (HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Masq    x      0          0\n", "invalid literal"),
+    (HEAD + "TCP  0A600001:0050\n", "service line"),
+    (HEAD + "TCP  0A600001:0050 rr\nTCP  0A600001:0050 rr\n", "listed twice"),
+])
+def test_anything_unexpected_is_a_decode_error(text: str, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        procfs.parse(text)
+
+
+# ------------------------------------------------------------------ the backend
+
+
+class CountingKernel(FakeKernel):
+    """The fake kernel, counting GET_DEST dumps, with its table as /proc shows it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dest_dumps = 0
+
+    def _dump(self, seq: int, cmd: int, svc_attrs: dict[str, Any]) -> None:
+        self.dest_dumps += cmd == nlcodec.IPVS_CMD_GET_DEST
+        super()._dump(seq, cmd, svc_attrs)
+
+    def proc_text(self) -> str:
+        """ip_vs_info_seq_show's output for this table (services in table order,
+        real servers newest first, as the kernel lists them)."""
+        lines = [HEAD.rstrip("\n")]
+        for key in self.order:
+            svc = self.services[key]
+            if len(key) == 2:
+                lines.append(f"FWM  {key[1]:08X} {svc.sched} ")
+            elif svc.af == socket.AF_INET6:
+                lines.append(f"{({6: 'TCP', 17: 'UDP', 132: 'SCTP'})[key[1]]}  [{_full(key[2])}]:{key[3]:04X} {svc.sched} ")
+            else:
+                lines.append(f"{({6: 'TCP', 17: 'UDP', 132: 'SCTP'})[key[1]]}  {key[2].hex().upper()}:{key[3]:04X} "
+                             f"{svc.sched}  ")
+            for d in reversed(list(svc.dests.values())):
+                address = (f"[{_full(socket.inet_pton(socket.AF_INET6, d.address))}]" if ":" in d.address
+                           else socket.inet_pton(socket.AF_INET, d.address).hex().upper())
+                fwd = {MASQ: "Masq", ROUTE: "Route", TUNNEL: "Tunnel"}[d.forward]
+                lines.append(f"  -> {address}:{d.port:04X}      {fwd:<7} {d.weight:<6} {d.active_conns:<10} "
+                             f"{d.inactive_conns:<10}")
+        return "\n".join(lines) + "\n"
+
+
+def _full(raw: bytes) -> str:
+    words = raw.hex()
+    return ":".join(words[i : i + 4] for i in range(0, 32, 4))
+
+
+def _loaded(kernel: CountingKernel) -> CountingKernel:
+    from svcproxy.diff import diff
+    from svcproxy.model import Table
+
+    assert NetlinkBackend(opener=lambda: kernel).apply(diff(DESIRED, Table())) == []
+    kernel.set_conns("10.244.1.5", 8080, 3, 17)
+    return kernel
+
+
+def test_the_backend_reads_real_servers_from_the_file_and_dumps_none() -> None:
+    kernel = _loaded(CountingKernel())
+    by_dumps = NetlinkBackend(opener=lambda: kernel).read()  # the default with an opener: dumps
+    assert kernel.dest_dumps == len(DESIRED)
+    kernel.dest_dumps = 0
+    by_file = NetlinkBackend(opener=lambda: kernel, proc=kernel.proc_text).read()
+    assert kernel.dest_dumps == 0
+    assert by_file == by_dumps
+    assert by_file.services[ServiceKey(TCP, "10.96.0.10", 80)].destinations[0] == D("10.244.1.5", 8080, 1, MASQ, 3, 17)
+
+
+@pytest.mark.parametrize("why, spoil", [
+    ("does not list", lambda text: text.replace("0A60000E:1F90", "0A6000EE:1F90")),
+    ("lists 11 services", lambda text: text + "TCP  0A6000FF:0050 rr  \n"),
+    ("expected header", lambda text: text[10:]),
+    ("No such file", None),
+])
+def test_the_backend_falls_back_to_dumps_and_warns_once(
+    why: str, spoil: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    kernel = _loaded(CountingKernel())
+
+    def source() -> str:
+        if spoil is None:
+            raise FileNotFoundError(2, "No such file or directory", procfs.PATH)
+        text: str = spoil(kernel.proc_text())
+        return text
+
+    backend = NetlinkBackend(opener=lambda: kernel, proc=source)
+    want = NetlinkBackend(opener=lambda: kernel).read()
+    kernel.dest_dumps = 0
+    with caplog.at_level(logging.DEBUG, logger="svcproxy.ipvs.netlink"):
+        assert backend.read() == want
+        assert backend.read() == want
+    assert kernel.dest_dumps == 2 * len(DESIRED)
+    levels = [r.levelno for r in caplog.records if "one dump per service" in r.getMessage()]
+    assert levels == [logging.WARNING, logging.DEBUG]
+    assert why in caplog.records[0].getMessage()
+
+
+def test_proc_false_dumps_and_is_the_default_only_with_a_fake_kernel() -> None:
+    kernel = _loaded(CountingKernel())
+    kernel.dest_dumps = 0
+    assert NetlinkBackend(opener=lambda: kernel, proc=False).read() == NetlinkBackend(
+        opener=lambda: kernel, proc=kernel.proc_text).read()
+    assert kernel.dest_dumps == len(DESIRED)
+    assert NetlinkBackend(opener=lambda: kernel).proc is False
+    assert NetlinkBackend().proc is True
