@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -403,6 +403,25 @@ def proc_text(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kernel_service_message(seq: int, family: int, key: ServiceKey, sched: str) -> bytes:
+    """A GET_SERVICE reply laid out as ip_vs_genl_fill_service (6.1) writes it for
+    an IPv4 service (the address is always 16 bytes) without persistence."""
+    def u32(t: int, v: int) -> bytes:
+        return struct.pack("=HHI", 8, t, v)
+
+    name = sched.encode() + b"\0"
+    stats = struct.pack("=HH", 4 + 10 * 8, 10) + b"".join(u32(t, 0) for t in range(1, 11))
+    stats64 = struct.pack("=HH", 4 + 10 * 12, 12) + b"".join(struct.pack("=HHQ", 12, t, 0) for t in range(1, 11))
+    attrs = (struct.pack("=HHH2x", 6, 1, socket.AF_INET) + struct.pack("=HHH2x", 6, 2, socket.IPPROTO_TCP)
+             + struct.pack("=HH", 20, 3) + socket.inet_aton(key.address) + bytes(12)
+             + struct.pack("=HH", 6, 4) + key.port.to_bytes(2, "big") + b"\0\0"
+             + struct.pack("=HH", 4 + len(name), 6) + name + bytes(-len(name) & 3)
+             + struct.pack("=HHII", 12, 7, nlcodec.IP_VS_SVC_F_HASHED, 0xFFFFFFFF) + u32(8, 0)
+             + struct.pack("=HH4s", 8, 9, b"\xff" * 4) + stats + stats64)
+    body = struct.pack("=BBH", nlcodec.IPVS_CMD_NEW_SERVICE, 1, 0) + struct.pack("=HH", 4 + len(attrs), 1) + attrs
+    return nlcodec.frame(family, nlcodec.NLM_F_MULTI, seq, body)
+
+
 def codec_bench(args: argparse.Namespace) -> int:
     """What the backend's own Python costs, without a kernel: encoding a full plan
     (Encoder.messages, as apply does) and decoding a full read's real servers
@@ -417,6 +436,12 @@ def codec_bench(args: argparse.Namespace) -> int:
     grams = [messages[i * size : (i + per) * size] for i in range(0, len(messages) // size, per)]
     text = "".join(line + "\n" for line in render(plan))
     proc = proc_text(table)
+    service_grams = [kernel_service_message(seq, family, vs.key, vs.scheduler) for vs in table.sorted()]
+
+    def decode_services() -> list[nlcodec.DecodedService]:
+        settings: dict[Any, Any] = {}
+        return [nlcodec.decode_service(gram, nlcodec.Message(family, 0, seq, 16, len(gram)), settings)
+                for gram in service_grams]
 
     def decode() -> list[Destination]:
         out: list[Destination] = []
@@ -431,6 +456,8 @@ def codec_bench(args: argparse.Namespace) -> int:
     dec_paused, _ = best(args.repeat, lambda: gc_paused(decode), cpu)
     parse, _ = best(args.repeat, lambda: parse_save(text), cpu)
     proc_paused, parsed = best(args.repeat, lambda: gc_paused(lambda: procfs.parse(proc)), cpu)
+    services_paused, listed = best(args.repeat, lambda: gc_paused(decode_services), cpu)
+    assert isinstance(listed, list) and [d.service for d in listed] == [vs.with_destinations(()) for vs in table.sorted()]
     assert isinstance(got, list) and len(got) == table.destination_count()
     assert isinstance(parsed, dict) and sum(map(len, parsed.values())) == len(got)
     print(f"host codec, {args.services} x {args.dests}, best of {args.repeat} (CPU time):")
@@ -440,6 +467,8 @@ def codec_bench(args: argparse.Namespace) -> int:
           f"({1e6 * dec_paused / len(got):.2f} us each)")
     print(f"  the same real servers from /proc/net/ip_vs text (procfs.parse), GC paused: {proc_paused:.3f} s "
           f"({1e6 * proc_paused / len(got):.2f} us each)")
+    print(f"  decode {len(listed)} services (decode_service), GC paused: {services_paused:.3f} s "
+          f"({1e6 * services_paused / len(listed):.2f} us each)")
     print(f"  for comparison, parse_save of the same table's ipvsadm -Sn text: {parse:.3f} s "
           f"({1e6 * parse / len(plan):.2f} us a line)")
     return 0

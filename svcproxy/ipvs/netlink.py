@@ -464,7 +464,8 @@ class NetlinkBackend:
                 raise BackendError(f"reading the IPVS table failed: {exc}") from exc
 
     def _read(self, channel: _Channel) -> Table:
-        listed = [decode_service(data, msg) for data, msg in channel.dump(nlcodec.GET_SERVICE_BODY)]
+        settings: dict[Any, Any] = {}
+        listed = [decode_service(data, msg, settings) for data, msg in channel.dump(nlcodec.GET_SERVICE_BODY)]
         if self.proc is not False:
             table = self._joined(listed)
             if table is not None:

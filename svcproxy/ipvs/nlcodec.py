@@ -876,8 +876,21 @@ class DecodedService(NamedTuple):
     ident: bytes
 
 
-def decode_service(data: bytes, msg: Message) -> DecodedService:
-    """A virtual service from one GET_SERVICE dump message."""
+#: What follows SCHED_NAME when there is no PE_NAME: FLAGS (flags, mask), TIMEOUT,
+#: NETMASK; the statistics nests after them are not read.
+_SVC_TAIL = struct.Struct("=II4xIII4s")
+_SVC_TAIL_HDRS = (_hdr_word(12, IPVS_SVC_ATTR_FLAGS), _hdr_word(8, IPVS_SVC_ATTR_TIMEOUT),
+                  _hdr_word(8, IPVS_SVC_ATTR_NETMASK))
+
+
+def decode_service(
+    data: bytes, msg: Message, settings: dict[tuple[str, int, int, bytes, int], tuple[int | None, frozenset[str]]]
+    | None = None
+) -> DecodedService:
+    """A virtual service from one GET_SERVICE dump message.
+
+    ``settings`` caches decoded settings for the caller (a read decodes 10,000
+    services that share a handful of settings)."""
     start, end = _nested(data, msg, IPVS_CMD_ATTR_SERVICE)
     ident = b""
     family = protocol = port = fwmark = flags = timeout = 0
@@ -892,6 +905,17 @@ def decode_service(data: bytes, msg: Message) -> DecodedService:
             family, protocol, raw, port = t[1], t[3], t[5], int.from_bytes(t[7], "big")
             off = start + _SVC_FAST.size
             ident = data[start:off]
+            # The kernel's usual order next: SCHED_NAME, then (no PE_NAME) FLAGS,
+            # TIMEOUT, NETMASK in one unpack; anything else takes the loop below.
+            if off + 4 <= end:
+                length, atype = _NLA_HDR.unpack_from(data, off)
+                after = off + ((length + 3) & ~3)
+                if atype == IPVS_SVC_ATTR_SCHED_NAME and length > 4 and after + _SVC_TAIL.size <= end:
+                    u = _SVC_TAIL.unpack_from(data, after)
+                    if (u[0], u[2], u[4]) == _SVC_TAIL_HDRS:
+                        sched = data[off + 4 : off + length].split(b"\0", 1)[0].decode()
+                        flags, timeout, netmask = u[1], u[3], u[5]
+                        off = end
     for atype, a, b in _attrs(data, off, end):
         if atype == IPVS_SVC_ATTR_SCHED_NAME:
             sched = data[a:b].split(b"\0", 1)[0].decode()
@@ -924,7 +948,16 @@ def decode_service(data: bytes, msg: Message) -> DecodedService:
         if len(raw) != 16 and not (len(raw) == 4 and family == _AF_INET):
             raise DecodeError("service without an address")
         key = ServiceKey(proto, _address(family, raw), port)
-    persistence, names = _settings(sched, flags, timeout, netmask, pe, family)
+    if settings is None:
+        persistence, names = _settings(sched, flags, timeout, netmask, pe, family)
+    else:
+        inputs = (sched, flags, timeout, netmask, family) if not pe else None
+        found = settings.get(inputs) if inputs is not None else None
+        if found is None:
+            found = _settings(sched, flags, timeout, netmask, pe, family)
+            if inputs is not None:
+                settings[inputs] = found
+        persistence, names = found
     return DecodedService(VirtualService(key, sched, persistence, names), family, ident)
 
 

@@ -81,6 +81,7 @@ def parse(text: str) -> dict[tuple[str, str], list[Destination]]:
     ports: dict[str, int] = {}
     forwards = _FORWARD_OF_NAME
     make = make_destination
+    ntop, af_inet, fromhex = socket.inet_ntop, socket.AF_INET, bytes.fromhex
     try:
         for number, line in enumerate(lines[3:], 4):
             if line.startswith("  -> "):
@@ -90,7 +91,9 @@ def parse(text: str) -> dict[tuple[str, str], list[Destination]]:
                 address_text, _, port_text = words[1].rpartition(":")
                 address = names.get(address_text)
                 if address is None:
-                    address = names[address_text] = _address(address_text)
+                    address = names[address_text] = (
+                        ntop(af_inet, fromhex(address_text)) if len(address_text) == 8 else _address(address_text)
+                    )
                 port = ports.get(port_text)
                 if port is None:
                     if len(port_text) != 4:
@@ -120,6 +123,4 @@ def _address(text: str) -> str:
     """Address text as the model writes it, from the file's hexadecimal form."""
     if text.startswith("[") and text.endswith("]"):
         return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text[1:-1]))
-    if len(text) != 8:
-        raise DecodeError(f"bad address {text!r}")
-    return socket.inet_ntop(socket.AF_INET, bytes.fromhex(text))
+    raise DecodeError(f"bad address {text!r}")
