@@ -84,11 +84,14 @@ def parse(text: str) -> dict[tuple[str, str], list[Destination]]:
     ntop, af_inet, fromhex = socket.inet_ntop, socket.AF_INET, bytes.fromhex
     try:
         for number, line in enumerate(lines[3:], 4):
-            if line.startswith("  -> "):
-                words = line.split()
+            words = line.split()
+            if not words:
+                continue
+            if words[0] == "->":
                 if current is None or len(words) != 6:
                     raise DecodeError(f"line {number}: unexpected real server line {line!r}")
-                address_text, _, port_text = words[1].rpartition(":")
+                _, address_port, forward_text, weight, active, inactive = words
+                address_text, _, port_text = address_port.rpartition(":")
                 address = names.get(address_text)
                 if address is None:
                     address = names[address_text] = (
@@ -99,12 +102,11 @@ def parse(text: str) -> dict[tuple[str, str], list[Destination]]:
                     if len(port_text) != 4:
                         raise DecodeError(f"line {number}: bad port in {line!r}")
                     port = ports[port_text] = int(port_text, 16)
-                forward = forwards.get(words[2])
+                forward = forwards.get(forward_text)
                 if forward is None:
                     raise DecodeError(f"line {number}: unknown forwarding method in {line!r}")
-                current.append(make(address, port, int(words[3]), forward, int(words[4]), int(words[5])))
-            elif line:
-                words = line.split(None, 2)
+                current.append(make(address, port, int(weight), forward, int(active), int(inactive)))
+            else:
                 if len(words) < 3:
                     raise DecodeError(f"line {number}: unexpected service line {line!r}")
                 key = (words[0], words[1])
