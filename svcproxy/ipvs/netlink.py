@@ -409,7 +409,7 @@ class NetlinkBackend:
         netns: str | None = None,
         *,
         acks: bool = False,
-        window: int = 256,
+        window: int = 4096,
         bufsize: int = 8 << 20,
         timeout: float = 60.0,
         prefetch: bool = True,
