@@ -13,7 +13,7 @@ import pytest
 from svcproxy.ipvs import nlcodec, procfs
 from svcproxy.ipvs.netlink import NetlinkBackend
 from svcproxy.ipvs.nlcodec import DecodeError
-from svcproxy.model import Destination, Forward, Protocol, ServiceKey
+from svcproxy.model import Destination, Forward, Protocol, ServiceKey, canonical_ip
 from test_netlink_codec import DESIRED, FakeKernel
 
 TCP, UDP, SCTP = Protocol.TCP, Protocol.UDP, Protocol.SCTP
@@ -196,3 +196,38 @@ def test_proc_false_dumps_and_is_the_default_only_with_a_fake_kernel() -> None:
     assert kernel.dest_dumps == len(DESIRED)
     assert NetlinkBackend(opener=lambda: kernel).proc is False
     assert NetlinkBackend().proc is True
+
+
+def test_ipv4_mapped_real_servers_read_as_the_model_writes_them() -> None:
+    line = "  -> [0000:0000:0000:0000:0000:ffff:0a00:0001]:1F90      Masq    1      0          0         "
+    parsed = procfs.parse(HEAD + "TCP  [fd00:0000:0000:0000:0000:0000:0000:0010]:0050 rr \n" + line + "\n")
+    [[dest]] = parsed.values()
+    assert dest.address == canonical_ip("::ffff:10.0.0.1") == "::ffff:a00:1"  # as netlink reads it
+
+
+def test_one_firewall_mark_in_both_families_is_never_joined(caplog: pytest.LogCaptureFixture) -> None:
+    """The file writes "FWM  00000007" for both families: whose real servers are whose
+    cannot be told, so such a table is read with dumps, even when the file happens to
+    list as many services as the dump (one deleted, another added in between)."""
+    from svcproxy.diff import diff
+    from svcproxy.model import Table, VirtualService
+
+    table = Table.of([
+        VirtualService(ServiceKey(TCP, "0.0.0.0", 0, 7), "rr", None, frozenset(), (D("10.244.1.5", 0, 1, ROUTE),)),
+        VirtualService(ServiceKey(TCP, "::", 0, 7), "rr", None, frozenset(), (D("fd00::5", 0, 1, ROUTE),)),
+        VirtualService(ServiceKey(TCP, "10.96.0.1", 80), "rr", None, frozenset(), (D("10.244.1.6", 80),)),
+    ])
+    kernel = CountingKernel()
+    assert NetlinkBackend(opener=lambda: kernel).apply(diff(table, Table())) == []
+    text = kernel.proc_text()
+    assert text.count("FWM  00000007") == 2
+    first_fwm = text.index("FWM  00000007")
+    second_fwm = text.index("FWM  00000007", first_fwm + 1)
+    after = text.index("\n", text.index("\n", second_fwm) + 1) + 1  # its line and its real server's
+    same_count = text[:second_fwm] + text[after:] + "TCP  0A6000FF:0050 rr  \n"
+    for source in (text, same_count):
+        kernel.dest_dumps = 0
+        with caplog.at_level(logging.DEBUG, logger="svcproxy.ipvs.netlink"):
+            assert NetlinkBackend(opener=lambda: kernel, proc=lambda: source).read() == table
+        assert kernel.dest_dumps == 3
+    assert "share a line label" in caplog.records[-1].getMessage()

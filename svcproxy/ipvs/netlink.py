@@ -498,9 +498,15 @@ class NetlinkBackend:
         if len(servers) != len(listed):
             self._proc_unusable(f"it lists {len(servers)} services, the netlink dump {len(listed)}")
             return None
+        labels = [procfs.label(vs.key) for vs, _, _ in listed]
+        if len(set(labels)) != len(labels):
+            # An IPv4 and an IPv6 service of one firewall mark: the file cannot tell
+            # whose real servers are whose.
+            self._proc_unusable("two services share a line label (one firewall mark, IPv4 and IPv6)")
+            return None
         services: dict[ServiceKey, VirtualService] = {}
-        for vs, _, _ in listed:
-            dests = servers.get(procfs.label(vs.key))
+        for (vs, _, _), label in zip(listed, labels):
+            dests = servers.get(label)
             if dests is None:
                 self._proc_unusable(f"it does not list {vs.key}")
                 return None

@@ -58,6 +58,7 @@ __all__ = [
     "decode_dest_datagram",
     "decode_error",
     "decode_family_id",
+    "address_text",
     "decode_service",
     "DecodedService",
     "get_dests_request",
@@ -668,7 +669,7 @@ def _attrs(data: bytes, off: int, end: int) -> Iterator[tuple[int, int, int]]:
         off += (length + 3) & ~3
 
 
-def _address(family: int, raw: bytes) -> str:
+def address_text(family: int, raw: bytes) -> str:
     """Canonical text (the model's ``ipaddress`` compressed form) of a 16-byte address."""
     if family == _AF_INET:
         return socket.inet_ntop(_AF_INET, raw[:4])
@@ -786,7 +787,7 @@ def decode_dest_datagram(
                 raw = t[8]
                 address = names.get(raw)
                 if address is None:
-                    address = names[raw] = ntop(af_inet, raw[:4]) if t[32] == af_inet else _address(t[32], raw)
+                    address = names[raw] = ntop(af_inet, raw[:4]) if t[32] == af_inet else address_text(t[32], raw)
                 out.append(make(address, int.from_bytes(t[10], "big"), t[14], fwds[t[12]], t[26], t[28]))
                 off += (length + 3) & ~3
                 continue
@@ -819,7 +820,7 @@ def decode_dest(data: bytes, msg: Message, svc_family: int) -> Destination:
             fwd = _FWD_OF_NUMBER.get(t[5] & IP_VS_CONN_F_FWD_MASK)
             if fwd is None:
                 raise DecodeError(f"unknown forwarding method {t[5]}")
-            return make_destination(_address(t[25], t[1]), int.from_bytes(t[3], "big"), t[7], fwd, t[19], t[21])
+            return make_destination(address_text(t[25], t[1]), int.from_bytes(t[3], "big"), t[7], fwd, t[19], t[21])
     return _decode_dest_slow(data, msg, svc_family)
 
 
@@ -849,7 +850,7 @@ def _decode_dest_slow(data: bytes, msg: Message, svc_family: int) -> Destination
     fwd = _FWD_OF_NUMBER.get(fwd_number & IP_VS_CONN_F_FWD_MASK)
     if fwd is None:
         raise DecodeError(f"unknown forwarding method {fwd_number}")
-    return make_destination(_address(family, raw), port, weight, fwd, active, inactive)
+    return make_destination(address_text(family, raw), port, weight, fwd, active, inactive)
 
 
 #: The service nest's identifying prefix as the kernel fills it for a non-fwmark
@@ -947,7 +948,7 @@ def decode_service(
             raise DecodeError(f"service with unknown protocol {protocol}")
         if len(raw) != 16 and not (len(raw) == 4 and family == _AF_INET):
             raise DecodeError("service without an address")
-        key = ServiceKey(proto, _address(family, raw), port)
+        key = ServiceKey(proto, address_text(family, raw), port)
     if settings is None:
         persistence, names = _settings(sched, flags, timeout, netmask, pe, family)
     else:

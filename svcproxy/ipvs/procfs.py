@@ -30,7 +30,7 @@ from __future__ import annotations
 import socket
 from typing import BinaryIO
 
-from svcproxy.ipvs.nlcodec import DecodeError, make_destination
+from svcproxy.ipvs.nlcodec import DecodeError, address_text, make_destination
 from svcproxy.model import Destination, Forward, ServiceKey
 
 __all__ = ["PATH", "label", "parse", "read"]
@@ -58,7 +58,10 @@ def read(file: BinaryIO) -> str:
 
 
 def label(key: ServiceKey) -> tuple[str, str]:
-    """The first two words of ``key``'s line in the file (protocol and address)."""
+    """The first two words of ``key``'s line in the file (protocol and address).
+
+    Not unique: the file gives no family for firewall marks, so an IPv4 and an
+    IPv6 service of the same mark share a label (the caller must not join then)."""
     if key.fwmark:
         return "FWM", f"{key.fwmark:08X}"
     if ":" in key.address:
@@ -124,5 +127,6 @@ def parse(text: str) -> dict[tuple[str, str], list[Destination]]:
 def _address(text: str) -> str:
     """Address text as the model writes it, from the file's hexadecimal form."""
     if text.startswith("[") and text.endswith("]"):
-        return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text[1:-1]))
+        # The netlink decoder's text, the model's (::ffff:a00:1, not ::ffff:10.0.0.1).
+        return address_text(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text[1:-1]))
     raise DecodeError(f"bad address {text!r}")

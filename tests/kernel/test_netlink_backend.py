@@ -73,8 +73,9 @@ def test_both_backends_read_the_same_kernel_table(root: None) -> None:
 def test_real_servers_come_from_proc_net_ip_vs(root: None, where: str, caplog: pytest.LogCaptureFixture) -> None:
     """The default read takes real servers from the namespace's /proc/net/ip_vs
     (no fallback warning) and gives what one GET_DEST dump per service gives, for
-    every setting ipvsadm can express; in a namespace, that namespace's file."""
-    text = (FIXTURES / "save_mixed.txt").read_text()
+    every setting ipvsadm can express; in a namespace, that namespace's file. The
+    extra real server is IPv4-compatible IPv6, which inet_ntop writes dotted."""
+    text = (FIXTURES / "save_mixed.txt").read_text() + "-a -t [fd00::1]:80 -r [::10.1.0.20]:80 -m -w 1\n"
     name = make_netns() if where == "netns" else None
     netns = f"/var/run/netns/{name}" if name else None
     try:
