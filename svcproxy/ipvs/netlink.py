@@ -391,6 +391,16 @@ def _read_proc_file() -> str:
 _DEST_ORDER = operator.attrgetter("address", "port")
 
 
+def _with_sorted(vs: VirtualService, dests: list[Destination]) -> VirtualService:
+    """``vs`` with the real servers read for it, in the model's order (sorted in
+    place; VirtualService.with_destinations would also build a DestKey and a dict
+    entry per server, and a read has 100,000 servers that the kernel keeps unique)."""
+    if not dests:
+        return vs
+    dests.sort(key=_DEST_ORDER)
+    return VirtualService(vs.key, vs.scheduler, vs.persistence, vs.flags, tuple(dests))
+
+
 class NetlinkBackend:
     """Backend that speaks the IPVS generic-netlink protocol directly.
 
@@ -475,10 +485,7 @@ class NetlinkBackend:
         services: dict[ServiceKey, VirtualService] = {}
         for vs, family, ident in listed:
             dests = channel.dump_dests(ident or encoder.ident(vs.key).attrs, family, names)
-            if dests:
-                dests.sort(key=_DEST_ORDER)
-                vs = VirtualService(vs.key, vs.scheduler, vs.persistence, vs.flags, tuple(dests))
-            services[vs.key] = vs
+            services[vs.key] = _with_sorted(vs, dests)
         return Table(services)
 
     def _joined(self, listed: list[DecodedService]) -> Table | None:
@@ -510,10 +517,7 @@ class NetlinkBackend:
             if dests is None:
                 self._proc_unusable(f"it does not list {vs.key}")
                 return None
-            if dests:
-                dests.sort(key=_DEST_ORDER)
-                vs = VirtualService(vs.key, vs.scheduler, vs.persistence, vs.flags, tuple(dests))
-            services[vs.key] = vs
+            services[vs.key] = _with_sorted(vs, dests)
         return Table(services)
 
     def _proc_unusable(self, why: str) -> None:
