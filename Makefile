@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-host test-kernel host-deps lint typecheck bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+# setup.py builds svcproxy/ipvs/_nlfast.c (the netlink encoder's compiled loop) in place.
+$(STAMP): setup.cfg setup.py pyproject.toml svcproxy/ipvs/_nlfast.c
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null)
 	$(PYTHON) -m venv $(VENV)

@@ -403,8 +403,12 @@ def run_agent(args: argparse.Namespace, backend: Backend) -> int:
 
 def make_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "netlink":
+        from svcproxy.ipvs import nlcodec
         from svcproxy.ipvs.netlink import NetlinkBackend
 
+        if not nlcodec.COMPILED:
+            log.warning("the netlink encoder's compiled loop (svcproxy/ipvs/_nlfast.c) is not built: "
+                        "encoding in Python, which makes large applies slower")
         return NetlinkBackend()
     # The agent reads connection counts for graceful termination; plan/sync need not.
     return IpvsadmBackend(binary=args.ipvsadm, counts=args.command == "run")

@@ -205,6 +205,9 @@ REFUSED = [
     (Operation(OpKind.ADD_SERVICE, ServiceKey(TCP, "10.0.0.1", 80), "x" * 16), f"bad scheduler name '{'x' * 16}'"),
     (Operation(OpKind.ADD_SERVICE, ServiceKey(TCP, "10.0.0.1", 70000), "rr"), "port 70000 out of range"),
     (Operation(OpKind.ADD_SERVICE, ServiceKey(TCP, "10.0.0.300", 80), "rr"), "not an IP address: '10.0.0.300'"),
+    (Operation(OpKind.ADD_SERVICE, ServiceKey(TCP, "10.0.0.1\x00", 80), "rr"), "not an IP address: '10.0.0.1\\x00'"),
+    (Operation(OpKind.DELETE_DESTINATION, ServiceKey(TCP, "10.0.0.1", 80), destination=D("fd00::1\x00", 80)),
+     "not an IP address: 'fd00::1\\x00'"),
     (Operation(OpKind.ADD_DESTINATION, ServiceKey(TCP, "10.0.0.1", 80), destination=D("10.1.0.1", 80, 2**31)),
      "weight 2147483648 out of range 0..2147483647"),
     (Operation(OpKind.ADD_DESTINATION, ServiceKey(TCP, "10.0.0.1", 80), destination=D("10.1.0.1", 80, -1)),
@@ -262,7 +265,7 @@ def _one_by_one(ops: list[Operation], flags: int,
 # service), on both sides: a port or weight at its limit is encoded, one past it is
 # refused. Ports repeat, so cached port bytes are used as well as made.
 _EDGE_SERVICES = [ServiceKey(TCP, "10.0.0.1", 80), ServiceKey(UDP, "fd00::1", 80), ServiceKey(TCP, "0.0.0.0", 0, 7)]
-_EDGE_ADDRESSES = ["10.1.0.1", "fd00::5", "::ffff:10.1.0.2", "10.1.0.300", "", "10.1.0", " 10.1.0.3"]
+_EDGE_ADDRESSES = ["10.1.0.1", "fd00::5", "::ffff:10.1.0.2", "10.1.0.300", "", "10.1.0", " 10.1.0.3", "10.1.0.4\x00"]
 _EDGE_PORTS = [80, 0, 65535, 65536, -1, 80]
 _EDGE_WEIGHTS = [1, 0, nlcodec.MAX_WEIGHT, nlcodec.MAX_WEIGHT + 1, 2**32, -1]
 EDGE_DESTINATION_OPS = [

@@ -155,6 +155,8 @@ OPS_FLAG = "ops"
 NETMASK_PREFIX = "netmask="
 PE_PREFIX = "pe="
 
+# Members looked up once: OpKind.X is a class attribute lookup at every use.
+_ADD_SVC, _EDIT_SVC, _UDP = OpKind.ADD_SERVICE, OpKind.EDIT_SERVICE, Protocol.UDP
 _PROTO_NUMBER = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP, Protocol.SCTP: 132}
 _PROTO_OF_NUMBER = {number: proto for proto, number in _PROTO_NUMBER.items()}
 _FWD_NUMBER = {Forward.MASQ: IP_VS_CONN_F_MASQ, Forward.TUNNEL: IP_VS_CONN_F_TUNNEL, Forward.ROUTE: IP_VS_CONN_F_DROUTE}
@@ -212,6 +214,16 @@ class DecodeError(ValueError):
     """Bytes from the kernel that are not what this codec understands."""
 
 
+_compiled_encode: Callable[..., tuple[int, int]] | None
+try:
+    from svcproxy.ipvs._nlfast import encode as _compiled_encode
+except ImportError:  # not built (no C compiler where it was installed): Python only
+    _compiled_encode = None
+
+#: Whether the compiled encoder loop is in use (the CLI warns when not).
+COMPILED = _compiled_encode is not None
+
+
 def _nla(atype: int, payload: bytes) -> bytes:
     length = 4 + len(payload)
     return _NLA_HDR.pack(length, atype) + payload + bytes(-length & 3)
@@ -256,7 +268,7 @@ def _packed_address(address: str) -> tuple[int, bytes]:
         if ":" in address:
             return _AF_INET6, socket.inet_pton(_AF_INET6, address)
         return _AF_INET, socket.inet_pton(_AF_INET, address) + _ZERO12
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         raise EncodeError(f"not an IP address: {address!r}") from None
 
 
@@ -296,7 +308,10 @@ class Encoder:
     batch and drop it: there is no module-level state.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, compiled: bool = True) -> None:
+        #: The compiled hot loop (svcproxy/ipvs/_nlfast.c) where it is built and wanted;
+        #: this module's Python path is the reference it is tested against.
+        self._compiled = _compiled_encode if compiled else None
         self._idents: dict[ServiceKey, _ServiceIdent] = {}
         #: Service settings attributes by everything they depend on: most services
         #: share a handful of settings, and building them is most of a service's cost.
@@ -355,10 +370,37 @@ class Encoder:
         inline_ok = False  # an IPv4 service, whose NAT servers may take the inline path
         lead = new_prefix = set_prefix = b""  # see _dest_message_layout
         pack_v4 = pack_any = pack
-        for op in ops:
+        op_list = ops if type(ops) is list else list(ops)
+        add_svc, edit_svc, settings_of = _ADD_SVC, _EDIT_SVC, self._service_settings
+        compiled, context = self._compiled, self._compiled_context(family, flags)
+        # NEW/SET_SERVICE messages by (NEW?, identity size, settings size): header
+        # start, genl header + nest header, and one pack for the whole message.
+        svc_layouts: dict[tuple[bool, int, int], tuple[bytes, bytes, Callable[..., bytes]]] = {}
+        i, count = 0, len(op_list)
+        while i < count:
+            op = op_list[i]
+            kind = op.kind
+            # The usual operations compiled, up to the first other one, which this
+            # loop takes (the first service of each settings, a delete, a refusal).
+            if compiled is not None and (kind is add or kind is edit or kind is add_svc or kind is edit_svc):
+                stop, seq = compiled(op_list, i, seq, out, context)
+                if stop != i:
+                    i = stop
+                    continue
+            i += 1
             try:
-                kind = op.kind
-                if kind is add or kind is edit:
+                if kind is add_svc or kind is edit_svc:
+                    ident = self.ident(op.service)
+                    attrs = ident.attrs
+                    settings = settings_of(op, ident.family)
+                    svc_layout_key = (kind is add_svc, len(attrs), len(settings))
+                    svc_layout = svc_layouts.get(svc_layout_key)
+                    if svc_layout is None:
+                        svc_layout = svc_layouts[svc_layout_key] = _service_message_layout(
+                            *svc_layout_key, family, flags)
+                    svc_lead, svc_head, svc_pack = svc_layout
+                    message = svc_pack(svc_lead, seq, svc_head, attrs, settings)
+                elif kind is add or kind is edit:
                     key = op.service
                     if key is not last_key:
                         ident = self.ident(key)
@@ -387,7 +429,7 @@ class Encoder:
                                     lead, seq, new_prefix if kind is add else set_prefix,
                                     pton(af_inet, dest.address), run, dest.weight, tail_v4,
                                 )
-                            except OSError:
+                            except (OSError, ValueError):
                                 pass  # not IPv4 text (an IPv6 address, say): _dest_parts decides
                     if not message:
                         addr, port_bytes, fwd, weight, tail = parts(op, svc_family)
@@ -409,7 +451,14 @@ class Encoder:
             out = [_renumbered(message, first_seq + k) for k, message in enumerate(out)]
         if not refused:
             return out, None, refused
-        return out, [i for i in range(len(ops)) if i not in refused], refused
+        return out, [k for k in range(len(ops)) if k not in refused], refused
+
+    def _compiled_context(self, family: int, flags: int) -> tuple[object, ...]:
+        """What the compiled loop takes (svcproxy/ipvs/_nlfast.c, parse_context):
+        the constants, and this encoder's settings cache."""
+        return (_ADD_SVC, _EDIT_SVC, OpKind.ADD_DESTINATION, OpKind.EDIT_DESTINATION, Forward.MASQ, _PROTOCOLS,
+                _PROTOCOL_NUMBERS, _UDP, self._settings, family, flags, IPVS_CMD_ATTR_SERVICE, _SVC_GENL, _DEST_GENL,
+                _SVC_IDENT_TEMPLATE, _DEST_FULL_HEAD, _masq_run(0), _DEST_FULL_TAIL[_AF_INET], MAX_WEIGHT)
 
     def encode(self, op: Operation) -> bytes:
         """The request body for one operation; EncodeError if it cannot be one."""
@@ -432,14 +481,18 @@ class Encoder:
         if kind is OpKind.DELETE_SERVICE:
             return _GENL[IPVS_CMD_DEL_SERVICE] + ident.nest
         cmd = IPVS_CMD_NEW_SERVICE if kind is OpKind.ADD_SERVICE else IPVS_CMD_SET_SERVICE
+        return _GENL[cmd] + _nest(IPVS_CMD_ATTR_SERVICE, ident.attrs + self._service_settings(op, ident.family))
+
+    def _service_settings(self, op: Operation, family: int) -> bytes:
+        """A service's settings attributes (cached: most services share a handful)."""
         key = op.service
         # (Whether UDP, not the Protocol: an enum hashes in Python, at every lookup.)
-        inputs = (op.scheduler, op.persistence, op.flags, ident.family, key.port == 0, key.fwmark != 0,
-                  key.protocol is Protocol.UDP)
+        inputs = (op.scheduler, op.persistence, op.flags, family, key.port == 0, key.fwmark != 0,
+                  key.protocol is _UDP)
         settings = self._settings.get(inputs)
         if settings is None:  # refusals (EncodeError) are not kept: raised again each time
-            settings = self._settings[inputs] = _service_settings(op, ident.family)
-        return _GENL[cmd] + _nest(IPVS_CMD_ATTR_SERVICE, ident.attrs + settings)
+            settings = self._settings[inputs] = _service_settings(op, family)
+        return settings
 
 
 def _port_bytes(port: int) -> bytes:
@@ -449,21 +502,47 @@ def _port_bytes(port: int) -> bytes:
 
 
 #: A service's AF, PROTOCOL, ADDR and PORT attributes, inside their nest: one pack
-#: (the nest, then the attributes are its last 44 bytes).
-_SVC_IDENT = struct.Struct("=HHHHH2xHHH2xHH16sHH2s2x")
+#: (the nest, then the attributes are its last 44 bytes). Headers are prebuilt, and
+#: the format pads an IPv4 address to 16 bytes.
+_SVC_IDENT = struct.Struct("=8sH2x4sH2x4s16s4s2s2x")
+_SVC_IDENT_START = _NLA_HDR.pack(_SVC_IDENT.size, IPVS_CMD_ATTR_SERVICE) + _NLA_HDR.pack(6, IPVS_SVC_ATTR_AF)
+_SVC_PROTOCOL_HDR = _NLA_HDR.pack(6, IPVS_SVC_ATTR_PROTOCOL)
+_SVC_ADDR_HDR = _NLA_HDR.pack(20, IPVS_SVC_ATTR_ADDR)
+_SVC_PORT_HDR = _NLA_HDR.pack(6, IPVS_SVC_ATTR_PORT)
+_TCP = Protocol.TCP
+#: For the compiled service loop: the identity with zero values (without its nest
+#: header), the protocols it may encode with their numbers, the genl headers.
+_SVC_IDENT_TEMPLATE = _SVC_IDENT.pack(_SVC_IDENT_START, 0, _SVC_PROTOCOL_HDR, 0, _SVC_ADDR_HDR, b"", _SVC_PORT_HDR,
+                                      b"\0\0")[4:]
+_PROTOCOLS = tuple(_PROTO_NUMBER)
+_PROTOCOL_NUMBERS = tuple(_PROTO_NUMBER.values())
+_SVC_GENL = (_GENL[IPVS_CMD_NEW_SERVICE], _GENL[IPVS_CMD_SET_SERVICE])
+_DEST_GENL = (_GENL[IPVS_CMD_NEW_DEST], _GENL[IPVS_CMD_SET_DEST])
 
 
 def _make_ident(key: ServiceKey) -> _ServiceIdent:
-    af, addr = _packed_address(key.address)
+    """(A full apply makes one per service: the steps are kept few.)"""
+    address = key.address
+    try:
+        if ":" in address:
+            af, addr = _AF_INET6, socket.inet_pton(_AF_INET6, address)
+        else:
+            af, addr = _AF_INET, socket.inet_pton(_AF_INET, address)
+    except (OSError, ValueError):
+        raise EncodeError(f"not an IP address: {address!r}") from None
     if key.fwmark:
         if not 0 < key.fwmark < 2**32:
             raise EncodeError(f"fwmark {key.fwmark} out of range")
         attrs = _U16_ATTR.pack(6, IPVS_SVC_ATTR_AF, af) + _U32_ATTR.pack(8, IPVS_SVC_ATTR_FWMARK, key.fwmark)
         return _ServiceIdent(af, attrs, _nest(IPVS_CMD_ATTR_SERVICE, attrs))
-    nest = _SVC_IDENT.pack(
-        _SVC_IDENT.size, IPVS_CMD_ATTR_SERVICE, 6, IPVS_SVC_ATTR_AF, af, 6, IPVS_SVC_ATTR_PROTOCOL,
-        _PROTO_NUMBER[key.protocol], 20, IPVS_SVC_ATTR_ADDR, addr, 6, IPVS_SVC_ATTR_PORT, _port_bytes(key.port),
-    )
+    protocol = key.protocol
+    # (An enum hashes in Python: the usual protocol is compared, not looked up.)
+    number = socket.IPPROTO_TCP if protocol is _TCP else _PROTO_NUMBER[protocol]
+    port = key.port
+    if not 0 <= port <= 65535:
+        raise EncodeError(f"port {port} out of range")
+    nest = _SVC_IDENT.pack(_SVC_IDENT_START, af, _SVC_PROTOCOL_HDR, number, _SVC_ADDR_HDR, addr, _SVC_PORT_HDR,
+                           port.to_bytes(2, "big"))
     return _ServiceIdent(af, nest[4:], nest)
 
 
@@ -480,7 +559,7 @@ def _dest_parts(op: Operation, svc_family: int) -> tuple[bytes, bytes, bytes, in
         else:
             af, addr = _AF_INET, socket.inet_pton(_AF_INET, address) + _ZERO12
         port = dest.port.to_bytes(2, "big")
-    except OSError:
+    except (OSError, ValueError):
         raise EncodeError(f"not an IP address: {address!r}") from None
     except OverflowError:
         raise EncodeError(f"port {dest.port} out of range") from None
@@ -538,6 +617,18 @@ def _dest_message_layout(
     ipv4_masq = struct.Struct(f"{head}4s12x{_MASQ_RUN.size}sI24s")
     any_server = struct.Struct(f"{head}16s4s2s2x8s4sI24s")
     return _NLMSG_LEAD.pack(any_server.size, family, flags), ipv4_masq.pack, any_server.pack
+
+
+def _service_message_layout(
+    new: bool, attrs_size: int, settings_size: int, family: int, flags: int
+) -> tuple[bytes, bytes, Callable[..., bytes]]:
+    """A whole NEW/SET_SERVICE message as one pack: the netlink header's start
+    (length, type, flags), the genl header + service nest header, and a pack
+    taking those, the sequence number, the identity and the settings."""
+    layout = struct.Struct(f"=8sI4x8s{attrs_size}s{settings_size}s")
+    head = _GENL[IPVS_CMD_NEW_SERVICE if new else IPVS_CMD_SET_SERVICE] + _NLA_HDR.pack(
+        4 + attrs_size + settings_size, IPVS_CMD_ATTR_SERVICE)
+    return _NLMSG_LEAD.pack(layout.size, family, flags), head, layout.pack
 
 
 def _service_settings(op: Operation, af: int) -> bytes:
@@ -599,7 +690,7 @@ def _netmask(text: str, af: int) -> bytes:
     if af == _AF_INET:
         try:
             return socket.inet_pton(_AF_INET, text)
-        except OSError:
+        except (OSError, ValueError):
             raise EncodeError(f"bad IPv4 netmask {text!r}") from None
     if not text.isdigit() or not 1 <= int(text) <= 128:
         raise EncodeError(f"bad IPv6 netmask {text!r} (a prefix length 1..128)")

@@ -1,0 +1,373 @@
+/* The hot loop of nlcodec.Encoder.messages, compiled.
+ *
+ * A full apply is NEW_SERVICE requests, then NEW_DEST requests for NAT real
+ * servers: 110,000 requests at 10,000 services x 10 servers. In Python each
+ * costs about a microsecond on the host, and under emulation the encoding
+ * took as long as the kernel took to apply it, so the netlink backend could
+ * not get near the kernel's own floor. This module encodes the usual
+ * operations and nothing else:
+ *
+ *   ADD/EDIT_SERVICE of a TCP/UDP/SCTP service (not fwmark) whose settings
+ *     the Python encoder has already encoded (they are looked up in its cache);
+ *   ADD/EDIT_DESTINATION of a NAT real server with an IPv4 address, in such a
+ *     service with an IPv4 address.
+ *
+ * It stops at the first operation that is anything else (another kind, a
+ * value out of range, settings not cached yet, an object of an unexpected
+ * type) and returns its index: the Python encoder, which stays the reference,
+ * takes that one with its checks and refusals, then calls again. IPVS
+ * attribute numbers and constant parts come from the caller (nlcodec.py, as
+ * byte strings); this file knows the netlink headers' layout, where the
+ * caller's templates have their values, and adds the values: lengths,
+ * sequence numbers, addresses, ports, weights.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <arpa/inet.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Attribute names, interned once (a lookup by C string makes a str each time). */
+static PyObject *s_kind, *s_service, *s_destination, *s_forward, *s_weight, *s_port, *s_address, *s_fwmark,
+    *s_protocol, *s_scheduler, *s_persistence, *s_flags;
+
+/* A service's identity attributes, as nlcodec._SVC_IDENT packs them without the
+ * nest header: AF (its value at 4), PROTOCOL (12), ADDR (20, 16 bytes), PORT
+ * (40, big-endian). The caller's template has the attribute headers. */
+#define IDENT_SIZE 44
+#define IDENT_AF 4
+#define IDENT_PROTOCOL 12
+#define IDENT_ADDR 20
+#define IDENT_PORT 40
+/* After the service nest in NEW/SET_DEST: the destination nest header and the
+ * ADDR header (8 bytes), the address (16), the run (PORT header, port at 4,
+ * FWD_METHOD attribute, WEIGHT header: 20), the weight (4), the tail (U_THRESH,
+ * L_THRESH, ADDR_FAMILY: 24). */
+#define DEST_HEAD_SIZE 8
+#define RUN_SIZE 20
+#define RUN_PORT 4
+#define TAIL_SIZE 24
+#define NLMSG_SIZE 16
+#define GENL_SIZE 4
+#define MAX_PROTOCOLS 8
+
+/* What the caller passes once per call (nlcodec._compiled_context). */
+typedef struct {
+    PyObject *add_svc, *edit_svc, *add_dest, *edit_dest, *masq, *protocols, *numbers, *udp, *settings;
+    unsigned int family, flags, nest_type;
+    PyObject *svc_genl, *dest_genl, *ident, *dest_head, *run, *tail;
+    long max_weight;
+    uint16_t proto_numbers[MAX_PROTOCOLS];
+} context;
+
+static int
+parse_context(PyObject *tuple, context *c)
+{
+    if (!PyArg_ParseTuple(tuple, "OOOOOO!O!OO!IIIO!O!SSSSl:context", &c->add_svc, &c->edit_svc, &c->add_dest,
+                          &c->edit_dest, &c->masq, &PyTuple_Type, &c->protocols, &PyTuple_Type, &c->numbers, &c->udp,
+                          &PyDict_Type, &c->settings, &c->family, &c->flags, &c->nest_type, &PyTuple_Type,
+                          &c->svc_genl, &PyTuple_Type, &c->dest_genl, &c->ident, &c->dest_head, &c->run, &c->tail,
+                          &c->max_weight)) {
+        return 0;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(c->protocols);
+    int ok = n <= MAX_PROTOCOLS && PyTuple_GET_SIZE(c->numbers) == n && c->family <= 0xFFFF &&
+             c->flags <= 0xFFFF && c->nest_type <= 0xFFFF && PyBytes_GET_SIZE(c->ident) == IDENT_SIZE &&
+             PyBytes_GET_SIZE(c->dest_head) == DEST_HEAD_SIZE && PyBytes_GET_SIZE(c->run) == RUN_SIZE &&
+             PyBytes_GET_SIZE(c->tail) == TAIL_SIZE && c->max_weight >= 0;
+    for (int k = 0; ok && k < 2; k++) {
+        PyObject *a = PyTuple_GET_SIZE(c->svc_genl) == 2 ? PyTuple_GET_ITEM(c->svc_genl, k) : NULL;
+        PyObject *b = PyTuple_GET_SIZE(c->dest_genl) == 2 ? PyTuple_GET_ITEM(c->dest_genl, k) : NULL;
+        ok = a != NULL && b != NULL && PyBytes_Check(a) && PyBytes_Check(b) && PyBytes_GET_SIZE(a) == GENL_SIZE &&
+             PyBytes_GET_SIZE(b) == GENL_SIZE;
+    }
+    for (Py_ssize_t k = 0; ok && k < n; k++) {
+        long number = PyLong_AsLong(PyTuple_GET_ITEM(c->numbers, k));
+        ok = number >= 0 && number <= 0xFFFF;
+        c->proto_numbers[k] = (uint16_t)number;
+    }
+    if (!ok) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_nlfast.encode: malformed context");
+        return 0;
+    }
+    return 1;
+}
+
+/* 1: obj.<name> is an int in [lo, hi]; 0: anything else (no exception left set). */
+static int
+get_long(PyObject *obj, PyObject *name, long lo, long hi, long *out)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int ok = 0;
+    if (PyLong_Check(value)) {
+        int overflow = 0;
+        long v = PyLong_AsLongAndOverflow(value, &overflow);
+        if (!overflow && !(v == -1 && PyErr_Occurred()) && v >= lo && v <= hi) {
+            *out = v;
+            ok = 1;
+        }
+        PyErr_Clear();
+    }
+    Py_DECREF(value);
+    return ok;
+}
+
+/* 1: obj.address is IP address text as socket.inet_pton takes it (IPv6 when it
+ * has a colon, as nlcodec decides); the family and 16 bytes, IPv4 zero-padded. */
+static int
+get_address(PyObject *obj, uint16_t *af, unsigned char out[16])
+{
+    PyObject *value = PyObject_GetAttr(obj, s_address);
+    if (value == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int ok = 0;
+    if (PyUnicode_Check(value)) {
+        Py_ssize_t size = 0;
+        const char *text = PyUnicode_AsUTF8AndSize(value, &size);
+        memset(out, 0, 16);
+        if (text == NULL) {
+            PyErr_Clear();
+        } else if ((size_t)size == strlen(text)) {
+            *af = strchr(text, ':') != NULL ? AF_INET6 : AF_INET;
+            ok = inet_pton(*af, text, out) == 1;
+        }
+    }
+    Py_DECREF(value);
+    return ok;
+}
+
+/* 1: a service key svcproxy encodes here (fwmark 0, a known protocol, an
+ * address, port 0..65535): its identity attributes, family, port, and
+ * whether UDP. The protocol is compared by identity. */
+static int
+build_ident(const context *c, PyObject *key, unsigned char ident[IDENT_SIZE], uint16_t *af, long *port, int *udp)
+{
+    long fwmark;
+    unsigned char addr[16];
+    if (!get_long(key, s_fwmark, 0, 0, &fwmark) || !get_address(key, af, addr)) return 0;
+    PyObject *protocol = PyObject_GetAttr(key, s_protocol);
+    if (protocol == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_ssize_t p = 0, n = PyTuple_GET_SIZE(c->protocols);
+    while (p < n && PyTuple_GET_ITEM(c->protocols, p) != protocol) p++;
+    *udp = protocol == c->udp;
+    Py_DECREF(protocol);
+    if (p == n || !get_long(key, s_port, 0, 65535, port)) return 0;
+    unsigned char port_be[2] = {(unsigned char)(*port >> 8), (unsigned char)(*port & 0xFF)};
+    memcpy(ident, PyBytes_AS_STRING(c->ident), IDENT_SIZE);
+    memcpy(ident + IDENT_AF, af, 2);
+    memcpy(ident + IDENT_PROTOCOL, &c->proto_numbers[p], 2);
+    memcpy(ident + IDENT_ADDR, addr, 16);
+    memcpy(ident + IDENT_PORT, port_be, 2);
+    return 1;
+}
+
+/* The netlink header, genl header and service nest header: 24 bytes. */
+static char *
+put_heads(const context *c, char *m, Py_ssize_t total, unsigned long seq, PyObject *genl, Py_ssize_t nest_size)
+{
+    uint32_t len32 = (uint32_t)total, seq32 = (uint32_t)seq, zero = 0;
+    uint16_t type16 = (uint16_t)c->family, flags16 = (uint16_t)c->flags, nest_len = (uint16_t)nest_size,
+             nest_type = (uint16_t)c->nest_type;
+    memcpy(m, &len32, 4); /* struct nlmsghdr, in native order as struct's "=" */
+    memcpy(m + 4, &type16, 2);
+    memcpy(m + 6, &flags16, 2);
+    memcpy(m + 8, &seq32, 4);
+    memcpy(m + 12, &zero, 4); /* port id 0: the kernel */
+    memcpy(m + NLMSG_SIZE, PyBytes_AS_STRING(genl), GENL_SIZE);
+    memcpy(m + NLMSG_SIZE + GENL_SIZE, &nest_len, 2); /* struct nlattr of the service nest */
+    memcpy(m + NLMSG_SIZE + GENL_SIZE + 2, &nest_type, 2);
+    return m + NLMSG_SIZE + GENL_SIZE + 4;
+}
+
+/* One NEW/SET_SERVICE message, or NULL with no exception set: not this path. */
+static PyObject *
+service_message(const context *c, PyObject *op, PyObject *kind, unsigned long seq)
+{
+    PyObject *key = NULL, *sched = NULL, *persistence = NULL, *opflags = NULL, *inputs = NULL, *message = NULL;
+    unsigned char ident[IDENT_SIZE];
+    uint16_t af;
+    long port;
+    int udp;
+    if (!(key = PyObject_GetAttr(op, s_service)) || !build_ident(c, key, ident, &af, &port, &udp) ||
+        !(sched = PyObject_GetAttr(op, s_scheduler)) || !(persistence = PyObject_GetAttr(op, s_persistence)) ||
+        !(opflags = PyObject_GetAttr(op, s_flags))) {
+        goto done;
+    }
+    /* The key of the Python encoder's settings cache (Encoder._service_settings). */
+    PyObject *af_obj = PyLong_FromLong(af);
+    if (af_obj == NULL) goto done;
+    inputs = PyTuple_Pack(7, sched, persistence, opflags, af_obj, port == 0 ? Py_True : Py_False, Py_False,
+                          udp ? Py_True : Py_False);
+    Py_DECREF(af_obj);
+    if (inputs == NULL) goto done;
+    PyObject *settings = PyDict_GetItemWithError(c->settings, inputs); /* borrowed */
+    if (settings == NULL || !PyBytes_Check(settings)) goto done; /* not cached yet: Python's turn */
+    Py_ssize_t settings_size = PyBytes_GET_SIZE(settings), nest_size = 4 + IDENT_SIZE + settings_size;
+    if (nest_size > 0xFFFF) goto done;
+    Py_ssize_t total = NLMSG_SIZE + GENL_SIZE + nest_size;
+    message = PyBytes_FromStringAndSize(NULL, total);
+    if (message == NULL) goto done;
+    char *m = put_heads(c, PyBytes_AS_STRING(message), total, seq,
+                        PyTuple_GET_ITEM(c->svc_genl, kind == c->add_svc ? 0 : 1), nest_size);
+    memcpy(m, ident, IDENT_SIZE);
+    memcpy(m + IDENT_SIZE, PyBytes_AS_STRING(settings), (size_t)settings_size);
+done:
+    Py_XDECREF(inputs);
+    Py_XDECREF(opflags);
+    Py_XDECREF(persistence);
+    Py_XDECREF(sched);
+    Py_XDECREF(key);
+    return message;
+}
+
+/* The service of the previous real server: most plans list a service's servers together. */
+typedef struct {
+    PyObject *key; /* a strong reference, or NULL */
+    int usable;    /* an IPv4 service this file encodes servers of */
+    unsigned char ident[IDENT_SIZE];
+} last_service;
+
+/* One NEW/SET_DEST message, or NULL with no exception set: not this path. */
+static PyObject *
+dest_message(const context *c, PyObject *op, PyObject *kind, unsigned long seq, last_service *last)
+{
+    PyObject *key = NULL, *dest = NULL, *forward = NULL, *message = NULL;
+    if (!(key = PyObject_GetAttr(op, s_service))) goto done;
+    if (key != last->key) {
+        uint16_t af;
+        long port;
+        int udp;
+        last->usable = build_ident(c, key, last->ident, &af, &port, &udp) && af == AF_INET;
+        Py_XDECREF(last->key);
+        Py_INCREF(key);
+        last->key = key;
+    }
+    if (!last->usable) goto done;
+    dest = PyObject_GetAttr(op, s_destination);
+    if (dest == NULL || dest == Py_None) goto done;
+    forward = PyObject_GetAttr(dest, s_forward);
+    if (forward == NULL || forward != c->masq) goto done;
+    long weight, port;
+    uint16_t af;
+    unsigned char addr[16];
+    if (!get_long(dest, s_weight, 0, c->max_weight, &weight) || !get_long(dest, s_port, 0, 65535, &port) ||
+        !get_address(dest, &af, addr) || af != AF_INET) {
+        goto done;
+    }
+    Py_ssize_t nest_size = 4 + IDENT_SIZE;
+    Py_ssize_t total = NLMSG_SIZE + GENL_SIZE + nest_size + DEST_HEAD_SIZE + 16 + RUN_SIZE + 4 + TAIL_SIZE;
+    message = PyBytes_FromStringAndSize(NULL, total);
+    if (message == NULL) goto done;
+    char *m = put_heads(c, PyBytes_AS_STRING(message), total, seq,
+                        PyTuple_GET_ITEM(c->dest_genl, kind == c->add_dest ? 0 : 1), nest_size);
+    uint32_t weight32 = (uint32_t)weight;
+    unsigned char port_be[2] = {(unsigned char)(port >> 8), (unsigned char)(port & 0xFF)};
+    memcpy(m, last->ident, IDENT_SIZE);
+    m += IDENT_SIZE;
+    memcpy(m, PyBytes_AS_STRING(c->dest_head), DEST_HEAD_SIZE);
+    m += DEST_HEAD_SIZE;
+    memcpy(m, addr, 16);
+    m += 16;
+    memcpy(m, PyBytes_AS_STRING(c->run), RUN_SIZE);
+    memcpy(m + RUN_PORT, port_be, 2);
+    m += RUN_SIZE;
+    memcpy(m, &weight32, 4); /* native order, as struct's "=I" */
+    m += 4;
+    memcpy(m, PyBytes_AS_STRING(c->tail), TAIL_SIZE);
+done:
+    Py_XDECREF(forward);
+    Py_XDECREF(dest);
+    Py_XDECREF(key);
+    return message;
+}
+
+/* encode(ops, start, seq, out, context) -> (next index, next sequence number)
+ *
+ * Appends to `out` one complete message, numbered from `seq`, per operation
+ * from ops[start] on, while each is one this file encodes (see the top); the
+ * index returned is that of the first that is not (len(ops) when all were). */
+static PyObject *
+encode(PyObject *self, PyObject *args)
+{
+    PyObject *ops, *out, *ctx;
+    Py_ssize_t start;
+    unsigned long seq;
+    context c;
+    if (!PyArg_ParseTuple(args, "O!nkO!O!:encode", &PyList_Type, &ops, &start, &seq, &PyList_Type, &out,
+                          &PyTuple_Type, &ctx) ||
+        !parse_context(ctx, &c)) {
+        return NULL;
+    }
+    if (start < 0) {
+        PyErr_SetString(PyExc_ValueError, "_nlfast.encode: negative start");
+        return NULL;
+    }
+    last_service last = {NULL, 0, {0}};
+    Py_ssize_t i = start;
+    int failed = 0;
+    while (i < PyList_GET_SIZE(ops)) {
+        PyObject *op = PyList_GET_ITEM(ops, i);
+        Py_INCREF(op);
+        PyObject *message = NULL;
+        PyObject *kind = PyObject_GetAttr(op, s_kind);
+        if (kind == c.add_svc || kind == c.edit_svc) {
+            message = service_message(&c, op, kind, seq);
+        } else if (kind != NULL && (kind == c.add_dest || kind == c.edit_dest)) {
+            message = dest_message(&c, op, kind, seq, &last);
+        }
+        Py_XDECREF(kind);
+        Py_DECREF(op);
+        if (message == NULL) {
+            /* Not ours: an exception other than from a lookup (memory) is raised. */
+            if (PyErr_Occurred() && PyErr_ExceptionMatches(PyExc_MemoryError)) failed = 1;
+            else PyErr_Clear();
+            break;
+        }
+        int appended = PyList_Append(out, message);
+        Py_DECREF(message);
+        if (appended < 0) {
+            failed = 1;
+            break;
+        }
+        i += 1;
+        seq += 1;
+    }
+    Py_XDECREF(last.key);
+    if (failed) return NULL;
+    return Py_BuildValue("(nk)", i, seq);
+}
+
+static PyMethodDef methods[] = {
+    {"encode", encode, METH_VARARGS,
+     "encode(ops, start, seq, out, context) -> (next index, next seq): the usual operations, compiled."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_nlfast", "The compiled hot loop of nlcodec.Encoder.messages.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__nlfast(void)
+{
+    if (!(s_kind = PyUnicode_InternFromString("kind")) || !(s_service = PyUnicode_InternFromString("service")) ||
+        !(s_destination = PyUnicode_InternFromString("destination")) ||
+        !(s_forward = PyUnicode_InternFromString("forward")) || !(s_weight = PyUnicode_InternFromString("weight")) ||
+        !(s_port = PyUnicode_InternFromString("port")) || !(s_address = PyUnicode_InternFromString("address")) ||
+        !(s_fwmark = PyUnicode_InternFromString("fwmark")) || !(s_protocol = PyUnicode_InternFromString("protocol")) ||
+        !(s_scheduler = PyUnicode_InternFromString("scheduler")) ||
+        !(s_persistence = PyUnicode_InternFromString("persistence")) ||
+        !(s_flags = PyUnicode_InternFromString("flags"))) {
+        return NULL;
+    }
+    return PyModule_Create(&module);
+}

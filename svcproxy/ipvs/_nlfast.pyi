@@ -1,0 +1,3 @@
+from typing import Any
+
+def encode(ops: list[Any], start: int, seq: int, out: list[bytes], context: tuple[Any, ...], /) -> tuple[int, int]: ...
