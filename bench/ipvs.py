@@ -255,6 +255,15 @@ def kernel_bench(args: argparse.Namespace) -> int:
     for w in windows:
         label = "NetlinkBackend.apply (default)" if w == DEFAULT_WINDOW else f"NetlinkBackend.apply window={w}"
         applies.append((label, netlink_apply(w)))
+    applies += [
+        ("NetlinkBackend.apply compiled=False (Python encoder)",
+         lambda: lambda: NetlinkBackend(compiled=False).apply(plan)),
+        # As the agent's full syncs run it: with the cyclic GC paused (reconcile.paused_gc).
+        ("NetlinkBackend.apply, GC paused (as in the agent)",
+         lambda: lambda: gc_paused(lambda: NetlinkBackend().apply(plan))),
+        ("NetlinkBackend.apply prefetch=False, GC paused",
+         lambda: lambda: gc_paused(lambda: NetlinkBackend(prefetch=False).apply(plan))),
+    ]
     for name, make in applies:
         times = []
         for rep in range(args.repeat):
@@ -269,8 +278,16 @@ def kernel_bench(args: argparse.Namespace) -> int:
                 subprocess.run(["ipvsadm", "-C"], check=True)  # free it; keep the last table for the reads
         report.add("apply", name, min(times))
     family = _Channel(_new_socket(1 << 20, 10.0), 10.0).family
-    seconds, _ = best(args.repeat, lambda: nlcodec.Encoder().messages(plan, family, nlcodec.NLM_F_REQUEST, 1))
-    report.add("apply", "(encoding alone, no kernel: Encoder.messages)", seconds)
+    def encode_plan(compiled: bool) -> Callable[[], object]:
+        return lambda: nlcodec.Encoder(compiled=compiled).messages(plan, family, nlcodec.NLM_F_REQUEST, 1)
+
+    for label, fn in [
+        ("(encoding alone, no kernel: Encoder.messages)", encode_plan(True)),
+        ("(encoding alone, GC paused)", lambda: gc_paused(encode_plan(True))),
+        ("(encoding alone, Python encoder: compiled=False)", encode_plan(False)),
+    ]:
+        seconds, _ = best(args.repeat, fn)
+        report.add("apply", label, seconds)
 
     # ---- full read (the table of the last apply is in place)
     outputs: dict[str, str] = {}
@@ -356,6 +373,10 @@ def kernel_bench(args: argparse.Namespace) -> int:
     nl_change = report.get("change", "NetlinkBackend.apply")
     nl_acks = report.get("apply", "NetlinkBackend.apply acks=True")
     nl_inline = report.get("apply", "NetlinkBackend.apply prefetch=False (encode inline)")
+    nl_paused = report.get("apply", "NetlinkBackend.apply, GC paused (as in the agent)")
+    nl_inline_paused = report.get("apply", "NetlinkBackend.apply prefetch=False, GC paused")
+    nl_python = report.get("apply", "NetlinkBackend.apply compiled=False (Python encoder)")
+    floor_best = min(floor_noack, floor_default)
     goals = [
         ("full apply >= 2x faster than ipvsadm -R (x)", r_apply / nl_apply, r_apply / nl_apply >= 2),
         ("full apply within 1.3x of the floor, same ack mode, windows of 256 (x)", nl_apply / floor_noack,
@@ -364,6 +385,10 @@ def kernel_bench(args: argparse.Namespace) -> int:
          nl_apply / floor_default, nl_apply / floor_default <= 1.3),
         ("   ... of the floor plus encoding alone (x)", nl_apply / (floor_noack + encoding),
          nl_apply / (floor_noack + encoding) <= 1.3),
+        ("   ... with the GC paused, as the agent's full syncs apply, vs the faster floor (x)",
+         nl_paused / floor_best, nl_paused / floor_best <= 1.3),
+        ("   ... the same with encoding inline (no helper thread) (x)", nl_inline_paused / floor_best,
+         nl_inline_paused / floor_best <= 1.3),
         ("full read >= 2x faster than ipvsadm -Sn + parse (x)", sn_read / nl_read, sn_read / nl_read >= 2),
         ("   ... both with the GC paused, as the agent reads (x)", sn_read_p / nl_read_p, sn_read_p / nl_read_p >= 2),
         ("   ... against -Ln + parse (counts, what the agent needs), GC paused (x)", ln_read_p / nl_read_p,
@@ -374,6 +399,8 @@ def kernel_bench(args: argparse.Namespace) -> int:
         print(f"  {'OK  ' if ok else 'MISS'} {text_}: {value:.2f}")
     print(f"  encoding in a helper thread while the kernel works: {nl_inline / nl_apply:.2f}x faster than inline "
           f"({nl_inline:.2f} s vs {nl_apply:.2f} s)")
+    print(f"  the compiled encoder loop ({'built' if nlcodec.COMPILED else 'NOT BUILT'}): apply {nl_python / nl_apply:.2f}x "
+          f"faster than with the Python encoder ({nl_apply:.2f} s vs {nl_python:.2f} s)")
     print(f"  real servers from /proc/net/ip_vs: the read is {nl_dumps / nl_read:.2f}x faster than with a "
           f"GET_DEST dump per service ({nl_read:.2f} s vs {nl_dumps:.2f} s)")
     print(f"  acks: asking only the last of each window is {floor_ack / floor_noack:.2f}x faster at the floor, "
@@ -461,7 +488,10 @@ def codec_bench(args: argparse.Namespace) -> int:
 
     # CPU time of this process: the host is shared, and this is about our own cost.
     cpu = time.process_time
-    enc, _ = best(args.repeat, lambda: nlcodec.Encoder().messages(plan, family, nlcodec.NLM_F_REQUEST, 1), cpu)
+    enc, encoded = best(args.repeat, lambda: nlcodec.Encoder().messages(plan, family, nlcodec.NLM_F_REQUEST, 1), cpu)
+    enc_py, encoded_py = best(
+        args.repeat, lambda: nlcodec.Encoder(compiled=False).messages(plan, family, nlcodec.NLM_F_REQUEST, 1), cpu)
+    assert encoded == encoded_py
     dec, got = best(args.repeat, decode, cpu)
     dec_paused, _ = best(args.repeat, lambda: gc_paused(decode), cpu)
     parse, _ = best(args.repeat, lambda: parse_save(text), cpu)
@@ -471,7 +501,10 @@ def codec_bench(args: argparse.Namespace) -> int:
     assert isinstance(got, list) and len(got) == table.destination_count()
     assert isinstance(parsed, dict) and sum(map(len, parsed.values())) == len(got)
     print(f"host codec, {args.services} x {args.dests}, best of {args.repeat} (CPU time):")
-    print(f"  encode {len(plan)} requests (Encoder.messages):        {enc:.3f} s ({1e6 * enc / len(plan):.2f} us each)")
+    print(f"  encode {len(plan)} requests (Encoder.messages, compiled loop {'built' if nlcodec.COMPILED else 'MISSING'}): "
+          f"{enc:.3f} s ({1e6 * enc / len(plan):.2f} us each)")
+    print(f"    the same in Python only (compiled=False): {enc_py:.3f} s ({1e6 * enc_py / len(plan):.2f} us each, "
+          f"{enc_py / enc:.1f}x)")
     print(f"  decode {len(got)} real servers (decode_dest_datagram): {dec:.3f} s ({1e6 * dec / len(got):.2f} us each)")
     print(f"    the same with the GC paused (as the agent's full syncs read): {dec_paused:.3f} s "
           f"({1e6 * dec_paused / len(got):.2f} us each)")

@@ -264,8 +264,8 @@ class _Window(NamedTuple):
 
 
 def _encode_windows(ops: Sequence[Operation], family: int, flags: int, first_seq: int,
-                    size: int) -> Generator[_Window, None, None]:
-    encoder = Encoder()
+                    size: int, compiled: bool = True) -> Generator[_Window, None, None]:
+    encoder = Encoder(compiled=compiled)
     seq = first_seq
     for start in range(0, len(ops), size):
         messages, index, refused = encoder.messages(ops[start : start + size], family, flags, seq)
@@ -408,6 +408,8 @@ class NetlinkBackend:
     ``acks``: ask for an acknowledgement of every request (slower, same results).
     ``window``: requests per datagram (also capped by the socket buffers).
     ``prefetch``: encode large plans in a helper thread while the kernel works.
+    ``compiled``: encode with the compiled loop where it is built (False: Python
+    only, the reference; for comparisons).
     ``opener``: makes the socket (tests pass a fake kernel); ``netns`` is then unused.
     ``proc``: where ``read`` takes real servers from: True, /proc/net/ip_vs of the
     namespace; False, a GET_DEST dump per service; or a function returning the
@@ -423,6 +425,7 @@ class NetlinkBackend:
         bufsize: int = 8 << 20,
         timeout: float = 60.0,
         prefetch: bool = True,
+        compiled: bool = True,
         opener: Callable[[], NetlinkSocket] | None = None,
         proc: bool | Callable[[], str] | None = None,
     ) -> None:
@@ -434,6 +437,7 @@ class NetlinkBackend:
         self.bufsize = bufsize
         self.timeout = timeout
         self.prefetch = prefetch
+        self.compiled = compiled
         self.opener = opener
         self.proc: bool | Callable[[], str] = opener is None if proc is None else proc
         self._proc_warned = False
@@ -538,7 +542,7 @@ class NetlinkBackend:
         with self._channel() as channel:
             size = channel.window_size(self.window)
             first = channel.reserve(len(ops))  # refused operations leave harmless gaps
-            windows = _encode_windows(ops, channel.family, flags, first, size)
+            windows = _encode_windows(ops, channel.family, flags, first, size, self.compiled)
             if self.prefetch and len(ops) >= _PREFETCH_MIN_WINDOWS * size:
                 windows = _prefetched(windows, _PREFETCH_DEPTH)
             try:
