@@ -11,6 +11,11 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg setup.py pyproject.toml svcproxy/ipvs/_nlfast.c
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null)
+	@# A C compiler and Python's headers for the compiled encoder loop (optional for the
+	@# package, but tests/test_nlfast.py fails without it).
+	@command -v cc >/dev/null && $(PYTHON) -c 'import os, sys, sysconfig; \
+	  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || \
+	  [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq gcc python3-dev >/dev/null) || true
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

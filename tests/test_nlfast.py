@@ -141,6 +141,49 @@ def test_what_it_stops_at() -> None:
         assert call([good, good_service, other, good], 3, 10, [], encoder) == (4, 11)
 
 
+def test_interrupts_and_memory_errors_are_raised_ordinary_errors_left_to_python() -> None:
+    """An ordinary exception from an attribute is the Python path's to meet again;
+    KeyboardInterrupt, SystemExit and MemoryError stop the encoding at once."""
+    svc = ServiceKey(TCP, "10.0.0.1", 80)
+
+    def raising(exc: BaseException) -> object:
+        class Dest:
+            address, port, weight, forward = "10.1.0.1", 80, 1, MASQ
+
+            @property
+            def destination(self) -> object:
+                raise exc
+
+        op = Dest()
+        op.kind, op.service = ADD, svc  # type: ignore[attr-defined]
+        return op
+
+    good = Operation(ADD, svc, destination=Destination("10.1.0.1", 80))
+    assert call([good, raising(LookupError("x")), good], 0, 1, []) == (1, 2)
+    for exc in (KeyboardInterrupt(), SystemExit(3), MemoryError()):
+        with pytest.raises(type(exc)):
+            call([good, raising(exc), good], 0, 1, [])
+
+
+def test_subclasses_of_int_and_str_are_left_to_python() -> None:
+    """Python packs an int subclass through its own methods: not the compiled
+    loop's business."""
+    class Port(int):
+        pass
+
+    class Text(str):
+        pass
+
+    svc = ServiceKey(TCP, "10.0.0.1", 80)
+    for dest in (Destination("10.1.0.1", Port(80)), Destination(Text("10.1.0.1"), 80),
+                 Destination("10.1.0.1", 80, Port(3))):
+        assert call([Operation(ADD, svc, destination=dest)], 0, 1, []) == (0, 1)
+        assert both([Operation(ADD, svc, destination=dest)])[0] == both([Operation(ADD, svc, destination=dest)])[1]
+    bool_port = Operation(ADD, svc, destination=Destination("10.1.0.1", True))  # bool is packed as 1 by both
+    assert call([bool_port], 0, 1, []) == (1, 2)
+    assert both([bool_port])[0] == both([bool_port])[1]
+
+
 def test_errors_of_the_caller_are_raised_not_hidden() -> None:
     assert nlcodec._compiled_encode is not None
     ops = [Operation(ADD, ServiceKey(TCP, "10.0.0.1", 80), destination=Destination("10.1.0.1", 80))]
@@ -152,8 +195,13 @@ def test_errors_of_the_caller_are_raised_not_hidden() -> None:
         encode(tuple(ops), 0, 1, [], context)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         encode(ops, 0, 1, [], context[:-1])
+    for seq in (-1, 2**32, 2**64 + 1):
+        with pytest.raises((ValueError, OverflowError)):
+            encode(ops, 0, seq, [], context)
+    assert encode(ops, 0, 2**32 - 1, [], context) == (1, 2**32)
     for k, bad in [(14, b"x" * 43), (15, b"x" * 9), (16, b"x" * 19), (17, b"x" * 25), (12, (b"1234",)),
-                   (13, (b"1234", b"123")), (6, (6, 17)), (6, (6, 17, 2**16)), (18, -1)]:
+                   (13, (b"1234", b"123")), (6, (6, 17)), (6, (6, 17, 2**16)), (18, -1), (18, 2**32),
+                   (9, 2**16), (9, 2**32 + 0x1E), (10, -1), (11, 2**16)]:
         broken = list(context)
         broken[k] = bad
         with pytest.raises((ValueError, TypeError)):
@@ -180,9 +228,9 @@ def test_services_of_every_kind_encode_the_same_compiled_or_not() -> None:
             ServiceKey(TCP, "10.0.0.1", 65536), ServiceKey(TCP, "10.0.0.300", 80), ServiceKey(TCP, "10.0.0.1\x00", 80),
             ServiceKey(TCP, "::ffff:10.0.0.1", 80), ServiceKey("TCP", "10.0.0.1", 80)]  # type: ignore[arg-type]
     settings = [("rr", None, frozenset()), ("wlc", 300, frozenset()), ("sh", 60, frozenset({"sh-port", "sh-fallback"})),
-                ("rr", 10, frozenset({"netmask:255.255.255.0"})), ("rr", None, frozenset({"ops"})),
+                ("rr", 10, frozenset({"netmask=255.255.255.0"})), ("rr", None, frozenset({"ops"})),
                 ("nope!", None, frozenset()), ("rr", 0, frozenset()), ("rr", None, frozenset({"bogus"})),
-                ("rr", 10, frozenset({"pe:sip"}))]
+                ("rr", 10, frozenset({"pe=sip"})), ("rr", 10, frozenset({"netmask=64"}))]
     ops = [Operation(kind, key, sched, persistence, flags)
            for kind in (OpKind.ADD_SERVICE, OpKind.EDIT_SERVICE) for sched, persistence, flags in settings
            for key in keys]
@@ -240,7 +288,7 @@ _OPS = st.one_of(
     st.builds(Operation, st.sampled_from([OpKind.ADD_SERVICE, OpKind.EDIT_SERVICE, OpKind.DELETE_SERVICE]),
               _SERVICES, st.sampled_from(["rr", "wlc", "sh", "nope"]), st.sampled_from([None, 0, 1, 300, 2**32]),
               st.sampled_from([frozenset(), frozenset({"ops"}), frozenset({"sh-port"}),
-                               frozenset({"netmask:255.255.0.0"}), frozenset({"bogus"})])),
+                               frozenset({"netmask=255.255.0.0"}), frozenset({"pe=sip"}), frozenset({"bogus"})])),
 )
 
 

@@ -13,9 +13,11 @@
  *     service with an IPv4 address.
  *
  * It stops at the first operation that is anything else (another kind, a
- * value out of range, settings not cached yet, an object of an unexpected
- * type) and returns its index: the Python encoder, which stays the reference,
- * takes that one with its checks and refusals, then calls again. IPVS
+ * value out of range, settings not cached yet, a value of any type but exactly
+ * int or str, an attribute that raises an ordinary exception) and returns its
+ * index: the Python encoder, which stays the reference, takes that one with
+ * its checks and refusals, then calls again. What is not an ordinary
+ * exception (MemoryError, KeyboardInterrupt, SystemExit) is raised. IPVS
  * attribute numbers and constant parts come from the caller (nlcodec.py, as
  * byte strings); this file knows the netlink headers' layout, where the
  * caller's templates have their values, and adds the values: lengths,
@@ -54,7 +56,7 @@ static PyObject *s_kind, *s_service, *s_destination, *s_forward, *s_weight, *s_p
 /* What the caller passes once per call (nlcodec._compiled_context). */
 typedef struct {
     PyObject *add_svc, *edit_svc, *add_dest, *edit_dest, *masq, *protocols, *numbers, *udp, *settings;
-    unsigned int family, flags, nest_type;
+    Py_ssize_t family, flags, nest_type;
     PyObject *svc_genl, *dest_genl, *ident, *dest_head, *run, *tail;
     long max_weight;
     uint16_t proto_numbers[MAX_PROTOCOLS];
@@ -63,7 +65,7 @@ typedef struct {
 static int
 parse_context(PyObject *tuple, context *c)
 {
-    if (!PyArg_ParseTuple(tuple, "OOOOOO!O!OO!IIIO!O!SSSSl:context", &c->add_svc, &c->edit_svc, &c->add_dest,
+    if (!PyArg_ParseTuple(tuple, "OOOOOO!O!OO!nnnO!O!SSSSl:context", &c->add_svc, &c->edit_svc, &c->add_dest,
                           &c->edit_dest, &c->masq, &PyTuple_Type, &c->protocols, &PyTuple_Type, &c->numbers, &c->udp,
                           &PyDict_Type, &c->settings, &c->family, &c->flags, &c->nest_type, &PyTuple_Type,
                           &c->svc_genl, &PyTuple_Type, &c->dest_genl, &c->ident, &c->dest_head, &c->run, &c->tail,
@@ -71,10 +73,11 @@ parse_context(PyObject *tuple, context *c)
         return 0;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(c->protocols);
-    int ok = n <= MAX_PROTOCOLS && PyTuple_GET_SIZE(c->numbers) == n && c->family <= 0xFFFF &&
-             c->flags <= 0xFFFF && c->nest_type <= 0xFFFF && PyBytes_GET_SIZE(c->ident) == IDENT_SIZE &&
-             PyBytes_GET_SIZE(c->dest_head) == DEST_HEAD_SIZE && PyBytes_GET_SIZE(c->run) == RUN_SIZE &&
-             PyBytes_GET_SIZE(c->tail) == TAIL_SIZE && c->max_weight >= 0;
+    int ok = n <= MAX_PROTOCOLS && PyTuple_GET_SIZE(c->numbers) == n && c->family >= 0 && c->family <= 0xFFFF &&
+             c->flags >= 0 && c->flags <= 0xFFFF && c->nest_type >= 0 && c->nest_type <= 0xFFFF &&
+             PyBytes_GET_SIZE(c->ident) == IDENT_SIZE && PyBytes_GET_SIZE(c->dest_head) == DEST_HEAD_SIZE &&
+             PyBytes_GET_SIZE(c->run) == RUN_SIZE && PyBytes_GET_SIZE(c->tail) == TAIL_SIZE &&
+             c->max_weight >= 0 && c->max_weight <= 0xFFFFFFFFL;
     for (int k = 0; ok && k < 2; k++) {
         PyObject *a = PyTuple_GET_SIZE(c->svc_genl) == 2 ? PyTuple_GET_ITEM(c->svc_genl, k) : NULL;
         PyObject *b = PyTuple_GET_SIZE(c->dest_genl) == 2 ? PyTuple_GET_ITEM(c->dest_genl, k) : NULL;
@@ -93,17 +96,16 @@ parse_context(PyObject *tuple, context *c)
     return 1;
 }
 
-/* 1: obj.<name> is an int in [lo, hi]; 0: anything else (no exception left set). */
+/* 1: obj.<name> is an int (exactly, or a bool) in [lo, hi]; 0: anything else,
+ * with the attribute lookup's exception left set if it raised one. (A subclass
+ * of int could change how Python packs it: that is the Python path's.) */
 static int
 get_long(PyObject *obj, PyObject *name, long lo, long hi, long *out)
 {
     PyObject *value = PyObject_GetAttr(obj, name);
-    if (value == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
+    if (value == NULL) return 0;
     int ok = 0;
-    if (PyLong_Check(value)) {
+    if (PyLong_CheckExact(value) || PyBool_Check(value)) {
         int overflow = 0;
         long v = PyLong_AsLongAndOverflow(value, &overflow);
         if (!overflow && !(v == -1 && PyErr_Occurred()) && v >= lo && v <= hi) {
@@ -117,23 +119,19 @@ get_long(PyObject *obj, PyObject *name, long lo, long hi, long *out)
 }
 
 /* 1: obj.address is IP address text as socket.inet_pton takes it (IPv6 when it
- * has a colon, as nlcodec decides); the family and 16 bytes, IPv4 zero-padded. */
+ * has a colon, as nlcodec decides); the family and 16 bytes, IPv4 zero-padded.
+ * 0: anything else, an exception left set if one was raised. */
 static int
 get_address(PyObject *obj, uint16_t *af, unsigned char out[16])
 {
     PyObject *value = PyObject_GetAttr(obj, s_address);
-    if (value == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
+    if (value == NULL) return 0;
     int ok = 0;
-    if (PyUnicode_Check(value)) {
+    if (PyUnicode_CheckExact(value)) {
         Py_ssize_t size = 0;
-        const char *text = PyUnicode_AsUTF8AndSize(value, &size);
+        const char *text = PyUnicode_AsUTF8AndSize(value, &size); /* may raise (surrogates): left set */
         memset(out, 0, 16);
-        if (text == NULL) {
-            PyErr_Clear();
-        } else if ((size_t)size == strlen(text)) {
+        if (text != NULL && (size_t)size == strlen(text)) {
             *af = strchr(text, ':') != NULL ? AF_INET6 : AF_INET;
             ok = inet_pton(*af, text, out) == 1;
         }
@@ -152,10 +150,7 @@ build_ident(const context *c, PyObject *key, unsigned char ident[IDENT_SIZE], ui
     unsigned char addr[16];
     if (!get_long(key, s_fwmark, 0, 0, &fwmark) || !get_address(key, af, addr)) return 0;
     PyObject *protocol = PyObject_GetAttr(key, s_protocol);
-    if (protocol == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
+    if (protocol == NULL) return 0;
     Py_ssize_t p = 0, n = PyTuple_GET_SIZE(c->protocols);
     while (p < n && PyTuple_GET_ITEM(c->protocols, p) != protocol) p++;
     *udp = protocol == c->udp;
@@ -188,11 +183,13 @@ put_heads(const context *c, char *m, Py_ssize_t total, unsigned long seq, PyObje
     return m + NLMSG_SIZE + GENL_SIZE + 4;
 }
 
-/* One NEW/SET_SERVICE message, or NULL with no exception set: not this path. */
+/* One NEW/SET_SERVICE message, or NULL: not this path (with an exception set if
+ * a lookup raised one; encode decides what to do with it). */
 static PyObject *
 service_message(const context *c, PyObject *op, PyObject *kind, unsigned long seq)
 {
-    PyObject *key = NULL, *sched = NULL, *persistence = NULL, *opflags = NULL, *inputs = NULL, *message = NULL;
+    PyObject *key = NULL, *sched = NULL, *persistence = NULL, *opflags = NULL, *inputs = NULL, *settings = NULL,
+             *message = NULL;
     unsigned char ident[IDENT_SIZE];
     uint16_t af;
     long port;
@@ -209,8 +206,12 @@ service_message(const context *c, PyObject *op, PyObject *kind, unsigned long se
                           udp ? Py_True : Py_False);
     Py_DECREF(af_obj);
     if (inputs == NULL) goto done;
-    PyObject *settings = PyDict_GetItemWithError(c->settings, inputs); /* borrowed */
-    if (settings == NULL || !PyBytes_Check(settings)) goto done; /* not cached yet: Python's turn */
+    settings = PyDict_GetItemWithError(c->settings, inputs);
+    if (settings == NULL || !PyBytes_CheckExact(settings)) { /* not cached yet: Python's turn */
+        settings = NULL;
+        goto done;
+    }
+    Py_INCREF(settings); /* held: the dict is the caller's */
     Py_ssize_t settings_size = PyBytes_GET_SIZE(settings), nest_size = 4 + IDENT_SIZE + settings_size;
     if (nest_size > 0xFFFF) goto done;
     Py_ssize_t total = NLMSG_SIZE + GENL_SIZE + nest_size;
@@ -221,6 +222,7 @@ service_message(const context *c, PyObject *op, PyObject *kind, unsigned long se
     memcpy(m, ident, IDENT_SIZE);
     memcpy(m + IDENT_SIZE, PyBytes_AS_STRING(settings), (size_t)settings_size);
 done:
+    Py_XDECREF(settings);
     Py_XDECREF(inputs);
     Py_XDECREF(opflags);
     Py_XDECREF(persistence);
@@ -236,7 +238,7 @@ typedef struct {
     unsigned char ident[IDENT_SIZE];
 } last_service;
 
-/* One NEW/SET_DEST message, or NULL with no exception set: not this path. */
+/* One NEW/SET_DEST message, or NULL, as service_message. */
 static PyObject *
 dest_message(const context *c, PyObject *op, PyObject *kind, unsigned long seq, last_service *last)
 {
@@ -247,9 +249,7 @@ dest_message(const context *c, PyObject *op, PyObject *kind, unsigned long seq, 
         long port;
         int udp;
         last->usable = build_ident(c, key, last->ident, &af, &port, &udp) && af == AF_INET;
-        Py_XDECREF(last->key);
-        Py_INCREF(key);
-        last->key = key;
+        Py_XSETREF(last->key, Py_NewRef(key));
     }
     if (!last->usable) goto done;
     dest = PyObject_GetAttr(op, s_destination);
@@ -299,10 +299,9 @@ static PyObject *
 encode(PyObject *self, PyObject *args)
 {
     PyObject *ops, *out, *ctx;
-    Py_ssize_t start;
-    unsigned long seq;
+    Py_ssize_t start, first_seq;
     context c;
-    if (!PyArg_ParseTuple(args, "O!nkO!O!:encode", &PyList_Type, &ops, &start, &seq, &PyList_Type, &out,
+    if (!PyArg_ParseTuple(args, "O!nnO!O!:encode", &PyList_Type, &ops, &start, &first_seq, &PyList_Type, &out,
                           &PyTuple_Type, &ctx) ||
         !parse_context(ctx, &c)) {
         return NULL;
@@ -311,10 +310,17 @@ encode(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "_nlfast.encode: negative start");
         return NULL;
     }
+    if (first_seq < 0 || first_seq > 0xFFFFFFFFL) {
+        PyErr_SetString(PyExc_ValueError, "_nlfast.encode: seq out of range 0..2**32-1");
+        return NULL;
+    }
+    unsigned long seq = (unsigned long)first_seq;
     last_service last = {NULL, 0, {0}};
     Py_ssize_t i = start;
     int failed = 0;
-    while (i < PyList_GET_SIZE(ops)) {
+    /* (The caller numbers a batch so that it does not pass 2**32 - 1; stopping
+     * there anyway keeps a list grown meanwhile from wrapping here.) */
+    while (i < PyList_GET_SIZE(ops) && seq <= 0xFFFFFFFFUL) {
         PyObject *op = PyList_GET_ITEM(ops, i);
         Py_INCREF(op);
         PyObject *message = NULL;
@@ -327,9 +333,15 @@ encode(PyObject *self, PyObject *args)
         Py_XDECREF(kind);
         Py_DECREF(op);
         if (message == NULL) {
-            /* Not ours: an exception other than from a lookup (memory) is raised. */
-            if (PyErr_Occurred() && PyErr_ExceptionMatches(PyExc_MemoryError)) failed = 1;
-            else PyErr_Clear();
+            /* Not ours. An ordinary exception from a lookup is the Python path's to
+             * raise again (or not); memory errors and interrupts are raised now. */
+            if (PyErr_Occurred()) {
+                if (PyErr_ExceptionMatches(PyExc_Exception) && !PyErr_ExceptionMatches(PyExc_MemoryError)) {
+                    PyErr_Clear();
+                } else {
+                    failed = 1;
+                }
+            }
             break;
         }
         int appended = PyList_Append(out, message);
