@@ -303,6 +303,7 @@ def kernel_bench(args: argparse.Namespace) -> int:
         ("IpvsadmBackend.read(counts=True) (-Ln + parse)", lambda: IpvsadmBackend().read(counts=True)),
         ("NetlinkBackend.read (with counts)", lambda: NetlinkBackend().read()),
         ("NetlinkBackend.read proc=False (a GET_DEST dump per service)", lambda: NetlinkBackend(proc=False).read()),
+        ("NetlinkBackend.read compiled=False (/proc parsed in Python)", lambda: NetlinkBackend(compiled=False).read()),
         # As the agent's full syncs run them: with the cyclic GC paused (reconcile.paused_gc).
         ("IpvsadmBackend.read (-Sn + parse), GC paused", lambda: gc_paused(IpvsadmBackend().read)),
         ("IpvsadmBackend.read(counts=True), GC paused", lambda: gc_paused(lambda: IpvsadmBackend().read(counts=True))),
@@ -401,6 +402,9 @@ def kernel_bench(args: argparse.Namespace) -> int:
           f"({nl_inline:.2f} s vs {nl_apply:.2f} s)")
     print(f"  the compiled encoder loop ({'built' if nlcodec.COMPILED else 'NOT BUILT'}): apply {nl_python / nl_apply:.2f}x "
           f"faster than with the Python encoder ({nl_apply:.2f} s vs {nl_python:.2f} s)")
+    nl_read_python = report.get("read", "NetlinkBackend.read compiled=False (/proc parsed in Python)")
+    print(f"  the compiled /proc parser: read {nl_read_python / nl_read:.2f}x faster than parsing in Python "
+          f"({nl_read:.2f} s vs {nl_read_python:.2f} s)")
     print(f"  real servers from /proc/net/ip_vs: the read is {nl_dumps / nl_read:.2f}x faster than with a "
           f"GET_DEST dump per service ({nl_read:.2f} s vs {nl_dumps:.2f} s)")
     print(f"  acks: asking only the last of each window is {floor_ack / floor_noack:.2f}x faster at the floor, "
@@ -496,6 +500,9 @@ def codec_bench(args: argparse.Namespace) -> int:
     dec_paused, _ = best(args.repeat, lambda: gc_paused(decode), cpu)
     parse, _ = best(args.repeat, lambda: parse_save(text), cpu)
     proc_paused, parsed = best(args.repeat, lambda: gc_paused(lambda: procfs.parse(proc)), cpu)
+    proc_running, _ = best(args.repeat, lambda: procfs.parse(proc), cpu)
+    proc_python, parsed_python = best(args.repeat, lambda: gc_paused(lambda: procfs.parse(proc, compiled=False)), cpu)
+    assert parsed == parsed_python
     services_paused, listed = best(args.repeat, lambda: gc_paused(decode_services), cpu)
     assert isinstance(listed, list) and [d.service for d in listed] == [vs.with_destinations(()) for vs in table.sorted()]
     assert isinstance(got, list) and len(got) == table.destination_count()
@@ -508,8 +515,11 @@ def codec_bench(args: argparse.Namespace) -> int:
     print(f"  decode {len(got)} real servers (decode_dest_datagram): {dec:.3f} s ({1e6 * dec / len(got):.2f} us each)")
     print(f"    the same with the GC paused (as the agent's full syncs read): {dec_paused:.3f} s "
           f"({1e6 * dec_paused / len(got):.2f} us each)")
-    print(f"  the same real servers from /proc/net/ip_vs text (procfs.parse), GC paused: {proc_paused:.3f} s "
-          f"({1e6 * proc_paused / len(got):.2f} us each)")
+    print(f"  the same real servers from /proc/net/ip_vs text (procfs.parse, compiled), GC paused: {proc_paused:.3f} s "
+          f"({1e6 * proc_paused / len(got):.2f} us each); GC running: {proc_running:.3f} s")
+    print(f"    the same in Python only (compiled=False), GC paused: {proc_python:.3f} s "
+          f"({1e6 * proc_python / len(got):.2f} us each, {proc_python / proc_paused:.1f}x)")
+    print(f"    (GET_DEST decode, GC paused, takes {dec_paused / proc_paused:.1f}x the compiled parse)")
     print(f"  decode {len(listed)} services (decode_service), GC paused: {services_paused:.3f} s "
           f"({1e6 * services_paused / len(listed):.2f} us each)")
     print(f"  for comparison, parse_save of the same table's ipvsadm -Sn text: {parse:.3f} s "

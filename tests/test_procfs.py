@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from svcproxy.ipvs import nlcodec, procfs
 from svcproxy.ipvs.netlink import NetlinkBackend
@@ -231,3 +233,171 @@ def test_one_firewall_mark_in_both_families_is_never_joined(caplog: pytest.LogCa
             assert NetlinkBackend(opener=lambda: kernel, proc=lambda: source).read() == table
         assert kernel.dest_dumps == 3
     assert "share a line label" in caplog.records[-1].getMessage()
+
+
+# ------------------------------------------------------------------ the compiled parser
+
+
+def _generated(services: int, dests: int) -> str:
+    """A file as the kernel writes it: IPv4 and IPv6 services and real servers,
+    every forwarding name, counts of several widths."""
+    lines = [HEAD.rstrip("\n")]
+    names = ["Masq", "Local", "Tunnel", "Route"]
+    for i in range(services):
+        if i % 7 == 3:
+            lines.append(f"UDP  [fd00:0000:0000:0000:0000:0000:{i // 65536:04x}:{i % 65536:04x}]:0035 wlc ")
+        else:
+            lines.append(f"TCP  0A60{i // 256:02X}{i % 256:02X}:{80 + i % 3:04X} rr  ")
+        for j in range(dests):
+            address = (f"[FD00:0000:0000:0000:0000:0000:{j:04X}:{i % 65536:04x}]" if (i + j) % 11 == 0
+                       else f"0A{j:02X}{i // 256 % 256:02X}{i % 256:02X}")
+            lines.append(f"  -> {address}:{8000 + j % 4:04X}      {names[(i + j) % 4]:<7} {j:<6} "
+                         f"{i * j % 1000:<10} {i:<10}")
+    return "\n".join(lines) + "\n"
+
+
+def _compiled(text: str) -> dict[tuple[str, str], list[Destination]] | None:
+    assert procfs._compiled_parse is not None, "svcproxy/ipvs/_nlfast.c is not built"
+    return procfs._compiled_parse(text, Destination, procfs._FORWARD_PAIRS, procfs._address)
+
+
+@pytest.mark.parametrize("text", [KERNEL_FILE, _generated(300, 10), _generated(1, 0), HEAD])
+def test_the_compiled_parser_reads_what_the_python_parser_reads(text: str) -> None:
+    found = _compiled(text)
+    assert found is not None  # it took the file itself
+    want = procfs.parse(text, compiled=False)
+    assert found == want
+    assert [[(d.address, d.port, d.weight, d.forward, d.active_conns, d.inactive_conns) for d in v]
+            for v in found.values()] == [[(d.address, d.port, d.weight, d.forward, d.active_conns,
+                                           d.inactive_conns) for d in v] for v in want.values()]
+    assert list(found) == list(want)  # and in the kernel's order
+    assert procfs.parse(text) == want
+
+
+def test_real_servers_it_makes_are_ordinary_destinations() -> None:
+    import dataclasses
+
+    found = _compiled(HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Local   3      7          9\n")
+    assert found is not None
+    (dest,) = found[("TCP", "0A600001:0050")]
+    assert type(dest) is Destination
+    assert dest == D("10.244.1.5", 8080, 3, MASQ) and hash(dest) == hash(D("10.244.1.5", 8080, 3, MASQ))
+    assert repr(dest) == repr(D("10.244.1.5", 8080, 3, MASQ, 7, 9))
+    assert vars(dest) == vars(D("10.244.1.5", 8080, 3, MASQ, 7, 9))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dest.weight = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text", [
+    HEAD + "TCP  0A600001:0050 rr\r\n  -> 0AF40105:1F90      Masq    1      0          0\n",  # \r
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Masq    1      0          0\x0b\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Masq    \ufffd      0          0\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Masq    +1      0          0\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Masq    -1      0          0\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Masq    1      0          0   x\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Masq    1      0\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Bypass  1      0          0\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF4010Z:1F90      Masq    1      0          0\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:+F90      Masq    1      0          0\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F9      Masq    1      0          0\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105      Masq    1      0          0\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> [fd00::zz]:1F90      Masq    1      0          0\n",
+    HEAD + "TCP  0A600001:0050 rr\n  -> 0AF40105:1F90      Masq    1      0          1234567890123456789\n",
+    HEAD + "  -> 0AF40105:1F90      Masq    1      0          0\n",
+    HEAD + "TCP  0A600001:0050\n",
+    HEAD + "TCP  0A600001:0050 rr\nTCP  0A600001:0050 rr\n",
+    HEAD + "TCP  0A600001:0050 rr a b c d e f g h\n",
+])
+def test_anything_else_is_left_to_the_python_parser(text: str) -> None:
+    assert _compiled(text) is None
+    try:
+        want: object = procfs.parse(text, compiled=False)
+    except DecodeError as exc:
+        want = str(exc)
+    try:
+        got: object = procfs.parse(text)
+    except DecodeError as exc:
+        got = str(exc)
+    assert got == want
+
+
+def test_lowercase_hex_and_tabs_are_read_as_python_reads_them() -> None:
+    text = HEAD + "TCP\t0a600001:0050 rr\n\t->  0af40105:1f90\tMasq 1 0 0\n\n   \n"
+    assert _compiled(text) == procfs.parse(text, compiled=False) == {("TCP", "0a600001:0050"): [D("10.244.1.5", 8080)]}
+
+
+def test_a_conversion_that_raises_an_interrupt_is_raised() -> None:
+    assert procfs._compiled_parse is not None
+    text = HEAD + "TCP  0A600001:0050 rr\n  -> [fd00::1]:1F90      Masq    1      0          0\n"
+
+    def interrupted(address: str) -> str:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        procfs._compiled_parse(text, Destination, procfs._FORWARD_PAIRS, interrupted)
+    assert procfs._compiled_parse(text, Destination, procfs._FORWARD_PAIRS, lambda a: 1) is None  # type: ignore
+    with pytest.raises(TypeError):
+        procfs._compiled_parse(text, Destination, (("Masq",),), procfs._address)
+
+
+def test_the_compiled_parser_keeps_no_reference() -> None:
+    """Every reference it takes is given back: the real servers are freed with
+    the result, and the Forward members' counts are what they were."""
+    import gc
+    import sys
+    import weakref
+
+    text = _generated(50, 10)
+    before = [sys.getrefcount(f) for f in Forward]
+    found = _compiled(text)
+    assert found is not None
+    refs = [weakref.ref(d) for servers in found.values() for d in servers]
+    assert len(refs) == 500
+    del found
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+    assert [sys.getrefcount(f) for f in Forward] == before
+
+
+_LINES = st.sampled_from([
+    "TCP  0A600001:0050 rr  ", "UDP  0A600002:0035 wlc ops ", "FWM  00000007 rr persistent 300 FFFFFFFF",
+    "TCP  [fd00:0000:0000:0000:0000:0000:0000:0020]:0050 rr ", "TCP  0A600001:0050", "", "   ", "\t",
+    "  -> 0AF40105:1F90      Masq    1      0          0         ",
+    "  -> 0AF40106:1F90      Route   0      12         7",
+    "  -> 0AF40107:0050      Tunnel  255    0          0",
+    "  -> 0AF40108:0050      Local   1      0          0",
+    "  -> [FD00:0000:0000:0000:0000:0000:0001:0005]:0035      Masq    3      0          0",
+    "  -> [fd00:0000:0000:0000:0000:ffff:0a00:0001]:0035      Masq    3      0          0",
+    "  -> 0AF40109:1F90      Bypass  1      0          0",
+    "  -> 0AF4010:1F90      Masq    1      0          0",
+    "  -> 0AF40105:1F90      Masq    1      0",
+    "  -> 0AF40105:1F90      Masq    -1      0          0",
+    "  -> 0AF40105:1F90      Masq    1      0          0\r",
+    "  -> 0AF40105:1F9      Masq    1      0          0",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_LINES, max_size=30))
+def test_any_file_parses_the_same_compiled_or_not(lines: list[str]) -> None:
+    text = HEAD + "\n".join(lines) + "\n"
+    outcomes = []
+    for compiled in (True, False):
+        try:
+            outcomes.append(("ok", procfs.parse(text, compiled=compiled)))
+        except DecodeError as exc:
+            outcomes.append(("refused", str(exc)))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_every_octet_is_written_as_inet_ntop_writes_it() -> None:
+    lines = [HEAD + "TCP  0A600001:0050 rr"]
+    lines += [f"  -> {(n << shift) & 0xFFFFFFFF:08X}:{n:04X}      Masq    1      0          0"
+              for n in range(256) for shift in (0, 8, 16, 24)]
+    lines += [f"  -> {n * 0x01010101:08X}:0050      Masq    1      0          0" for n in range(256)]
+    text = "\n".join(lines) + "\n"
+    found = _compiled(text)
+    assert found is not None
+    assert found == procfs.parse(text, compiled=False)
+    assert [d.address for d in found[("TCP", "0A600001:0050")]][-3:] == ["253.253.253.253", "254.254.254.254",
+                                                                         "255.255.255.255"]

@@ -1,3 +1,6 @@
-from typing import Any
+from typing import Any, Callable
 
 def encode(ops: list[Any], start: int, seq: int, out: list[bytes], context: tuple[Any, ...], /) -> tuple[int, int]: ...
+def proc_servers(
+    text: str, cls: type, forwards: tuple[tuple[str, Any], ...], convert: Callable[[str], str], /
+) -> dict[tuple[str, str], list[Any]] | None: ...

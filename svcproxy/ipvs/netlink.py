@@ -408,8 +408,8 @@ class NetlinkBackend:
     ``acks``: ask for an acknowledgement of every request (slower, same results).
     ``window``: requests per datagram (also capped by the socket buffers).
     ``prefetch``: encode large plans in a helper thread while the kernel works.
-    ``compiled``: encode with the compiled loop where it is built (False: Python
-    only, the reference; for comparisons).
+    ``compiled``: encode, and parse /proc/net/ip_vs, with the compiled loops where
+    they are built (False: Python only, the reference; for comparisons).
     ``opener``: makes the socket (tests pass a fake kernel); ``netns`` is then unused.
     ``proc``: where ``read`` takes real servers from: True, /proc/net/ip_vs of the
     namespace; False, a GET_DEST dump per service; or a function returning the
@@ -502,7 +502,7 @@ class NetlinkBackend:
                 text = _read_proc_file()
             else:
                 text = _in_netns(self.netns, _read_proc_file)
-            servers = procfs.parse(text)
+            servers = procfs.parse(text, compiled=self.compiled)
         except (OSError, BackendError, DecodeError) as exc:
             self._proc_unusable(f"{exc}")
             return None

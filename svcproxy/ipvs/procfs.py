@@ -28,12 +28,18 @@ netlink alone, so an unexpected file costs speed, never correctness.
 from __future__ import annotations
 
 import socket
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from svcproxy.ipvs.nlcodec import DecodeError, address_text, make_destination
 from svcproxy.model import Destination, Forward, ServiceKey
 
 __all__ = ["PATH", "label", "parse", "read"]
+
+_compiled_parse: Callable[..., dict[tuple[str, str], list[Destination]] | None] | None
+try:
+    from svcproxy.ipvs._nlfast import proc_servers as _compiled_parse
+except ImportError:  # not built: Python only (nlcodec.COMPILED says so too)
+    _compiled_parse = None
 
 #: The calling thread's network namespace (/proc/net follows the thread group
 #: leader's, which is not the namespace a netns-joining helper thread is in).
@@ -43,6 +49,7 @@ _HEADER = ("Prot LocalAddress:Port Scheduler Flags", "  -> RemoteAddress:Port Fo
 #: ip_vs_fwd_name(): LOCALNODE is "Local", anything not tunnel or route is "Masq"
 #: (the netlink decoder maps the same numbers the same way).
 _FORWARD_OF_NAME = {"Masq": Forward.MASQ, "Local": Forward.MASQ, "Tunnel": Forward.TUNNEL, "Route": Forward.ROUTE}
+_FORWARD_PAIRS = tuple(_FORWARD_OF_NAME.items())
 _READ_SIZE = 1 << 20
 
 
@@ -72,11 +79,20 @@ def label(key: ServiceKey) -> tuple[str, str]:
     return key.protocol.value, f"{socket.inet_pton(socket.AF_INET, key.address).hex().upper()}:{key.port:04X}"
 
 
-def parse(text: str) -> dict[tuple[str, str], list[Destination]]:
-    """Real servers by service label, in the kernel's order."""
-    lines = text.split("\n")
+def parse(text: str, *, compiled: bool = True) -> dict[tuple[str, str], list[Destination]]:
+    """Real servers by service label, in the kernel's order.
+
+    The usual file is parsed by the compiled parser (svcproxy/ipvs/_nlfast.c),
+    which makes real servers as ``make_destination`` does; anything it does not
+    take (and ``compiled=False``) is parsed here, the reference."""
+    lines = text.split("\n", 3)
     if len(lines) < 3 or not lines[0].startswith("IP Virtual Server version ") or tuple(lines[1:3]) != _HEADER:
         raise DecodeError("/proc/net/ip_vs does not start with the expected header")
+    if compiled and _compiled_parse is not None and make_destination is not Destination:
+        found = _compiled_parse(text, Destination, _FORWARD_PAIRS, _address)
+        if found is not None:
+            return found
+    lines = text.split("\n")
     services: dict[tuple[str, str], list[Destination]] = {}
     current: list[Destination] | None = None
     # A Pod is the real server of several services (ClusterIP, NodePorts, ...):
