@@ -307,6 +307,9 @@ def test_real_servers_it_makes_are_ordinary_destinations() -> None:
     HEAD + "TCP  0A600001:0050\n",
     HEAD + "TCP  0A600001:0050 rr\nTCP  0A600001:0050 rr\n",
     HEAD + "TCP  0A600001:0050 rr a b c d e f g h\n",
+    HEAD + "TCP\ud800 0A600001:0050 rr\n",  # a lone surrogate: no UTF-8 form
+    HEAD + "TCP 0A600001:0050 rr \ud800\n",
+    HEAD + "TCP 0A600001:0050 rr \xe9\n",
 ])
 def test_anything_else_is_left_to_the_python_parser(text: str) -> None:
     assert _compiled(text) is None

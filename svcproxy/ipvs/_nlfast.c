@@ -460,20 +460,25 @@ proc_servers(PyObject *self, PyObject *args)
             return NULL;
         }
     }
-    Py_ssize_t size;
-    const char *p = PyUnicode_AsUTF8AndSize(text, &size);
-    if (p == NULL) return NULL;
-    const char *end = p + size;
+    /* Not plain ASCII (a surrogate, U+FFFD from a replaced byte): Python's turn,
+     * without making a UTF-8 copy of the text. */
+    if (!PyUnicode_IS_ASCII(text)) Py_RETURN_NONE;
+    const char *p = (const char *)PyUnicode_1BYTE_DATA(text);
+    const char *end = p + PyUnicode_GET_LENGTH(text);
     PyObject *result = PyDict_New(), *names = PyDict_New(), *current = NULL;
     PyObject *port_key[PORT_CACHE] = {NULL};
     long port_num[PORT_CACHE];
-    int ok = result != NULL && names != NULL, unusual = 0, lines = 0;
+    int ok = result != NULL && names != NULL, unusual = 0;
+    Py_ssize_t lines = 0;
     while (ok && !unusual && p < end) {
         const char *eol = memchr(p, '\n', (size_t)(end - p));
         if (eol == NULL) eol = end;
         const char *line = p;
         p = eol < end ? eol + 1 : end;
-        if (lines++ < 3) continue; /* the header, checked by the caller */
+        if (lines < 3) { /* the header, checked by the caller */
+            lines++;
+            continue;
+        }
         word w[MAX_WORDS];
         int n = split_words(line, eol, w);
         if (n == 0) continue;
