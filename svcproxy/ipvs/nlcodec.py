@@ -192,7 +192,6 @@ _V4_DEFAULT_MASK = b"\xff\xff\xff\xff"
 _V6_DEFAULT_PLEN = 128
 _AF_INET = int(socket.AF_INET)
 _AF_INET6 = int(socket.AF_INET6)
-_ZERO12 = bytes(12)
 
 # --------------------------------------------------------------------------------------
 # low-level pieces
@@ -263,11 +262,12 @@ def family_request() -> bytes:
 
 
 def _packed_address(address: str) -> tuple[int, bytes]:
-    """(address family, 16 bytes as IPVS wants them: IPv4 in the first 4)."""
+    """(address family, the address's bytes): 16, or 4 for IPv4, which every
+    layout's "16s" pads to the 16 IPVS wants."""
     try:
         if ":" in address:
             return _AF_INET6, socket.inet_pton(_AF_INET6, address)
-        return _AF_INET, socket.inet_pton(_AF_INET, address) + _ZERO12
+        return _AF_INET, socket.inet_pton(_AF_INET, address)
     except (OSError, ValueError):  # ValueError: an embedded NUL
         raise EncodeError(f"not an IP address: {address!r}") from None
 
@@ -521,15 +521,7 @@ _DEST_GENL = (_GENL[IPVS_CMD_NEW_DEST], _GENL[IPVS_CMD_SET_DEST])
 
 
 def _make_ident(key: ServiceKey) -> _ServiceIdent:
-    """(A full apply makes one per service: the steps are kept few.)"""
-    address = key.address
-    try:
-        if ":" in address:
-            af, addr = _AF_INET6, socket.inet_pton(_AF_INET6, address)
-        else:
-            af, addr = _AF_INET, socket.inet_pton(_AF_INET, address)
-    except (OSError, ValueError):
-        raise EncodeError(f"not an IP address: {address!r}") from None
+    af, addr = _packed_address(key.address)
     if key.fwmark:
         if not 0 < key.fwmark < 2**32:
             raise EncodeError(f"fwmark {key.fwmark} out of range")
@@ -552,15 +544,9 @@ def _dest_parts(op: Operation, svc_family: int) -> tuple[bytes, bytes, bytes, in
     dest = op.destination
     if dest is None:
         raise EncodeError(f"{op.kind.value} without a destination")
-    address = dest.address
+    af, addr = _packed_address(dest.address)
     try:
-        if ":" in address:
-            af, addr = _AF_INET6, socket.inet_pton(_AF_INET6, address)
-        else:
-            af, addr = _AF_INET, socket.inet_pton(_AF_INET, address) + _ZERO12
         port = dest.port.to_bytes(2, "big")
-    except (OSError, ValueError):
-        raise EncodeError(f"not an IP address: {address!r}") from None
     except OverflowError:
         raise EncodeError(f"port {dest.port} out of range") from None
     weight = dest.weight
