@@ -20,7 +20,15 @@ class BackendError(RuntimeError):
 
 class Backend(Protocol):
     def read(self) -> Table:
-        """The whole table as the kernel has it now."""
+        """The whole table as the kernel has it now.
+
+        Whether real servers carry connection counts is the backend's choice, made
+        when it is built (graceful termination needs them; a plain diff does not).
+        Every backend here also takes ``read(counts=...)``, True or False to
+        override that choice for one read and None (the default) to keep it; it is
+        left out of this Protocol until every wrapper (podns's PinnedBackend) passes
+        it on.
+        """
         ...
 
     def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
@@ -38,7 +46,8 @@ class MemoryBackend:
         self.table = table if table is not None else Table()
         self.applied: list[Operation] = []
 
-    def read(self) -> Table:
+    def read(self, counts: bool | None = None) -> Table:
+        """The table; it carries whatever counts were put in it."""
         return self.table
 
     def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:

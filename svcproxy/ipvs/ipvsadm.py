@@ -813,8 +813,9 @@ class IpvsadmBackend:
             raise BackendError(f"nsenter --net={self.netns} failed: {err.strip()}")
 
     def read(self, counts: bool | None = None) -> Table:
-        """The kernel's table. With ``counts``, from ``-Ln`` (which also carries every
-        setting) so connection counts come from the same snapshot."""
+        """The kernel's table. With ``counts`` (None: this backend's default), from
+        ``-Ln`` (which also carries every setting) so connection counts come from
+        the same snapshot; without, from ``-Sn``."""
         if counts is None:
             counts = self.counts
         proc = self._run("-Ln" if counts else "-Sn")

@@ -465,9 +465,9 @@ class NetlinkBackend:
         finally:
             sock.close()
 
-    def read(self, counts: bool = True) -> Table:
-        """The kernel's table, with connection counts (they come with every read;
-        ``counts`` exists for call compatibility with the ipvsadm backend)."""
+    def read(self, counts: bool | None = None) -> Table:
+        """The kernel's table, always with connection counts: they come with every
+        read, so ``counts`` (taken as every backend takes it) changes nothing here."""
         del counts
         with self._channel() as channel:
             try:
