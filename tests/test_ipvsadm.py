@@ -30,12 +30,12 @@ from svcproxy.ipvs.ipvsadm import (
     IpvsadmBackend,
     ParseError,
     _batches,
-    _canonical,
     parse_list,
     parse_save,
     render,
     render_line,
 )
+from svcproxy.ipvs.ipvsadm_parse import _canonical
 from svcproxy.model import (
     IPVS_SCHEDULERS,
     Destination,
