@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from svcproxy.diff import diff  # noqa: E402
-from svcproxy.ipvs import nlcodec, procfs  # noqa: E402
+from svcproxy.ipvs import nlconst, nldecode, nlencode, procfs  # noqa: E402
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend, parse_list, parse_save, render  # noqa: E402
 from svcproxy.ipvs.netlink import NetlinkBackend, _Channel, _new_socket  # noqa: E402
 from svcproxy.model import Destination, OpKind, Operation, Protocol, ServiceKey, Table, VirtualService  # noqa: E402
@@ -107,7 +107,7 @@ def floor_apply(ops: list[Operation], *, acks: bool, window: int = 256) -> Calla
     sock = _new_socket(8 << 20, 60.0)
     channel = _Channel(sock, 60.0)
     family = channel.family
-    encoder = nlcodec.Encoder()
+    encoder = nlencode.Encoder()
     bodies = [encoder.encode(op) for op in ops]
     grams: list[tuple[bytes, int, int]] = []  # datagram, answers expected, last seq
     seq = 1000
@@ -116,8 +116,8 @@ def floor_apply(ops: list[Operation], *, acks: bool, window: int = 256) -> Calla
         parts = []
         for k, body in enumerate(chunk):
             loud = acks or k == len(chunk) - 1
-            flags = nlcodec.NLM_F_REQUEST | (nlcodec.NLM_F_ACK if loud else 0)
-            parts.append(nlcodec.frame(family, flags, seq + k, body))
+            flags = nlconst.NLM_F_REQUEST | (nlconst.NLM_F_ACK if loud else 0)
+            parts.append(nlencode.frame(family, flags, seq + k, body))
         grams.append((b"".join(parts), len(chunk) if acks else 1, seq + len(chunk) - 1))
         seq += len(chunk)
 
@@ -133,7 +133,7 @@ def floor_apply(ops: list[Operation], *, acks: bool, window: int = 256) -> Calla
                     off = 0
                     while off < n:
                         length, mtype, _, mseq, _ = unpack("=IHHII", buf, off)
-                        if mtype == nlcodec.NLMSG_ERROR:
+                        if mtype == nlconst.NLMSG_ERROR:
                             if unpack("=i", buf, off + 16)[0]:
                                 errors += 1
                             if acks or mseq == last:
@@ -279,7 +279,7 @@ def kernel_bench(args: argparse.Namespace) -> int:
         report.add("apply", name, min(times))
     family = _Channel(_new_socket(1 << 20, 10.0), 10.0).family
     def encode_plan(compiled: bool) -> Callable[[], object]:
-        return lambda: nlcodec.Encoder(compiled=compiled).messages(plan, family, nlcodec.NLM_F_REQUEST, 1)
+        return lambda: nlencode.Encoder(compiled=compiled).messages(plan, family, nlconst.NLM_F_REQUEST, 1)
 
     for label, fn in [
         ("(encoding alone, no kernel: Encoder.messages)", encode_plan(True)),
@@ -400,7 +400,7 @@ def kernel_bench(args: argparse.Namespace) -> int:
         print(f"  {'OK  ' if ok else 'MISS'} {text_}: {value:.2f}")
     print(f"  encoding in a helper thread while the kernel works: {nl_inline / nl_apply:.2f}x faster than inline "
           f"({nl_inline:.2f} s vs {nl_apply:.2f} s)")
-    print(f"  the compiled encoder loop ({'built' if nlcodec.COMPILED else 'NOT BUILT'}): apply {nl_python / nl_apply:.2f}x "
+    print(f"  the compiled encoder loop ({'built' if nlencode.COMPILED else 'NOT BUILT'}): apply {nl_python / nl_apply:.2f}x "
           f"faster than with the Python encoder ({nl_apply:.2f} s vs {nl_python:.2f} s)")
     nl_read_python = report.get("read", "NetlinkBackend.read compiled=False (/proc parsed in Python)")
     print(f"  the compiled /proc parser: read {nl_read_python / nl_read:.2f}x faster than parsing in Python "
@@ -427,8 +427,8 @@ def kernel_dest_message(seq: int, family: int, dest: Destination) -> bytes:
              + u32(3, 0) + u32(4, dest.weight) + struct.pack("=HHB3x", 5, 13, 0) + struct.pack("=HHH2x", 6, 14, 0)
              + struct.pack("=HHH2x", 6, 15, 0) + u32(5, 0) + u32(6, 0) + u32(7, 1) + u32(8, 2) + u32(9, 0)
              + struct.pack("=HHH2x", 6, 11, socket.AF_INET) + stats + stats64)
-    body = struct.pack("=BBH", nlcodec.IPVS_CMD_NEW_DEST, 1, 0) + struct.pack("=HH", 4 + len(attrs), 2) + attrs
-    return nlcodec.frame(family, nlcodec.NLM_F_MULTI, seq, body)
+    body = struct.pack("=BBH", nlconst.IPVS_CMD_NEW_DEST, 1, 0) + struct.pack("=HH", 4 + len(attrs), 2) + attrs
+    return nlencode.frame(family, nlconst.NLM_F_MULTI, seq, body)
 
 
 def proc_text(table: Table) -> str:
@@ -457,10 +457,10 @@ def kernel_service_message(seq: int, family: int, key: ServiceKey, sched: str) -
              + struct.pack("=HH", 20, 3) + socket.inet_aton(key.address) + bytes(12)
              + struct.pack("=HH", 6, 4) + key.port.to_bytes(2, "big") + b"\0\0"
              + struct.pack("=HH", 4 + len(name), 6) + name + bytes(-len(name) & 3)
-             + struct.pack("=HHII", 12, 7, nlcodec.IP_VS_SVC_F_HASHED, 0xFFFFFFFF) + u32(8, 0)
+             + struct.pack("=HHII", 12, 7, nlconst.IP_VS_SVC_F_HASHED, 0xFFFFFFFF) + u32(8, 0)
              + struct.pack("=HH4s", 8, 9, b"\xff" * 4) + stats + stats64)
-    body = struct.pack("=BBH", nlcodec.IPVS_CMD_NEW_SERVICE, 1, 0) + struct.pack("=HH", 4 + len(attrs), 1) + attrs
-    return nlcodec.frame(family, nlcodec.NLM_F_MULTI, seq, body)
+    body = struct.pack("=BBH", nlconst.IPVS_CMD_NEW_SERVICE, 1, 0) + struct.pack("=HH", 4 + len(attrs), 1) + attrs
+    return nlencode.frame(family, nlconst.NLM_F_MULTI, seq, body)
 
 
 def codec_bench(args: argparse.Namespace) -> int:
@@ -479,22 +479,22 @@ def codec_bench(args: argparse.Namespace) -> int:
     proc = proc_text(table)
     service_grams = [kernel_service_message(seq, family, vs.key, vs.scheduler) for vs in table.sorted()]
 
-    def decode_services() -> list[nlcodec.DecodedService]:
+    def decode_services() -> list[nldecode.DecodedService]:
         settings: dict[Any, Any] = {}
-        return [nlcodec.decode_service(gram, nlcodec.Message(family, 0, seq, 16, len(gram)), settings)
+        return [nldecode.decode_service(gram, nldecode.Message(family, 0, seq, 16, len(gram)), settings)
                 for gram in service_grams]
 
     def decode() -> list[Destination]:
         out: list[Destination] = []
         for gram in grams:
-            nlcodec.decode_dest_datagram(gram, family, seq, socket.AF_INET, out)
+            nldecode.decode_dest_datagram(gram, family, seq, socket.AF_INET, out)
         return out
 
     # CPU time of this process: the host is shared, and this is about our own cost.
     cpu = time.process_time
-    enc, encoded = best(args.repeat, lambda: nlcodec.Encoder().messages(plan, family, nlcodec.NLM_F_REQUEST, 1), cpu)
+    enc, encoded = best(args.repeat, lambda: nlencode.Encoder().messages(plan, family, nlconst.NLM_F_REQUEST, 1), cpu)
     enc_py, encoded_py = best(
-        args.repeat, lambda: nlcodec.Encoder(compiled=False).messages(plan, family, nlcodec.NLM_F_REQUEST, 1), cpu)
+        args.repeat, lambda: nlencode.Encoder(compiled=False).messages(plan, family, nlconst.NLM_F_REQUEST, 1), cpu)
     assert encoded == encoded_py
     dec, got = best(args.repeat, decode, cpu)
     dec_paused, _ = best(args.repeat, lambda: gc_paused(decode), cpu)
@@ -508,7 +508,7 @@ def codec_bench(args: argparse.Namespace) -> int:
     assert isinstance(got, list) and len(got) == table.destination_count()
     assert isinstance(parsed, dict) and sum(map(len, parsed.values())) == len(got)
     print(f"host codec, {args.services} x {args.dests}, best of {args.repeat} (CPU time):")
-    print(f"  encode {len(plan)} requests (Encoder.messages, compiled loop {'built' if nlcodec.COMPILED else 'MISSING'}): "
+    print(f"  encode {len(plan)} requests (Encoder.messages, compiled loop {'built' if nlencode.COMPILED else 'MISSING'}): "
           f"{enc:.3f} s ({1e6 * enc / len(plan):.2f} us each)")
     print(f"    the same in Python only (compiled=False): {enc_py:.3f} s ({1e6 * enc_py / len(plan):.2f} us each, "
           f"{enc_py / enc:.1f}x)")

@@ -29,11 +29,13 @@ import pytest
 from pyroute2.netlink.generic.ipvs import ipvsmsg
 
 from svcproxy.diff import diff
-from svcproxy.ipvs import nlcodec
+from svcproxy.ipvs import nlconst, nldecode, nlencode, rules
 from svcproxy.ipvs.backend import BackendError
 from svcproxy.ipvs.ipvsadm import parse_save
 from svcproxy.ipvs.netlink import NetlinkBackend
-from svcproxy.ipvs.nlcodec import DecodeError, EncodeError, Encoder, describe_error, frame, walk
+from svcproxy.ipvs.nldecode import DecodeError, walk
+from svcproxy.ipvs.nlencode import EncodeError, Encoder, frame
+from svcproxy.ipvs.nlerrors import describe_error
 from svcproxy.model import (
     Destination,
     Forward,
@@ -61,7 +63,7 @@ def vs(proto: Protocol, addr: str, port: int, sched: str, *dests: Destination, p
 
 def oracle(body: bytes) -> dict[str, Any]:
     """pyroute2's reading of a request body: {"cmd": n, "service": {...}, "dest": {...}}."""
-    msg = ipvsmsg(frame(FAMILY, nlcodec.NLM_F_REQUEST, 1, body))
+    msg = ipvsmsg(frame(FAMILY, nlconst.NLM_F_REQUEST, 1, body))
     msg.decode()
     out: dict[str, Any] = {"cmd": msg["cmd"], "version": msg["version"]}
     for name, value in msg["attrs"]:
@@ -77,10 +79,10 @@ def test_add_service_encodes_every_setting() -> None:
     op = Operation(OpKind.ADD_SERVICE, ServiceKey(TCP, "10.96.0.12", 443), "lc", 10800,
                    frozenset({"netmask=255.255.255.0"}))
     assert oracle(Encoder().encode(op)) == {
-        "cmd": nlcodec.IPVS_CMD_NEW_SERVICE, "version": 1,
+        "cmd": nlconst.IPVS_CMD_NEW_SERVICE, "version": 1,
         "service": {
             "af": socket.AF_INET, "protocol": socket.IPPROTO_TCP, "addr": "10.96.0.12", "port": 443,
-            "sched_name": "lc", "flags": {"flags": nlcodec.IP_VS_SVC_F_PERSISTENT, "mask": 0xFFFFFFFF},
+            "sched_name": "lc", "flags": {"flags": nlconst.IP_VS_SVC_F_PERSISTENT, "mask": 0xFFFFFFFF},
             "timeout": 10800, "netmask": "255.255.255.0",
         },
     }
@@ -90,9 +92,9 @@ def test_edit_service_ipv6_flags_pe_and_prefix_netmask() -> None:
     op = Operation(OpKind.EDIT_SERVICE, ServiceKey(UDP, "fd00::10", 53), "sh", 60,
                    frozenset({"netmask=64", "sh-port", "sh-fallback", "ops", "pe=sip"}))
     got = oracle(Encoder().encode(op))
-    flags = (nlcodec.IP_VS_SVC_F_PERSISTENT | nlcodec.IP_VS_SVC_F_ONEPACKET | nlcodec.IP_VS_SVC_F_SCHED1
-             | nlcodec.IP_VS_SVC_F_SCHED2)
-    assert got["cmd"] == nlcodec.IPVS_CMD_SET_SERVICE
+    flags = (nlconst.IP_VS_SVC_F_PERSISTENT | nlconst.IP_VS_SVC_F_ONEPACKET | nlconst.IP_VS_SVC_F_SCHED1
+             | nlconst.IP_VS_SVC_F_SCHED2)
+    assert got["cmd"] == nlconst.IPVS_CMD_SET_SERVICE
     netmask = got["service"].pop("netmask")  # pyroute2 reads it as an IPv4 address
     assert struct.unpack("=I", socket.inet_aton(netmask)) == (64,)
     assert got["service"] == {
@@ -113,14 +115,14 @@ def test_defaults_not_persistent_ipv6_netmask_128() -> None:
 def test_fwmark_service_is_identified_by_mark_only() -> None:
     key = ServiceKey(TCP, "::", 0, fwmark=8)
     assert oracle(Encoder().encode(Operation(OpKind.DELETE_SERVICE, key))) == {
-        "cmd": nlcodec.IPVS_CMD_DEL_SERVICE, "version": 1, "service": {"af": socket.AF_INET6, "fwmark": 8},
+        "cmd": nlconst.IPVS_CMD_DEL_SERVICE, "version": 1, "service": {"af": socket.AF_INET6, "fwmark": 8},
     }
     add = oracle(Encoder().encode(Operation(OpKind.ADD_DESTINATION, key, destination=D("fd00::9", 0, 1, ROUTE))))
     assert add["service"] == {"af": socket.AF_INET6, "fwmark": 8}
 
 
-@pytest.mark.parametrize("kind,cmd", [(OpKind.ADD_DESTINATION, nlcodec.IPVS_CMD_NEW_DEST),
-                                      (OpKind.EDIT_DESTINATION, nlcodec.IPVS_CMD_SET_DEST)])
+@pytest.mark.parametrize("kind,cmd", [(OpKind.ADD_DESTINATION, nlconst.IPVS_CMD_NEW_DEST),
+                                      (OpKind.EDIT_DESTINATION, nlconst.IPVS_CMD_SET_DEST)])
 @pytest.mark.parametrize("forward,number", [(MASQ, 0), (TUNNEL, 2), (ROUTE, 3)])
 def test_destination_full_entry(kind: OpKind, cmd: int, forward: Forward, number: int) -> None:
     port = 8080 if forward is MASQ else 80
@@ -136,7 +138,7 @@ def test_destination_full_entry(kind: OpKind, cmd: int, forward: Forward, number
 def test_delete_destination_sends_only_its_identity() -> None:
     op = Operation(OpKind.DELETE_DESTINATION, ServiceKey(SCTP, "fd00::11", 9), destination=D("fd00:244::8", 9))
     assert oracle(Encoder().encode(op)) == {
-        "cmd": nlcodec.IPVS_CMD_DEL_DEST, "version": 1,
+        "cmd": nlconst.IPVS_CMD_DEL_DEST, "version": 1,
         "service": {"af": socket.AF_INET6, "protocol": 132, "addr": "fd00::11", "port": 9},
         "dest": {"addr": "fd00:244::8", "port": 9, "addr_family": socket.AF_INET6},
     }
@@ -151,7 +153,7 @@ def test_mixed_family_tunnel_server() -> None:
 
 def test_get_dests_request() -> None:
     got = oracle(Encoder().get_dests(ServiceKey(UDP, "10.96.0.10", 53)))
-    assert got == {"cmd": nlcodec.IPVS_CMD_GET_DEST, "version": 1,
+    assert got == {"cmd": nlconst.IPVS_CMD_GET_DEST, "version": 1,
                    "service": {"af": socket.AF_INET, "protocol": socket.IPPROTO_UDP, "addr": "10.96.0.10", "port": 53}}
 
 
@@ -172,11 +174,11 @@ def test_messages_are_the_encoded_bodies_with_headers() -> None:
                   destination=D("fd00:1::10", 80, 2, TUNNEL)),
         Operation(OpKind.DELETE_DESTINATION, ServiceKey(TCP, "::", 0, 8), destination=D("fd00:244::9", 0)),
     ]
-    messages, index, refused = Encoder().messages(plan, FAMILY, nlcodec.NLM_F_REQUEST, 41)
+    messages, index, refused = Encoder().messages(plan, FAMILY, nlconst.NLM_F_REQUEST, 41)
     assert index is not None and len(index) == len(messages) == len(plan) - len(REFUSED)
     assert refused == {plan.index(op): text for op, text in REFUSED}
     for k, (i, message) in enumerate(zip(index, messages)):
-        assert message == frame(FAMILY, nlcodec.NLM_F_REQUEST, 41 + k, Encoder().encode(plan[i]))
+        assert message == frame(FAMILY, nlconst.NLM_F_REQUEST, 41 + k, Encoder().encode(plan[i]))
     everything_fine, no_index, nothing = Encoder().messages(plan[:5], FAMILY, 5, 1)
     assert no_index is None and nothing == {} and len(everything_fine) == 5
 
@@ -239,7 +241,7 @@ def test_refused_the_same_way_by_the_batch_encoder(op: Operation, message: str) 
     """Encoder.messages (what apply uses, with an inlined path for usual real
     servers) refuses exactly what encode refuses, and keeps the operations around."""
     good = Operation(OpKind.ADD_DESTINATION, ServiceKey(TCP, "10.0.0.1", 80), destination=D("10.1.0.1", 80))
-    messages, owners, refused = Encoder().messages([good, op, good], 30, nlcodec.NLM_F_REQUEST, 1)
+    messages, owners, refused = Encoder().messages([good, op, good], 30, nlconst.NLM_F_REQUEST, 1)
     assert refused == {1: message}
     assert owners == [0, 2] and len(messages) == 2
 
@@ -267,7 +269,7 @@ def _one_by_one(ops: list[Operation], flags: int,
 _EDGE_SERVICES = [ServiceKey(TCP, "10.0.0.1", 80), ServiceKey(UDP, "fd00::1", 80), ServiceKey(TCP, "0.0.0.0", 0, 7)]
 _EDGE_ADDRESSES = ["10.1.0.1", "fd00::5", "::ffff:10.1.0.2", "10.1.0.300", "", "10.1.0", " 10.1.0.3", "10.1.0.4\x00"]
 _EDGE_PORTS = [80, 0, 65535, 65536, -1, 80]
-_EDGE_WEIGHTS = [1, 0, nlcodec.MAX_WEIGHT, nlcodec.MAX_WEIGHT + 1, 2**32, -1]
+_EDGE_WEIGHTS = [1, 0, rules.MAX_WEIGHT, rules.MAX_WEIGHT + 1, 2**32, -1]
 EDGE_DESTINATION_OPS = [
     Operation(kind, key, destination=D(address, port, weight, forward))
     for key in _EDGE_SERVICES
@@ -281,14 +283,14 @@ EDGE_DESTINATION_OPS = [
 
 def test_batch_encoder_agrees_with_encode_on_edge_destinations() -> None:
     ops = EDGE_DESTINATION_OPS
-    want_messages, want_owners, want_refused = _one_by_one(ops, nlcodec.NLM_F_REQUEST, 9)
+    want_messages, want_owners, want_refused = _one_by_one(ops, nlconst.NLM_F_REQUEST, 9)
     assert want_messages and want_refused  # both kinds of outcome are covered
     assert set(want_refused.values()) >= {
         "port 65536 out of range", "port -1 out of range", "not an IP address: '10.1.0.300'",
-        f"weight {nlcodec.MAX_WEIGHT + 1} out of range 0..{nlcodec.MAX_WEIGHT}",
+        f"weight {rules.MAX_WEIGHT + 1} out of range 0..{rules.MAX_WEIGHT}",
         "Different address family is allowed only for tunneling servers",
     }
-    assert Encoder().messages(ops, FAMILY, nlcodec.NLM_F_REQUEST, 9) == (want_messages, want_owners, want_refused)
+    assert Encoder().messages(ops, FAMILY, nlconst.NLM_F_REQUEST, 9) == (want_messages, want_owners, want_refused)
     # and one at a time, where each operation is the first of its service and port
     for op in ops:
         assert Encoder().messages([op], FAMILY, 1, 9) == _one_by_one([op], 1, 9)
@@ -313,7 +315,7 @@ def test_flags_the_ipvsadm_backend_accepts_are_encoded() -> None:
     """flag-N works with any scheduler (ipvsadm -b flag-1,flag-3)."""
     op = Operation(OpKind.ADD_SERVICE, ServiceKey(TCP, "10.0.0.7", 80), "rr", None, frozenset({"flag-1", "flag-3"}))
     assert oracle(Encoder().encode(op))["service"]["flags"]["flags"] == (
-        nlcodec.IP_VS_SVC_F_SCHED1 | nlcodec.IP_VS_SVC_F_SCHED3
+        nlconst.IP_VS_SVC_F_SCHED1 | nlconst.IP_VS_SVC_F_SCHED3
     )
 
 
@@ -342,10 +344,10 @@ def kernel_service(seq: int, key: ServiceKey, sched: str, flags: int, timeout: i
     if pe:
         attrs.append(("IPVS_SVC_ATTR_PE_NAME", pe))
     mask = netmask if isinstance(netmask, str) else socket.inet_ntoa(struct.pack("=I", netmask))
-    attrs += [("IPVS_SVC_ATTR_FLAGS", {"flags": flags | nlcodec.IP_VS_SVC_F_HASHED, "mask": 0xFFFFFFFF}),
+    attrs += [("IPVS_SVC_ATTR_FLAGS", {"flags": flags | nlconst.IP_VS_SVC_F_HASHED, "mask": 0xFFFFFFFF}),
               ("IPVS_SVC_ATTR_TIMEOUT", timeout), ("IPVS_SVC_ATTR_NETMASK", mask),
               ("IPVS_SVC_ATTR_STATS", _stats()), ("IPVS_SVC_ATTR_STATS64", _stats())]
-    return _reply(seq, nlcodec.IPVS_CMD_NEW_SERVICE, "IPVS_CMD_ATTR_SERVICE", attrs)
+    return _reply(seq, nlconst.IPVS_CMD_NEW_SERVICE, "IPVS_CMD_ATTR_SERVICE", attrs)
 
 
 def kernel_dest(seq: int, dest: Destination, fwd: int | None = None, *, persist: int = 0,
@@ -360,7 +362,7 @@ def kernel_dest(seq: int, dest: Destination, fwd: int | None = None, *, persist:
     }
     names = order or list(values)
     attrs = [(f"IPVS_DEST_ATTR_{name}", values[name]) for name in names]
-    return _reply(seq, nlcodec.IPVS_CMD_NEW_DEST, "IPVS_CMD_ATTR_DEST", attrs)
+    return _reply(seq, nlconst.IPVS_CMD_NEW_DEST, "IPVS_CMD_ATTR_DEST", attrs)
 
 
 def old_kernel_dest(seq: int, dest: Destination) -> bytes:
@@ -371,8 +373,8 @@ def old_kernel_dest(seq: int, dest: Destination) -> bytes:
              + b"".join(struct.pack("=HHI", 8, t, v) for t, v in (
                  (3, {MASQ: 0, TUNNEL: 2, ROUTE: 3}[dest.forward]), (4, dest.weight), (5, 0), (6, 0),
                  (7, dest.active_conns), (8, dest.inactive_conns), (9, 0))))
-    body = struct.pack("=BBH", nlcodec.IPVS_CMD_NEW_DEST, 1, 0) + struct.pack("=HH", 4 + len(attrs), 2) + attrs
-    return frame(FAMILY, nlcodec.NLM_F_MULTI, seq, body)
+    body = struct.pack("=BBH", nlconst.IPVS_CMD_NEW_DEST, 1, 0) + struct.pack("=HH", 4 + len(attrs), 2) + attrs
+    return frame(FAMILY, nlconst.NLM_F_MULTI, seq, body)
 
 
 def _reply(seq: int, cmd: int, nest: str, attrs: list[tuple[str, Any]]) -> bytes:
@@ -380,7 +382,7 @@ def _reply(seq: int, cmd: int, nest: str, attrs: list[tuple[str, Any]]) -> bytes
     msg["cmd"] = cmd
     msg["version"] = 1
     msg["header"]["type"] = FAMILY
-    msg["header"]["flags"] = nlcodec.NLM_F_MULTI
+    msg["header"]["flags"] = nlconst.NLM_F_MULTI
     msg["header"]["sequence_number"] = seq
     msg["attrs"] = [(nest, {"attrs": attrs})]
     msg.encode()
@@ -388,12 +390,12 @@ def _reply(seq: int, cmd: int, nest: str, attrs: list[tuple[str, Any]]) -> bytes
 
 
 def decode_services(data: bytes) -> list[VirtualService]:
-    return [nlcodec.decode_service(data, m)[0] for m in walk(data)]
+    return [nldecode.decode_service(data, m)[0] for m in walk(data)]
 
 
 def test_decode_service_settings_in_ipvsadm_vocabulary() -> None:
-    P, O, S1, S2, S3 = (nlcodec.IP_VS_SVC_F_PERSISTENT, nlcodec.IP_VS_SVC_F_ONEPACKET, nlcodec.IP_VS_SVC_F_SCHED1,
-                        nlcodec.IP_VS_SVC_F_SCHED2, nlcodec.IP_VS_SVC_F_SCHED3)
+    P, O, S1, S2, S3 = (nlconst.IP_VS_SVC_F_PERSISTENT, nlconst.IP_VS_SVC_F_ONEPACKET, nlconst.IP_VS_SVC_F_SCHED1,
+                        nlconst.IP_VS_SVC_F_SCHED2, nlconst.IP_VS_SVC_F_SCHED3)
     data = b"".join([
         kernel_service(1, ServiceKey(TCP, "10.0.0.3", 443), "lc", P, 3600, "255.255.255.0"),
         kernel_service(1, ServiceKey(TCP, "10.0.0.4", 0), "rr", P, 360, "255.255.255.255"),
@@ -432,14 +434,14 @@ def test_decode_dest_kernel_layout_and_any_order() -> None:
     shuffled = ["STATS", "ADDR_FAMILY", "INACT_CONNS", "WEIGHT", "ADDR", "ACTIVE_CONNS", "FWD_METHOD", "PORT"]
     data = b"".join([kernel_dest(1, v6), kernel_dest(1, v4), kernel_dest(1, v6, order=shuffled),
                      old_kernel_dest(1, v4), kernel_dest(1, v4, fwd=1)])
-    got = [nlcodec.decode_dest(data, m, socket.AF_INET6 if i in (0, 2) else socket.AF_INET)
+    got = [nldecode.decode_dest(data, m, socket.AF_INET6 if i in (0, 2) else socket.AF_INET)
            for i, m in enumerate(walk(data))]
     assert got == [v6, v4, v6, v4, v4]  # LOCALNODE (1) reads as masq, like ipvsadm
     assert [(d.active_conns, d.inactive_conns) for d in got] == [(5, 6), (1, 2), (5, 6), (1, 2), (1, 2)]
 
 
 def test_fast_destinations_are_ordinary_destinations() -> None:
-    made = nlcodec.make_destination("10.0.0.1", 80, 3, ROUTE, 4, 5)
+    made = nldecode.make_destination("10.0.0.1", 80, 3, ROUTE, 4, 5)
     plain = Destination("10.0.0.1", 80, 3, ROUTE, 4, 5)
     assert type(made) is Destination
     assert made == plain and hash(made) == hash(plain) and repr(made) == repr(plain)
@@ -451,29 +453,29 @@ def test_fast_destinations_are_ordinary_destinations() -> None:
 def test_dest_datagram_decoding() -> None:
     v4 = D("10.244.1.5", 8080, 2, TUNNEL, active_conns=7, inactive_conns=8)
     v6 = D("fd00::5", 80, 1, ROUTE)
-    done = struct.pack("=IHHIIi", 20, nlcodec.NLMSG_DONE, nlcodec.NLM_F_MULTI, 5, 0, 0)
+    done = struct.pack("=IHHIIi", 20, nlconst.NLMSG_DONE, nlconst.NLM_F_MULTI, 5, 0, 0)
     other = kernel_dest(6, D("10.9.9.9", 1))  # another dump's message: skipped
     out: list[Destination] = []
     data = kernel_dest(5, v4) + other + kernel_dest(5, v6) + old_kernel_dest(5, v4)
-    assert nlcodec.decode_dest_datagram(data, FAMILY, 5, socket.AF_INET, out) == -1
-    assert nlcodec.decode_dest_datagram(done, FAMILY, 5, socket.AF_INET, out) == 0
+    assert nldecode.decode_dest_datagram(data, FAMILY, 5, socket.AF_INET, out) == -1
+    assert nldecode.decode_dest_datagram(done, FAMILY, 5, socket.AF_INET, out) == 0
     assert out == [v4, v6, v4]
-    failed = struct.pack("=IHHIIi", 20, nlcodec.NLMSG_DONE, nlcodec.NLM_F_MULTI, 5, 0, -errno.EMSGSIZE)
-    assert nlcodec.decode_dest_datagram(failed, FAMILY, 5, socket.AF_INET, []) == errno.EMSGSIZE
-    error = struct.pack("=IHHIIi", 36, nlcodec.NLMSG_ERROR, 0x100, 5, 0, -errno.EPERM) + bytes(16)
-    assert nlcodec.decode_dest_datagram(error, FAMILY, 5, socket.AF_INET, []) == errno.EPERM
+    failed = struct.pack("=IHHIIi", 20, nlconst.NLMSG_DONE, nlconst.NLM_F_MULTI, 5, 0, -errno.EMSGSIZE)
+    assert nldecode.decode_dest_datagram(failed, FAMILY, 5, socket.AF_INET, []) == errno.EMSGSIZE
+    error = struct.pack("=IHHIIi", 36, nlconst.NLMSG_ERROR, 0x100, 5, 0, -errno.EPERM) + bytes(16)
+    assert nldecode.decode_dest_datagram(error, FAMILY, 5, socket.AF_INET, []) == errno.EPERM
 
 
 def test_decode_rejects_what_it_cannot_understand() -> None:
     with pytest.raises(DecodeError, match="unknown forwarding method 4"):
         data = kernel_dest(1, D("10.0.0.1", 80), fwd=4)
-        nlcodec.decode_dest(data, next(walk(data)), socket.AF_INET)
+        nldecode.decode_dest(data, next(walk(data)), socket.AF_INET)
     with pytest.raises(DecodeError, match="truncated"):
         list(walk(kernel_dest(1, D("10.0.0.1", 80))[:-8]))
     with pytest.raises(DecodeError, match="unknown protocol 47"):
         data = _reply(1, 1, "IPVS_CMD_ATTR_SERVICE", [("IPVS_SVC_ATTR_AF", 2), ("IPVS_SVC_ATTR_PROTOCOL", 47),
                                                       ("IPVS_SVC_ATTR_ADDR", "10.0.0.1"), ("IPVS_SVC_ATTR_PORT", 1)])
-        nlcodec.decode_service(data, next(walk(data)))
+        nldecode.decode_service(data, next(walk(data)))
 
 
 def test_error_text() -> None:
@@ -490,11 +492,11 @@ def test_error_text() -> None:
 
 def test_error_with_extended_ack_message() -> None:
     request = struct.pack("=IHHII", 36, FAMILY, 5, 42, 0)
-    tlv = struct.pack("=HH", 4 + 9, nlcodec.NLMSGERR_ATTR_MSG) + b"bad attr\0" + b"\0" * 3
+    tlv = struct.pack("=HH", 4 + 9, nlconst.NLMSGERR_ATTR_MSG) + b"bad attr\0" + b"\0" * 3
     payload = struct.pack("=i", -errno.EINVAL) + request + tlv
-    flags = nlcodec.NLM_F_ACK_TLVS | nlcodec.NLM_F_CAPPED
-    data = struct.pack("=IHHII", 16 + len(payload), nlcodec.NLMSG_ERROR, flags, 42, 0) + payload
-    assert nlcodec.decode_error(data, next(walk(data))) == (errno.EINVAL, "bad attr")
+    flags = nlconst.NLM_F_ACK_TLVS | nlconst.NLM_F_CAPPED
+    data = struct.pack("=IHHII", 16 + len(payload), nlconst.NLMSG_ERROR, flags, 42, 0) + payload
+    assert nldecode.decode_error(data, next(walk(data))) == (errno.EINVAL, "bad attr")
 
 
 # ---------------------------------------------------------------- captured in the VM
@@ -529,33 +531,33 @@ def test_real_kernel_dump_decodes_to_what_ipvsadm_printed() -> None:
     services: dict[ServiceKey, VirtualService] = {}
     for gram in map(bytes.fromhex, blob["services"]):
         for m in walk(gram):
-            if m.type not in (nlcodec.NLMSG_DONE, nlcodec.NLMSG_ERROR):
-                svc, family, ident = nlcodec.decode_service(gram, m)
+            if m.type not in (nlconst.NLMSG_DONE, nlconst.NLMSG_ERROR):
+                svc, family, ident = nldecode.decode_service(gram, m)
                 if not svc.key.fwmark:  # the kernel's own identity attributes make our request
-                    assert nlcodec.get_dests_request(FAMILY, 3, ident) == frame(
-                        FAMILY, nlcodec.NLM_F_REQUEST | nlcodec.NLM_F_DUMP, 3, Encoder().get_dests(svc.key))
+                    assert nlencode.get_dests_request(FAMILY, 3, ident) == frame(
+                        FAMILY, nlconst.NLM_F_REQUEST | nlconst.NLM_F_DUMP, 3, Encoder().get_dests(svc.key))
                 dests = [
-                    nlcodec.decode_dest(g, dm, family)
+                    nldecode.decode_dest(g, dm, family)
                     for g in map(bytes.fromhex, blob["dests"][str(svc.key)])
                     for dm in walk(g)
-                    if dm.type not in (nlcodec.NLMSG_DONE, nlcodec.NLMSG_ERROR)
+                    if dm.type not in (nlconst.NLMSG_DONE, nlconst.NLMSG_ERROR)
                 ]
                 services[svc.key] = svc.with_destinations(dests)
     assert Table(services) == parse_save((FIXTURES / "save_mixed.txt").read_text())
     # the inline datagram decoder reads the same real servers
     for key, svc in services.items():
         grams = [bytes.fromhex(g) for g in blob["dests"][str(key)]]
-        seq = nlcodec.NLMSG_HDR.unpack_from(grams[-1])[3]
+        seq = nlconst.NLMSG_HDR.unpack_from(grams[-1])[3]
         family = socket.AF_INET6 if ":" in key.address else socket.AF_INET
         out: list[Destination] = []
-        assert [nlcodec.decode_dest_datagram(g, blob_family(blob), seq, family, out) for g in grams][-1] == 0
+        assert [nldecode.decode_dest_datagram(g, blob_family(blob), seq, family, out) for g in grams][-1] == 0
         assert sorted(out, key=lambda d: d.key) == list(svc.destinations)
 
 
 def blob_family(blob: dict[str, Any]) -> int:
     """The IPVS family id the captured messages carry."""
     gram = bytes.fromhex(blob["services"][0])
-    return int(nlcodec.NLMSG_HDR.unpack_from(gram)[1])
+    return int(nlconst.NLMSG_HDR.unpack_from(gram)[1])
 
 
 #: The IPVS request ipvsadm sent for each command (the last of its sendmsg calls,
@@ -729,26 +731,26 @@ class FakeKernel:
             self.overrun = True
             return
         payload = struct.pack("=i", -code) + request[:16]
-        self.queue.append(struct.pack("=IHHII", 16 + len(payload), nlcodec.NLMSG_ERROR, 0x100, seq, 0) + payload)
+        self.queue.append(struct.pack("=IHHII", 16 + len(payload), nlconst.NLMSG_ERROR, 0x100, seq, 0) + payload)
 
-    def _handle(self, raw: bytes, m: nlcodec.Message) -> None:
-        if m.type == nlcodec.GENL_ID_CTRL:
-            attrs = struct.pack("=HHH2x", 6, nlcodec.CTRL_ATTR_FAMILY_ID, FAMILY)
+    def _handle(self, raw: bytes, m: nldecode.Message) -> None:
+        if m.type == nlconst.GENL_ID_CTRL:
+            attrs = struct.pack("=HHH2x", 6, nlconst.CTRL_ATTR_FAMILY_ID, FAMILY)
             body = struct.pack("=BBH", 1, 2, 0) + attrs
-            self.queue.append(frame(nlcodec.GENL_ID_CTRL, 0, m.seq, body))
+            self.queue.append(frame(nlconst.GENL_ID_CTRL, 0, m.seq, body))
             return
-        assert m.type == FAMILY and m.flags & nlcodec.NLM_F_REQUEST
+        assert m.type == FAMILY and m.flags & nlconst.NLM_F_REQUEST
         msg = ipvsmsg(raw)
         msg.decode()
         attrs = {name: {k.split("_ATTR_")[1].lower(): v for k, v in value["attrs"]} for name, value in msg["attrs"]}
-        if m.flags & nlcodec.NLM_F_DUMP == nlcodec.NLM_F_DUMP:
+        if m.flags & nlconst.NLM_F_DUMP == nlconst.NLM_F_DUMP:
             if self.pending_done is not None:
                 self._answer(m.seq, errno.EBUSY, raw)
                 return
             self._dump(m.seq, msg["cmd"], attrs.get("IPVS_CMD_ATTR_SERVICE", {}))
             return
         code = self._change(msg["cmd"], attrs)
-        if code or m.flags & nlcodec.NLM_F_ACK:
+        if code or m.flags & nlconst.NLM_F_ACK:
             self._answer(m.seq, code, raw)
 
     def _key(self, svc: dict[str, Any]) -> tuple[Any, ...]:
@@ -760,12 +762,12 @@ class FakeKernel:
         svc_attrs = attrs["IPVS_CMD_ATTR_SERVICE"]
         key = self._key(svc_attrs)
         svc = self.services.get(key)
-        if cmd in (nlcodec.IPVS_CMD_NEW_SERVICE, nlcodec.IPVS_CMD_SET_SERVICE):
+        if cmd in (nlconst.IPVS_CMD_NEW_SERVICE, nlconst.IPVS_CMD_SET_SERVICE):
             if not {"sched_name", "flags", "timeout", "netmask"} <= svc_attrs.keys():
                 return errno.EINVAL
-            if cmd == nlcodec.IPVS_CMD_NEW_SERVICE and svc is not None:
+            if cmd == nlconst.IPVS_CMD_NEW_SERVICE and svc is not None:
                 return errno.EEXIST
-            if cmd == nlcodec.IPVS_CMD_SET_SERVICE and svc is None:
+            if cmd == nlconst.IPVS_CMD_SET_SERVICE and svc is None:
                 return errno.ESRCH
             if svc_attrs["sched_name"] not in self.SCHEDULERS:
                 return errno.ENOENT
@@ -781,23 +783,23 @@ class FakeKernel:
             return 0
         if svc is None:
             return errno.ESRCH
-        if cmd == nlcodec.IPVS_CMD_DEL_SERVICE:
+        if cmd == nlconst.IPVS_CMD_DEL_SERVICE:
             del self.services[key]
             self.order.remove(key)
             return 0
         dest_attrs = attrs["IPVS_CMD_ATTR_DEST"]
         dkey = (dest_attrs["addr"], dest_attrs["port"])
         have = svc.dests.get(dkey)
-        if cmd == nlcodec.IPVS_CMD_DEL_DEST:
+        if cmd == nlconst.IPVS_CMD_DEL_DEST:
             if have is None:
                 return errno.ENOENT
             del svc.dests[dkey]
             return 0
         if not {"fwd_method", "weight", "u_thresh", "l_thresh"} <= dest_attrs.keys():
             return errno.EINVAL
-        if cmd == nlcodec.IPVS_CMD_NEW_DEST and have is not None:
+        if cmd == nlconst.IPVS_CMD_NEW_DEST and have is not None:
             return errno.EEXIST
-        if cmd == nlcodec.IPVS_CMD_SET_DEST and have is None:
+        if cmd == nlconst.IPVS_CMD_SET_DEST and have is None:
             return errno.ENOENT
         fwd = {0: MASQ, 2: TUNNEL, 3: ROUTE}[dest_attrs["fwd_method"]]
         conns = (have.active_conns, have.inactive_conns) if have else (0, 0)
@@ -806,7 +808,7 @@ class FakeKernel:
 
     def _dump(self, seq: int, cmd: int, svc_attrs: dict[str, Any]) -> None:
         messages: list[bytes] = []
-        if cmd == nlcodec.IPVS_CMD_GET_SERVICE:
+        if cmd == nlconst.IPVS_CMD_GET_SERVICE:
             for key in self.order:
                 svc = self.services[key]
                 skey = (ServiceKey(TCP, "::" if svc.af == socket.AF_INET6 else "0.0.0.0", 0, key[1]) if len(key) == 2
@@ -818,7 +820,7 @@ class FakeKernel:
                 messages = [kernel_dest(seq, d) for d in reversed(list(svc_or_none.dests.values()))]
         for i in range(0, len(messages), self.per_datagram):
             self.queue.append(b"".join(messages[i : i + self.per_datagram]))
-        self.pending_done = struct.pack("=IHHIIi", 20, nlcodec.NLMSG_DONE, nlcodec.NLM_F_MULTI, seq, 0, 0)
+        self.pending_done = struct.pack("=IHHIIi", 20, nlconst.NLMSG_DONE, nlconst.NLM_F_MULTI, seq, 0, 0)
 
     def set_conns(self, address: str, port: int, active: int, inactive: int) -> None:
         for svc in self.services.values():
@@ -889,7 +891,7 @@ def test_failures_are_matched_to_operations_by_sequence(acks: bool, window: int)
     # one datagram per window of operations; the refused one is left out of its own
     per_window = [sum(op is not refused for op in mixed[i : i + window]) for i in range(0, len(mixed), window)]
     assert [len(d) for d in sent] == [n for n in per_window if n]
-    acked = sum(1 for d in sent for m in d if m.flags & nlcodec.NLM_F_ACK)
+    acked = sum(1 for d in sent for m in d if m.flags & nlconst.NLM_F_ACK)
     assert acked == (len(mixed) - 1 if acks else len(sent))
     assert backend.read() == DESIRED
 
@@ -946,7 +948,7 @@ def test_permission_denied_is_a_backend_error() -> None:
 
 def test_missing_family_is_a_backend_error() -> None:
     class NoIpvs(FakeKernel):
-        def _handle(self, raw: bytes, m: nlcodec.Message) -> None:
+        def _handle(self, raw: bytes, m: nldecode.Message) -> None:
             self._answer(m.seq, errno.ENOENT, raw)
 
     with pytest.raises(BackendError, match=r"IPVS generic netlink family not found: is ip_vs loaded\?"):
@@ -1035,15 +1037,15 @@ def test_prefetch_helper_errors_reach_the_caller(monkeypatch: pytest.MonkeyPatch
     table = Table.of(vs(TCP, f"10.96.1.{i}", 80, "rr", *(D(f"10.244.{i}.{j}", 80) for j in range(1, 9)))
                      for i in range(1, 41))
     calls = []
-    real = nlcodec.Encoder.messages
+    real = nlencode.Encoder.messages
 
-    def failing(self: nlcodec.Encoder, ops: Any, *args: Any) -> Any:
+    def failing(self: nlencode.Encoder, ops: Any, *args: Any) -> Any:
         calls.append(len(ops))
         if len(calls) == 3:
             raise RuntimeError("encoder bug")
         return real(self, ops, *args)
 
-    monkeypatch.setattr(nlcodec.Encoder, "messages", failing)
+    monkeypatch.setattr(nlencode.Encoder, "messages", failing)
     kernel = FakeKernel()
     with pytest.raises(RuntimeError, match="encoder bug"):
         backend_on(kernel, window=8).apply(diff(table, Table()))

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from svcproxy.ipvs import nlcodec
-from svcproxy.ipvs.nlcodec import Encoder
+from svcproxy.ipvs import nlconst, nlencode, rules
+from svcproxy.ipvs.nlencode import Encoder
 from svcproxy.model import Destination, Forward, OpKind, Operation, Protocol, ServiceKey
 
 from test_netlink_codec import EDGE_DESTINATION_OPS, FAMILY, REFUSED
@@ -26,13 +26,13 @@ from test_netlink_codec import EDGE_DESTINATION_OPS, FAMILY, REFUSED
 TCP, UDP = Protocol.TCP, Protocol.UDP
 ADD, EDIT = OpKind.ADD_DESTINATION, OpKind.EDIT_DESTINATION
 MASQ = Forward.MASQ
-FLAGS = nlcodec.NLM_F_REQUEST
+FLAGS = nlconst.NLM_F_REQUEST
 
 
 def test_the_compiled_loop_is_built() -> None:
     """`pip install -e .` (make's venv) builds it; without it the agent still works,
     at about half the apply speed, so a suite without it must say so."""
-    assert nlcodec.COMPILED, "svcproxy/ipvs/_nlfast.c is not built: run `pip install -e .` with a C compiler"
+    assert nlencode.COMPILED, "svcproxy/ipvs/_nlfast.c is not built: run `pip install -e .` with a C compiler"
 
 
 def both(ops: list[Operation], first_seq: int = 1, flags: int = FLAGS) -> tuple[object, object]:
@@ -57,9 +57,9 @@ def test_a_full_apply_is_the_same_bytes() -> None:
 
 def call(ops: list[object], start: int, seq: int, out: list[bytes], encoder: Encoder | None = None) -> tuple[int, int]:
     """The compiled loop itself, as Encoder.messages calls it."""
-    assert nlcodec._compiled_encode is not None
+    assert nlencode._compiled_encode is not None
     context = (encoder or Encoder())._compiled_context(FAMILY, FLAGS)
-    return nlcodec._compiled_encode(ops, start, seq, out, context)
+    return nlencode._compiled_encode(ops, start, seq, out, context)
 
 
 def test_the_compiled_loop_encodes_a_full_apply_itself() -> None:
@@ -116,7 +116,7 @@ def test_what_it_stops_at() -> None:
         Operation(ADD, svc, destination=Destination("10.1.0.1\x00", 80)),
         Operation(ADD, svc, destination=Destination("10.1.0.1", 65536)),
         Operation(ADD, svc, destination=Destination("10.1.0.1", -1)),
-        Operation(ADD, svc, destination=Destination("10.1.0.1", 80, nlcodec.MAX_WEIGHT + 1)),
+        Operation(ADD, svc, destination=Destination("10.1.0.1", 80, rules.MAX_WEIGHT + 1)),
         Operation(ADD, svc, destination=Destination("10.1.0.1", 80, -1)),
         Operation(ADD, svc, destination=Destination("10.1.0.1", 80, 2**70)),
         Operation(ADD, svc, destination=Destination("10.1.0.1", 80.0)),  # type: ignore[arg-type]
@@ -185,10 +185,10 @@ def test_subclasses_of_int_and_str_are_left_to_python() -> None:
 
 
 def test_errors_of_the_caller_are_raised_not_hidden() -> None:
-    assert nlcodec._compiled_encode is not None
+    assert nlencode._compiled_encode is not None
     ops = [Operation(ADD, ServiceKey(TCP, "10.0.0.1", 80), destination=Destination("10.1.0.1", 80))]
     context = Encoder()._compiled_context(FAMILY, FLAGS)
-    encode = nlcodec._compiled_encode
+    encode = nlencode._compiled_encode
     with pytest.raises(ValueError, match="negative start"):
         encode(ops, -1, 1, [], context)
     with pytest.raises(TypeError):
@@ -275,7 +275,7 @@ _ADDRESSES = st.one_of(
     st.text(alphabet="0123456789.:abcdef", max_size=16),
 )
 _DESTS = st.builds(Destination, _ADDRESSES, st.integers(-2, 70000) | st.sampled_from([0, 65535, 65536]),
-                   st.integers(-2, 2**33) | st.sampled_from([0, nlcodec.MAX_WEIGHT, nlcodec.MAX_WEIGHT + 1]),
+                   st.integers(-2, 2**33) | st.sampled_from([0, rules.MAX_WEIGHT, rules.MAX_WEIGHT + 1]),
                    st.sampled_from(list(Forward)))
 _SERVICES = st.sampled_from([ServiceKey(TCP, "10.0.0.1", 80), ServiceKey(UDP, "10.0.0.2", 53),
                              ServiceKey(TCP, "fd00::1", 80), ServiceKey(TCP, "0.0.0.0", 0, 7),

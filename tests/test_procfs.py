@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from svcproxy.ipvs import nlcodec, procfs
+from svcproxy.ipvs import nlconst, procfs
 from svcproxy.ipvs.netlink import NetlinkBackend
-from svcproxy.ipvs.nlcodec import DecodeError
+from svcproxy.ipvs.nldecode import DecodeError
 from svcproxy.model import Destination, Forward, Protocol, ServiceKey, canonical_ip
 from test_netlink_codec import DESIRED, FakeKernel
 
@@ -111,7 +111,7 @@ class CountingKernel(FakeKernel):
         self.dest_dumps = 0
 
     def _dump(self, seq: int, cmd: int, svc_attrs: dict[str, Any]) -> None:
-        self.dest_dumps += cmd == nlcodec.IPVS_CMD_GET_DEST
+        self.dest_dumps += cmd == nlconst.IPVS_CMD_GET_DEST
         super()._dump(seq, cmd, svc_attrs)
 
     def proc_text(self) -> str:

@@ -1,7 +1,7 @@
 """The netlink backend: IPVS over generic netlink, batched on one socket.
 
 Why it is fast (figures in docs/performance.md): every request is encoded with the
-struct-based codec in ``nlcodec`` (pyroute2's message classes are ~90x slower), and
+struct-based codec (``nlencode``; pyroute2's message classes are far slower), and
 requests are not sent one round trip at a time. The kernel handles a netlink
 datagram synchronously inside ``send()``, one message after another, and a failed
 message never stops the ones after it. So ``apply`` packs a window of requests into
@@ -11,8 +11,7 @@ helper thread encodes the next windows meanwhile: encoding overlaps the kernel's
 own work instead of adding to it. Success acknowledgements are not asked for,
 except on the last request of a window: failures always come back as NLMSG_ERROR with the request's sequence
 number, and the last request's answer marks the end of the window. That halves the
-syscalls and skb allocations of acking everything (measured: see
-docs/performance.md). Sequence numbers tie each error to its operation.
+syscalls and skb allocations of acking everything. Sequence numbers tie each error to its operation.
 
 Reading: one GET_SERVICE dump gives every service with all its settings. Real
 servers come from /proc/net/ip_vs (``procfs``), which lists all of them, connection
@@ -47,25 +46,21 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Generator, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
-from svcproxy.ipvs import nlcodec, procfs
+from svcproxy.ipvs import procfs
 from svcproxy.ipvs.backend import BackendError
-from svcproxy.ipvs.nlcodec import (
-    NLM_F_ACK,
-    NLM_F_DUMP,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-    DecodeError,
-    Encoder,
+from svcproxy.ipvs.nlconst import GENL_ID_CTRL, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
+from svcproxy.ipvs.nldecode import (
     DecodedService,
+    DecodeError,
     Message,
     decode_dest_datagram,
     decode_error,
+    decode_family_id,
     decode_service,
-    describe_error,
-    frame,
     walk,
 )
+from svcproxy.ipvs.nlencode import GET_SERVICE_BODY, Encoder, family_request, frame, get_dests_request
+from svcproxy.ipvs.nlerrors import describe_error
 from svcproxy.model import Destination, Operation, OperationResult, ServiceKey, Table, VirtualService
 
 __all__ = ["NetlinkBackend", "NetlinkSocket"]
@@ -159,7 +154,7 @@ class _Channel:
 
     def _resolve_family(self) -> int:
         seq = self.next_seq()
-        self.send(frame(nlcodec.GENL_ID_CTRL, NLM_F_REQUEST, seq, nlcodec.family_request()))
+        self.send(frame(GENL_ID_CTRL, NLM_F_REQUEST, seq, family_request()))
         while True:
             data = self.recv()
             for msg in walk(data):
@@ -171,8 +166,8 @@ class _Channel:
                         raise BackendError("IPVS generic netlink family not found: is ip_vs loaded?")
                     if code:
                         raise BackendError(f"generic netlink family lookup failed: {describe_error(None, code, text)}")
-                elif msg.type == nlcodec.GENL_ID_CTRL:
-                    return nlcodec.decode_family_id(data, msg)
+                elif msg.type == GENL_ID_CTRL:
+                    return decode_family_id(data, msg)
 
     def window_size(self, requested: int) -> int:
         """Requests per datagram: as asked, but a window of failures must fit the
@@ -220,7 +215,7 @@ class _Channel:
         """The real servers of one service (a GET_DEST dump), decoded as they come."""
         seq = self.next_seq()
         family = self.family
-        self.send(nlcodec.get_dests_request(family, seq, ident))
+        self.send(get_dests_request(family, seq, ident))
         dests: list[Destination] = []
         while True:
             state = decode_dest_datagram(self.recv(), family, seq, svc_family, dests, names)
@@ -479,7 +474,7 @@ class NetlinkBackend:
 
     def _read(self, channel: _Channel) -> Table:
         settings: dict[Any, Any] = {}
-        listed = [decode_service(data, msg, settings) for data, msg in channel.dump(nlcodec.GET_SERVICE_BODY)]
+        listed = [decode_service(data, msg, settings) for data, msg in channel.dump(GET_SERVICE_BODY)]
         if self.proc is not False:
             table = self._joined(listed)
             if table is not None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import socket
 from typing import BinaryIO, Callable
 
-from svcproxy.ipvs.nlcodec import DecodeError, address_text, make_destination
+from svcproxy.ipvs.nldecode import DecodeError, address_text, make_destination
 from svcproxy.model import Destination, Forward, ServiceKey
 
 __all__ = ["PATH", "label", "parse", "read"]
@@ -38,7 +38,7 @@ __all__ = ["PATH", "label", "parse", "read"]
 _compiled_parse: Callable[..., dict[tuple[str, str], list[Destination]] | None] | None
 try:
     from svcproxy.ipvs._nlfast import proc_servers as _compiled_parse
-except ImportError:  # not built: Python only (nlcodec.COMPILED says so too)
+except ImportError:  # not built: Python only (nlencode.COMPILED says so too)
     _compiled_parse = None
 
 #: The calling thread's network namespace (/proc/net follows the thread group

@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 
 from svcproxy.diff import diff
-from svcproxy.ipvs import nlcodec
+from svcproxy.ipvs import nlconst, nldecode, nlencode
 from svcproxy.ipvs.backend import Backend
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend, parse_save
 from svcproxy.ipvs.netlink import NetlinkBackend, _Channel, _new_socket
@@ -160,19 +160,19 @@ def test_dumps_cannot_share_a_socket(root: None) -> None:
     sock = _new_socket(1 << 20, 10.0)
     try:
         channel = _Channel(sock, 10.0)
-        encoder = nlcodec.Encoder()
+        encoder = nlencode.Encoder()
         bodies = [encoder.get_dests(key) for key in sorted(table.services)]
         channel.send(b"".join(
-            nlcodec.frame(channel.family, nlcodec.NLM_F_REQUEST | nlcodec.NLM_F_DUMP, 100 + i, body)
+            nlencode.frame(channel.family, nlconst.NLM_F_REQUEST | nlconst.NLM_F_DUMP, 100 + i, body)
             for i, body in enumerate(bodies)
         ))
         answers: dict[int, list[str]] = {100: [], 101: []}
         while not answers[100] or answers[100][-1] != "done":
             data = channel.recv()
-            for msg in nlcodec.walk(data):
-                if msg.type == nlcodec.NLMSG_ERROR:
-                    answers[msg.seq].append(errno.errorcode[nlcodec.decode_error(data, msg)[0]])
-                elif msg.type == nlcodec.NLMSG_DONE:
+            for msg in nldecode.walk(data):
+                if msg.type == nlconst.NLMSG_ERROR:
+                    answers[msg.seq].append(errno.errorcode[nldecode.decode_error(data, msg)[0]])
+                elif msg.type == nlconst.NLMSG_DONE:
                     answers[msg.seq].append("done")
                 else:
                     answers[msg.seq].append("dest")
