@@ -121,6 +121,8 @@ class Agent:
             families=config.families,
             scheduler=config.scheduler,
         )
+        self.plumbing = (NodePlumbing(replace(config.plumbing, dry_run=config.dry_run))
+                         if config.plumbing is not None else None)
         self.proxier = Proxier(
             backend,
             ProxierConfig(
@@ -139,15 +141,10 @@ class Agent:
             # A dry run serves no healthCheckNodePorts: it may run beside the proxy that
             # does (kube-proxy), and must not take its ports or answer for it.
             health_checks=None if config.dry_run else self.health_checks,
+            node_hook=self.plumbing,
         )
         self.server = HealthServer(config.health_bind, self.health, self.metrics)
-        self.plumbing: NodePlumbing | None = None
-        if config.plumbing is not None:
-            self.plumbing = NodePlumbing(replace(config.plumbing, dry_run=config.dry_run),
-                                         services=self.proxier.service_nat,
-                                         node_addresses=self.proxier.node_addresses)
-            self.proxier.node_target.prepare = self.plumbing
-            self.proxier.node_target.prepare_in_dry_run = True
+        if self.plumbing is not None:
             self.metrics.registry.register(_PlumbingStats(self.plumbing))
         # Pod namespaces: decided before anything runs (ModeError for an unavailable
         # `kernel` mode stops the agent with a clear message).

@@ -25,12 +25,14 @@ from svcproxy.kube.files import ObjectFileError, load_objects
 from svcproxy.kube.translate import Problem, TranslateConfig, Translation, node_info, translate
 from svcproxy.model import Family, OpKind, Operation, Table
 from svcproxy.node.dummy import DEVICE, DeviceError
-from svcproxy.node.nat import NatConfig, ServiceNat
+from svcproxy.node.nat import NatConfig
 from svcproxy.node.nftables import NftError, Nftables
 from svcproxy.node.plumbing import NodePlumbing, PlumbingConfig
-from svcproxy.podns.attach import NamespaceReport, factory_like, pod_visible, sync_namespace
+from svcproxy.podns.attach import NamespaceReport, factory_like, sync_namespace
+from svcproxy.podns.visible import pod_visible
 from svcproxy.podns.mode import IP_VS_MODE_PARAM, Mode, ModeDecision, ModeError, decide
 from svcproxy.podns.cni import DEFAULT_SOCKET as DEFAULT_CNI_SOCKET
+from svcproxy.reconcile.desired import nat_view
 from svcproxy.render import plan_json, plan_text
 
 log = logging.getLogger("svcproxy")
@@ -325,10 +327,9 @@ def sync_plumbing(args: argparse.Namespace, planned: Planned) -> bool:
     config = plumbing_config(args)
     if config is None:
         return False
-    services = {nn: ServiceNat(i.keys, i.cluster_ips, i.external_policy_local, i.local_endpoint_ips)
-                for nn, i in planned.translation.services.items()}
-    plumbing = NodePlumbing(config, services=lambda: services, node_addresses=lambda: planned.node_addresses)
-    plumbing(planned.translation.table)
+    services = {nn: nat_view(i, i.keys) for nn, i in planned.translation.services.items()}
+    plumbing = NodePlumbing(config)
+    plumbing.sync(services, planned.node_addresses)
     return bool(plumbing.stats.errors)
 
 
@@ -347,7 +348,7 @@ def run_cleanup(args: argparse.Namespace, backend: Backend, out: TextIO) -> int:
     failed += len(errors)
     out.write(f"node: {verb} {sum(1 for o in ops if o.kind is OpKind.DELETE_SERVICE)} virtual services\n")
     plumbing = NodePlumbing(PlumbingConfig(device=args.dummy_device, dry_run=args.dry_run),
-                            services=dict, node_addresses=tuple, nft=Nftables(args.nft), vs_sysctls={})
+                            nft=Nftables(args.nft), vs_sysctls={})
     try:
         for what in plumbing.cleanup():
             out.write(f"node: {what if args.dry_run else 'removed ' + what}\n")

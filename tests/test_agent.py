@@ -88,8 +88,8 @@ def start_agent() -> Iterator[Callable[..., Running]]:
     running: list[Running] = []
 
     def start(backend: MemoryBackend | None = None, **cfg: Any) -> Running:
-        config = AgentConfig(node_name="node-a", health_bind="127.0.0.1:0", healthcheck_bind_host="127.0.0.1",
-                             min_sync_period=0.1, sync_period=2.0, **cfg)
+        cfg = {"min_sync_period": 0.1, "sync_period": 2.0, **cfg}
+        config = AgentConfig(node_name="node-a", health_bind="127.0.0.1:0", healthcheck_bind_host="127.0.0.1", **cfg)
         backend = backend or MemoryBackend()
         r = Running(Agent(config, backend), backend)
         r.thread.start()
@@ -186,3 +186,50 @@ def test_agent_follows_a_file_and_keeps_rules_when_it_breaks(start_agent: Callab
     path.write_text("kind: [this is not valid")
     time.sleep(3)
     assert r.dests(WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}
+
+
+def _without_namespace(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = {k: v for k, v in obj["metadata"].items() if k != "namespace"}
+    return {**obj, "metadata": meta}
+
+
+def _duplicates(r: Running) -> float:
+    return float(r.agent.metrics.input_problems.labels("duplicate-virtual-service")._value.get())
+
+
+def test_objects_without_a_namespace_from_a_file_take_partial_syncs(start_agent: Callable[..., Running],
+                                                                     tmp_path: Path) -> None:
+    """Files rarely name a namespace: the Service and its slices are then in "default"
+    for every part of the agent, so an endpoint change is applied by the partial sync
+    that follows it (not refused as a second claim on the Service's own ClusterIP)."""
+    path = tmp_path / "cluster.json"
+
+    def write(*ips: str) -> None:
+        items = [_without_namespace(service("web", "10.96.0.20", 80)), _without_namespace(slice_("web", *ips))]
+        path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+    write("10.244.1.1")
+    r = start_agent(file=str(path), sync_period=600.0)
+    wait_until(lambda: r.dests(WEB) == {"10.244.1.1": 1}, what="file sync")
+    write("10.244.1.1", "10.244.1.2")
+    wait_until(lambda: r.dests(WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}, what="partial sync of the change")
+    assert _duplicates(r) == 0
+    assert r.agent.proxier.full_syncs == 1 and r.agent.proxier.partial_syncs >= 1
+
+
+def test_objects_without_a_namespace_from_the_api_server_take_partial_syncs(
+        start_agent: Callable[..., Running], tmp_path: Path) -> None:
+    """The same through the watcher: the server's copies are taken as sent."""
+    with FakeApiServer() as fake:
+        fake.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+                    "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.10"}]}})
+        fake.inject_list_item("Service", _without_namespace(service("web", "10.96.0.20", 80)))
+        fake.inject_list_item("EndpointSlice", _without_namespace(slice_("web", "10.244.1.1")))
+        r = start_agent(kubeconfig=fake.write_kubeconfig(tmp_path / "kubeconfig"), sync_period=600.0)
+        wait_until(lambda: r.dests(WEB) == {"10.244.1.1": 1}, what="first full sync")
+        changed = _without_namespace(slice_("web", "10.244.1.1", "10.244.1.2"))
+        changed["metadata"]["resourceVersion"] = "999"
+        fake.inject_watch_line("EndpointSlice", {"type": "MODIFIED", "object": changed})
+        wait_until(lambda: r.dests(WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}, what="partial sync of the change")
+        assert _duplicates(r) == 0
+        assert r.agent.proxier.full_syncs == 1 and r.agent.proxier.partial_syncs >= 1

@@ -596,7 +596,7 @@ def proxier() -> Iterator[Proxier]:
     thread.start()
     yield p
     stop.set()
-    p._wake.set()
+    p.request_sync()
     thread.join(10)
 
 
@@ -710,7 +710,7 @@ def test_agent_serves_the_socket(rundir: Path, tmp_path: Path, monkeypatch: pyte
         assert made == [NETNS]
     finally:
         node_agent.stop.set()
-        node_agent.proxier._wake.set()
+        node_agent.proxier.request_sync()
         thread.join(10)
     assert not thread.is_alive()
     assert not sock.exists()  # removed on the way out
@@ -801,7 +801,7 @@ def test_a_socket_that_cannot_be_served(rundir: Path, tmp_path: Path, caplog: py
             assert ServiceKey(Protocol.TCP, VIP, 80) in backend.read().services
         finally:
             node_agent.stop.set()
-            node_agent.proxier._wake.set()
+            node_agent.proxier.request_sync()
             thread.join(10)
     assert "not serving the CNI plugin: cannot create" in caplog.text
 

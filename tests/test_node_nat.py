@@ -196,18 +196,30 @@ class Clock:
         return self.now
 
 
+class Plumbing(NodePlumbing):
+    """Node plumbing as the reconcile loop drives it, with the test's Services (which
+    a test may change between calls) and the node address."""
+
+    def __init__(self, config: PlumbingConfig, services: dict[str, ServiceNat], **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.services = services
+
+    def __call__(self, _desired: Any) -> None:
+        self.sync(self.services, [NODE])
+
+
 def plumbing(tmp_path: Path, config: PlumbingConfig | None = None, device: Any = None,
              nft: Any = None, clock: Clock | None = None, services: dict[str, ServiceNat] | None = None
-             ) -> NodePlumbing:
+             ) -> Plumbing:
     services = services if services is not None else {"web": web_nat()}
     root = tmp_path / "sys"
     for name, value in (("net/ipv4/vs/conntrack", "0"), ("net/ipv4/ip_forward", "0")):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(value + "\n")
-    return NodePlumbing(config or PlumbingConfig(), services=lambda: services, node_addresses=lambda: [NODE],
-                        device=device or RecordingDevice(), nft=nft or RecordingNft(),
-                        vs_sysctls={"conntrack": "1", "expire_nodest_conn": "1"}, sysctl_root=str(root),
-                        monotonic=clock or Clock())
+    return Plumbing(config or PlumbingConfig(), services,
+                    device=device or RecordingDevice(), nft=nft or RecordingNft(),
+                    vs_sysctls={"conntrack": "1", "expire_nodest_conn": "1"}, sysctl_root=str(root),
+                    monotonic=clock or Clock())
 
 
 def test_plumbing_creates_then_patches_and_rereads_only_when_due(tmp_path: Path, caplog: Any) -> None:

@@ -49,7 +49,8 @@ from svcproxy.podns.attach import (
 )
 from svcproxy.podns.mode import Mode, ModeError, decide, read_kernel_share
 from svcproxy.podns.scan import NetnsScanner
-from svcproxy.reconcile import NamespaceGone, Proxier, ProxierConfig, Target
+from svcproxy.podns.netns import NamespaceGone
+from svcproxy.reconcile import Proxier, ProxierConfig, Target
 
 NODE_IP = "192.168.49.2"
 

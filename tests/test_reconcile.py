@@ -13,7 +13,8 @@ from svcproxy.diff import Exclusions
 from svcproxy.ipvs.backend import BackendError, MemoryBackend
 from svcproxy.kube.translate import NodeInfo, TranslateConfig
 from svcproxy.model import Destination, OpKind, Operation, OperationResult, Protocol, ServiceKey, Table, VirtualService
-from svcproxy.reconcile import Kind, Proxier, ProxierConfig
+from svcproxy.kube.store import Kind
+from svcproxy.reconcile import Proxier, ProxierConfig
 
 
 class Clock:
@@ -378,7 +379,8 @@ def test_burst_of_events_is_coalesced_by_the_loop() -> None:
 
 # --- Pod namespaces (share-NS replicate mode) ------------------------------------------
 
-from svcproxy.reconcile import NamespaceGone, Target  # noqa: E402
+from svcproxy.podns.netns import NamespaceGone  # noqa: E402
+from svcproxy.reconcile import Target  # noqa: E402
 
 
 class GoneBackend(MemoryBackend):
@@ -495,7 +497,7 @@ def test_unavailable_backend_is_retried_with_backoff_not_in_a_hot_loop() -> None
     thread.start()
     time.sleep(1.0)
     stop.set()
-    p._wake.set()
+    p.request_sync()
     thread.join(5)
     # 0.2 + 0.4 (+ 0.8 would be at 1.4 s): three attempts, where the loop used to spin
     # thousands of times a second.

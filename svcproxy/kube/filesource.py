@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
+from svcproxy.kube.objects import HEADLESS_LABEL
 from svcproxy.kube.store import Event, Key, Kind, Store, object_key
 
 log = logging.getLogger("svcproxy.watch")
-
-HEADLESS_LABEL = "service.kubernetes.io/headless"
 
 
 class Loaded(Protocol):
@@ -194,7 +193,7 @@ class FileSource:
         """The objects the API server would have sent: same selectors, kind filled in."""
         out: list[tuple[Key, Mapping[str, Any]]] = []
         for obj in objs:
-            key = object_key(obj)
+            key = object_key(obj, kind)
             if key is None:
                 self.stats.malformed += 1
                 log.warning("file %s: skipping %s without metadata.name", self.path, kind.value)

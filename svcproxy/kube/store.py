@@ -25,11 +25,13 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal, Mapping
 
+from svcproxy.kube.objects import NamespacedName, namespaced_name
+
 ADDED = "ADDED"
 MODIFIED = "MODIFIED"
 DELETED = "DELETED"
 
-Key = tuple[str, str]
+Key = NamespacedName
 
 
 class Kind(str, enum.Enum):
@@ -48,7 +50,7 @@ class Kind(str, enum.Enum):
 class Event:
     """One change of one object, as the reconcile loop consumes it.
 
-    ``key`` is ``(namespace, name)``; cluster-scoped objects (Nodes) have namespace ``""``.
+    ``key`` is ``(namespace, name)`` as ``objects.namespaced_name`` spells it.
     For ``DELETED`` ``obj`` is the last state known (the server's final copy when the
     deletion was watched, the cached copy when it was found by a relist).
     """
@@ -59,18 +61,15 @@ class Event:
     key: Key
 
 
-def object_key(obj: Any) -> Key | None:
-    """``(namespace, name)`` of a raw object, or None when it is not a usable object."""
-    if not isinstance(obj, dict):
+def object_key(obj: Any, kind: Kind) -> Key | None:
+    """``(namespace, name)`` of a raw object, or None when it is not a usable object.
+
+    Sources hand on what they parsed from JSON or YAML, so both the object and its
+    metadata must be plain dicts; naming rules are those of ``objects.namespaced_name``.
+    """
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
         return None
-    meta = obj.get("metadata")
-    if not isinstance(meta, dict):
-        return None
-    name = meta.get("name")
-    namespace = meta.get("namespace") or ""
-    if not isinstance(name, str) or not name or not isinstance(namespace, str):
-        return None
-    return (namespace, name)
+    return namespaced_name(obj, cluster_scoped=kind is Kind.NODE)
 
 
 def resource_version(obj: Mapping[str, Any]) -> str:

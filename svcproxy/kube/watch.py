@@ -455,7 +455,7 @@ class Watcher:
     def _accept(self, obj: Any, what: str) -> Key | None:
         """The object's key, None (counted, logged) if it has none. Accepted objects
         lose their managedFields here, before anything keeps them."""
-        key = object_key(obj)
+        key = object_key(obj, self.kind)
         if key is None:
             self.stats.malformed += 1
             log.warning("watch %s: skipping malformed %s: %.200r", self._what, what, obj)

@@ -1,8 +1,8 @@
 """Node-namespace plumbing around the IPVS table: sysctls, the dummy device, masquerade.
 
-``NodePlumbing`` is the node target's ``prepare`` hook: the reconcile loop calls it
-with the desired table before each sync's IPVS operations. It keeps three things in
-line with that table, each diffed against what the kernel was last seen to hold and
+``NodePlumbing`` is the reconcile loop's node hook: before each sync's IPVS
+operations the loop hands it each Service's addresses (``ServiceNat``) and the node's
+own addresses. It keeps three things in line with them, each diffed against what the kernel was last seen to hold and
 re-read every ``recheck_period`` seconds:
 
 * the IPVS sysctls kube-proxy sets (and ip_forward, and strict ARP when asked);
@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from svcproxy.model import Table
 from svcproxy.node.dummy import DEVICE, AddressChanges, DeviceError, DummyDevice, address_changes
 from svcproxy.node.nat import (BIND, SET_TYPES, Delta, Element, ElementIndex, NatConfig, NatElements, ServiceNat,
                                element_script, render_table, rule_comments)
 from svcproxy.node.nftables import NftError, Nftables
+from svcproxy.node.sysctls import kube_proxy_sysctls
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +73,15 @@ class PlumbingStats:
 
 class NodePlumbing:
     def __init__(self, config: PlumbingConfig, *,
-                 services: Callable[[], Mapping[Any, ServiceNat]],
-                 node_addresses: Callable[[], Iterable[str]],
                  device: DummyDevice | None = None,
                  nft: Nftables | None = None,
                  vs_sysctls: Mapping[str, str] | None = None,
                  sysctl_root: str = _SYSCTL_ROOT,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.services = services
-        self.node_addresses = node_addresses
         self.device = device or DummyDevice(config.device)
         self.nft = nft or Nftables(config.nft)
         if vs_sysctls is None:
-            from svcproxy.podns.attach import kube_proxy_sysctls
-
             vs_sysctls = kube_proxy_sysctls()
         self.sysctls = node_sysctls(config.strict_arp, vs_sysctls) if config.sysctls else {}
         self.sysctl_root = sysctl_root
@@ -100,10 +94,10 @@ class NodePlumbing:
         self._next_check = float("-inf")
         self._sysctls_done = False
 
-    # The reconcile loop's prepare hook.
-    def __call__(self, desired: Table) -> None:
-        """``desired`` is the node's table; what plumbing needs of it comes, Service by
-        Service, from ``services`` (only changed Services are looked at)."""
+    def sync(self, services: Mapping[Any, ServiceNat], node_addresses: Iterable[str]) -> None:
+        """Bring the node in line with the Services' view for plumbing (the reconcile
+        loop's node hook; a Service whose ``ServiceNat`` is the same object as last
+        time is not looked at again)."""
         now = self.monotonic()
         if now >= self._next_check:
             self._bound = None
@@ -111,7 +105,7 @@ class NodePlumbing:
             self._sysctls_done = False
             self._next_check = now + self.config.recheck_period
         try:
-            delta = self.index.update(self.services(), self.node_addresses())
+            delta = self.index.update(services, node_addresses)
         except ValueError as exc:  # a malformed address in a ServiceNat: never expected
             self.stats.error("nftables")
             log.error("node plumbing: %s", exc)

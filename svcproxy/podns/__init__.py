@@ -18,7 +18,7 @@ _EXPORTS = {
     "AttachResult": "attach",
     "PodNamespaces": "attach",
     "pod_target": "attach",
-    "pod_visible": "attach",
+    "pod_visible": "visible",
     "Mode": "mode",
     "ModeDecision": "mode",
     "ModeError": "mode",

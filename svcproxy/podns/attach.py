@@ -56,7 +56,10 @@ from svcproxy.ipvs.backend import Backend, BackendError
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend
 from svcproxy.model import Family, Operation, OperationResult, Table
 from svcproxy.podns.mode import Mode, ModeDecision
-from svcproxy.reconcile import NamespaceGone, Proxier, Target
+from svcproxy.node.sysctls import kube_proxy_sysctls
+from svcproxy.podns.netns import NamespaceGone, NetnsId, PodNamespace, netns_id
+from svcproxy.podns.visible import pod_visible
+from svcproxy.reconcile import Proxier, Target
 
 __all__ = [
     "AttachResult",
@@ -97,80 +100,6 @@ Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 #: Makes a backend working in a namespace: given a path that names the namespace in
 #: this process and in children that inherit descriptor ``fd`` (``/proc/self/fd/N``).
 BackendFactory = Callable[[str, int], Backend]
-
-
-# --------------------------------------------------------------------------------------
-# identity
-
-
-@dataclass(frozen=True, order=True)
-class NetnsId:
-    """A network namespace's identity: the nsfs inode behind its file."""
-
-    dev: int
-    ino: int
-
-    def __str__(self) -> str:
-        return f"net:[{self.ino}]"
-
-
-def _nsfs_dev() -> int:
-    """The device number every nsfs inode shares (this process's own namespace file
-    is one); a file with another device number is not a namespace."""
-    return os.stat("/proc/self/ns/net").st_dev
-
-
-def netns_id(path: str) -> NetnsId:
-    """The identity of the namespace at ``path``; NamespaceGone if there is none."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
-            raise NamespaceGone(f"{path}: {exc.strerror}") from None
-        raise BackendError(f"cannot stat network namespace {path}: {exc.strerror}") from exc
-    if st.st_dev != _nsfs_dev():
-        # What `ip netns delete` leaves when something still holds the mount point
-        # open, or a name that was never a namespace.
-        raise NamespaceGone(f"{path} is not a namespace file (any more)")
-    return NetnsId(st.st_dev, st.st_ino)
-
-
-class PodNamespace:
-    """A Pod's network namespace, pinned to the inode it had when attached."""
-
-    def __init__(self, path: str, ident: NetnsId) -> None:
-        self.path = path
-        self.id = ident
-
-    @classmethod
-    def open(cls, path: str) -> "PodNamespace":
-        return cls(path, netns_id(path))
-
-    def __repr__(self) -> str:
-        return f"PodNamespace({self.path!r}, {self.id})"
-
-    def check(self) -> None:
-        """Cheap: NamespaceGone unless the path still names the same namespace."""
-        if netns_id(self.path) != self.id:
-            raise NamespaceGone(f"{self.path} now names another namespace")
-
-    @contextmanager
-    def entered(self) -> Iterator[tuple[str, int]]:
-        """An open descriptor of the namespace, checked to be the attached one, as
-        (path usable by this process and its children given the fd, fd)."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
-                raise NamespaceGone(f"{self.path}: {exc.strerror}") from None
-            raise BackendError(f"cannot open network namespace {self.path}: {exc.strerror}") from exc
-        try:
-            st = os.fstat(fd)
-            if NetnsId(st.st_dev, st.st_ino) != self.id:
-                raise NamespaceGone(f"{self.path} now names another namespace")
-            yield f"/proc/self/fd/{fd}", fd
-        finally:
-            os.close(fd)
 
 
 # --------------------------------------------------------------------------------------
@@ -239,30 +168,6 @@ class PinnedBackend:
 
 # --------------------------------------------------------------------------------------
 # preparation
-
-
-def _kernel_version(release: str) -> tuple[int, int]:
-    parts = release.split(".")
-    try:
-        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
-    except (IndexError, ValueError):
-        return (0, 0)
-
-
-def kube_proxy_sysctls(release: str | None = None) -> dict[str, str]:
-    """The IPVS sysctls kube-proxy's IPVS proxier sets, for this kernel release.
-
-    conntrack=1 keeps NATed packets tracked (replies are not INVALID);
-    expire_nodest_conn / expire_quiescent_template end connections and persistence
-    templates of deleted or weight-0 real servers; conn_reuse_mode is set to 0 only
-    on kernels 4.1 to 5.8 (older ones lack it, 5.9 fixed the 1 s delay it caused:
-    kubernetes/kubernetes#93297), as kube-proxy does.
-    """
-    version = _kernel_version(release if release is not None else os.uname().release)
-    wanted = {"conntrack": "1", "expire_nodest_conn": "1", "expire_quiescent_template": "1"}
-    if (4, 1) <= version < (5, 9):
-        wanted["conn_reuse_mode"] = "0"
-    return wanted
 
 
 @dataclass(frozen=True, order=True)
@@ -644,14 +549,6 @@ def pod_target(path: str, backend_factory: BackendFactory | None = None, *, runn
     preparer = Preparer(ns, runner=runner, kernel_release=kernel_release, recheck_period=recheck_period,
                         clock=clock, sysctl_dir=sysctl_dir)
     return Target(path, PinnedBackend(ns, factory), pod=True, prepare=preparer)
-
-
-def pod_visible(table: Table, node_addresses: frozenset[str] | set[str] | tuple[str, ...]) -> Table:
-    """The part of the node's table a Pod namespace gets: everything but NodePorts
-    (addressed to the node, they reach it through the Pod's NIC). Same rule as the
-    reconcile loop's."""
-    nodes = frozenset(node_addresses)
-    return Table({k: v for k, v in table.services.items() if k.address not in nodes})
 
 
 # --------------------------------------------------------------------------------------

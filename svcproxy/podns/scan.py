@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from svcproxy.ipvs.backend import BackendError
 from svcproxy.podns.attach import AttachResult, NetnsId, PodNamespaces, netns_id
-from svcproxy.reconcile import NamespaceGone
+from svcproxy.podns.netns import NamespaceGone
 
 __all__ = ["NetnsScanner", "ScanResult"]
 

@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
-from svcproxy.reconcile import NamespaceGone
+from svcproxy.podns.netns import NamespaceGone
 
 from svcproxy.podns.cni import (
     DEFAULT_SOCKET,

@@ -1,0 +1,442 @@
+"""The Proxier: joins change tracking, translation, the targets and the runner.
+
+Watch events only update the tracker; all kernel work happens in ``sync``, which
+takes the changes at once and decides between two kinds of sync:
+
+- *full* (the first one, every ``sync_period``, after a Node change): every target
+  is diffed against a fresh read of its kernel table, so drift is repaired;
+- *partial*: only the changed Services' keys are diffed, against the image of the
+  kernel table kept since the last full sync; its cost scales with the change.
+
+Translation is incremental in both: only changed Services are translated again.
+Everything is translated again only on the first sync, after a Node change (node
+addresses and zone feed translation), and while two Services claim the same virtual
+service (the claim may have to move). Failed operations are counted and their
+virtual services retried at the next sync; nothing raises out of the loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+from svcproxy.diff import Exclusions
+from svcproxy.health import HealthCheckServers, HealthCheckTarget, HealthState, node_eligible
+from svcproxy.ipvs.backend import Backend, BackendError
+from svcproxy.kube.objects import NamespacedName
+from svcproxy.kube.store import Event, Kind
+from svcproxy.kube.translate import Problem, TranslateConfig, node_info, translate, translate_service
+from svcproxy.metrics import Metrics
+from svcproxy.model import Operation, ServiceKey, Table
+from svcproxy.node.nat import ServiceNat
+from svcproxy.podns.netns import NamespaceGone
+from svcproxy.podns.visible import visible_in_pods
+from svcproxy.reconcile.changes import Changes, ChangeTracker, ClusterState, Snapshot
+from svcproxy.reconcile.desired import DesiredState
+from svcproxy.reconcile.runner import Clock, SyncRunner, SyncSchedule
+from svcproxy.reconcile.targets import Applier, Target
+
+log = logging.getLogger("svcproxy.reconcile")
+
+
+class NodeHook(Protocol):
+    """Node plumbing, run before the node target's operations (also in a dry run,
+    where it only logs)."""
+
+    def sync(self, services: Mapping[Any, ServiceNat], node_addresses: Iterable[str]) -> None: ...
+
+
+@dataclass(frozen=True)
+class ProxierConfig:
+    """Everything the loop needs besides its collaborators."""
+
+    translate: TranslateConfig
+    #: Its node's addresses, when given, win over the Node object's (--node-ip).
+    node_ips_override: tuple[str, ...] = ()
+    exclusions: Exclusions = Exclusions()
+    min_sync_period: float = 1.0
+    sync_period: float = 30.0
+    graceful_timeout: float = 900.0
+    #: While real servers drain, full syncs (which read connection counts) run this often.
+    drain_check_period: float = 10.0
+    dry_run: bool = False
+    #: --nodeport-addresses: the node's local addresses for NodePorts, re-read at each
+    #: full sync (None: the Node object's addresses, or node_ips_override).
+    node_address_source: Callable[[], tuple[str, ...]] | None = None
+    #: Also wait for the Node object's first list before programming anything: without
+    #: it, a restarted agent would translate NodePorts without the node's addresses and
+    #: delete them until the Node arrives (the agent sets this; its sources list Nodes).
+    wait_for_node: bool = False
+    #: A sync that could not run at all (backend unavailable) is retried after this
+    #: many seconds, doubling up to sync_period: never a hot loop.
+    retry_backoff: float = 1.0
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    full: bool
+    operations: tuple[Operation, ...]
+    failed: int
+    duration: float
+    skipped: str | None = None
+    #: How many Services were translated for this sync (all of them, or only the
+    #: changed ones: see the module docstring).
+    translated: int = 0
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Keep the cyclic garbage collector out of a full sync.
+
+    Translation, the kernel read and the diff build hundreds of thousands of small
+    objects without cycles (refcounting frees them), yet every few hundred allocations
+    trigger a collection that walks the whole heap, a large share of a full sync's
+    CPU time (docs/performance.md). The collector runs again as soon as the sync is done.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+class Proxier:
+    """Owns the desired table and drives the targets. Thread-safe: watchers call
+    ``on_event``/``on_synced`` from their threads, the loop runs in ``run``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: ProxierConfig,
+        *,
+        metrics: Metrics | None = None,
+        health: HealthState | None = None,
+        health_checks: HealthCheckServers | None = None,
+        node_hook: NodeHook | None = None,
+        clock: Clock = time.time,
+        monotonic: Clock = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.health = health or HealthState(timeout=2 * config.sync_period, clock=clock)
+        self.health_checks = health_checks
+        self._clock = clock
+        self._monotonic = monotonic
+        self.changes = ChangeTracker(config.translate.node.name, wait_for_node=config.wait_for_node)
+        self.schedule = SyncSchedule(min_interval=config.min_sync_period, full_interval=self._full_interval,
+                                     retry_backoff=config.retry_backoff, max_backoff=config.sync_period)
+        self.runner = SyncRunner(self.schedule, lambda: self.sync(), ready=lambda: self.initialized,
+                                 retrying=self._retrying, monotonic=monotonic)
+        self.applier = Applier(config.exclusions, config.dry_run, config.graceful_timeout, self.metrics)
+        self._translate_config = config.translate
+        self._desired = DesiredState()
+        self.node_target = Target("node", backend, prepare=self._node_prepare(node_hook), prepare_in_dry_run=True)
+        self._targets: dict[str, Target] = {"node": self.node_target}
+        self._reported: set[Problem] = set()
+        self._discovered: tuple[str, ...] = ()
+        #: Everything is translated again at the next full sync: first sync, Node changed.
+        self._translate_all = True
+        self.full_syncs = 0
+        self.partial_syncs = 0
+        self.last_result: SyncResult | None = None
+
+    def _node_prepare(self, hook: NodeHook | None) -> Callable[[Table], None] | None:
+        if hook is None:
+            return None
+        return lambda _desired: hook.sync(self._desired.nat, self._translate_config.node.addresses)
+
+    @property
+    def state(self) -> ClusterState:
+        return self.changes.state
+
+    # --- inputs (watcher threads) --------------------------------------------------
+
+    def on_event(self, kind: Kind, event_type: str, obj: Mapping[str, Any]) -> None:
+        self.changes.record(kind, event_type, obj)
+        if kind is Kind.SERVICE:
+            self.metrics.service_changes.inc()
+        elif kind is Kind.ENDPOINT_SLICE:
+            self.metrics.endpoint_changes.inc()
+        self.health.queued()
+        self.metrics.last_queued.set(self._clock())
+        self.runner.request()
+
+    def sink(self, event: Event) -> None:
+        """Adapter for the watchers' and file source's ``sink`` callback."""
+        self.on_event(event.kind, event.type, event.obj)
+
+    def on_synced(self, kind: Kind) -> None:
+        self.changes.listed(kind)
+        self.runner.request()
+
+    def request_sync(self) -> None:
+        """Sync as soon as the schedule allows, even with no change recorded."""
+        self.runner.request()
+
+    @property
+    def initialized(self) -> bool:
+        return self.changes.initialized
+
+    # --- the loop -------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Sync when woken, at most every min_sync_period, fully every sync_period."""
+        self.runner.run(stop)
+
+    def _retrying(self) -> bool:
+        with self.changes.lock:
+            return any(t.retry or (t.needs_full and t.pod) for t in self._targets.values())
+
+    def _full_interval(self) -> float:
+        with self.changes.lock:
+            draining = any(t.draining for t in self._targets.values())
+        if draining:
+            return min(self.config.sync_period, self.config.drain_check_period)
+        return self.config.sync_period
+
+    def sync(self, force_full: bool = False) -> SyncResult:
+        """One sync; full when due (or forced), else only the changed Services."""
+        start = self._monotonic()
+        if not self.initialized:
+            return SyncResult(False, (), 0, 0.0, skipped="waiting for Services and EndpointSlices to sync")
+        if self.config.node_address_source is not None and (force_full or self.schedule.full_due(start)):
+            self._discover_node_addresses()
+        with self.changes.lock:
+            full = force_full or self.changes.node_changed or self.schedule.full_due(start)
+            changes = self.changes.take()
+            if changes.node:
+                self._refresh_node()
+                self._translate_all = True
+            # While two Services claim one virtual service, deleting or changing the
+            # owner must hand it to the other, which only translating everything does.
+            everything = full and (self._translate_all or self._desired.owners.collided)
+            if everything:
+                self._translate_all = False
+            snapshot = self.state.snapshot(None if everything else set(changes.services))
+        try:
+            with paused_gc() if full else nullcontext():
+                result = self._sync(snapshot, start, full=full, everything=everything)
+        except BackendError as exc:
+            return self._sync_failed(exc, changes, start, full=full, everything=everything)
+        self.schedule.succeeded(start, full=full)
+        self._observe(result, changes)
+        self.last_result = result
+        return result
+
+    def _sync_failed(self, exc: BackendError, changes: Changes, start: float, *, full: bool,
+                     everything: bool) -> SyncResult:
+        """The node's table could not be read or written at all: retry with backoff."""
+        delay = self.schedule.failed(self._monotonic())
+        log.error("sync failed, will retry in %.0f s: %s", delay, exc)
+        self.metrics.sync_errors.inc()
+        self.changes.put_back(changes)
+        self._translate_all = self._translate_all or everything
+        result = SyncResult(full, (), 0, self._monotonic() - start, skipped=str(exc))
+        self.last_result = result
+        return result
+
+    def _observe(self, result: SyncResult, changes: Changes) -> None:
+        """Metrics and health after a sync that ran."""
+        self.metrics.sync_duration.observe(result.duration)
+        self.metrics.syncs.labels("full" if result.full else "partial").inc()
+        self.metrics.last_sync.set(self._clock())
+        now = self._clock()
+        for t in changes.triggers:
+            self.metrics.network_programming.observe(max(0.0, now - t))
+        self.health.updated()
+        if result.full and (result.failed == 0 or self.config.dry_run):
+            self.health.set_ready()
+
+    # --- translation ----------------------------------------------------------------
+
+    def _discover_node_addresses(self) -> None:
+        assert self.config.node_address_source is not None
+        try:
+            found = tuple(self.config.node_address_source())
+        except Exception as exc:  # rtnetlink trouble: keep the addresses we had
+            log.error("cannot read the node's addresses for NodePorts (keeping %s): %s",
+                      ", ".join(self._discovered) or "none", exc)
+            return
+        if found == self._discovered:
+            return
+        if not found:
+            log.warning("no local address matches --nodeport-addresses: NodePorts use the Node object's addresses")
+        else:
+            log.info("NodePorts served on %s (--nodeport-addresses)", ", ".join(found))
+        self._discovered = found
+        self.changes.node_dirty()
+
+    def _refresh_node(self) -> None:
+        """Node labels and addresses feed translation (zone hints, NodePorts)."""
+        override = (self.config.node_ips_override or self._discovered
+                    or self.config.translate.node.addresses)
+        info, problems = node_info(self.state.node_name, self.state.node, override)
+        self._count_problems(problems)
+        self._translate_config = replace(self._translate_config, node=info)
+        self.health.set_node_eligible(node_eligible(self.state.node))
+
+    def _count_problems(self, problems: Iterable[Problem]) -> None:
+        """Log and count each problem once, not again at every full sync."""
+        for p in problems:
+            if p in self._reported:
+                continue
+            self._reported.add(p)
+            self.metrics.input_problems.labels(p.kind).inc()
+            (log.warning if p.severity == "warning" else log.error)("%s", p)
+
+    def _translate(self, snapshot: Snapshot, *, everything: bool) -> tuple[set[ServiceKey], list[Problem]]:
+        """Translate the snapshot's Services into the desired state, in sorted order;
+        returns the keys that may have changed and the problems found."""
+        desired = self._desired
+        if everything:
+            desired.clear()
+        changed: set[ServiceKey] = set()
+        problems: list[Problem] = []
+        config = self._translate_config
+        for nn in sorted(snapshot):
+            svc, slices = snapshot[nn]
+            if svc is None:
+                changed.update(desired.remove(nn))
+                continue
+            changed.update(desired.release(nn))
+            vss, found, info = translate_service(svc, slices, config)
+            changed.update(desired.claim(nn, vss, info, found))
+            problems.extend(found)
+        if everything:
+            desired.forget_nat_of_gone()
+        return changed, problems
+
+    def _sync(self, snapshot: Snapshot, start: float, *, full: bool, everything: bool) -> SyncResult:
+        """Translate what changed (``everything``: all), then bring the targets in line."""
+        changed, problems = self._translate(snapshot, everything=everything)
+        if full:
+            # What a whole translation also says: slices whose Service does not exist
+            # (only at full syncs, so that the moment between a Service's deletion
+            # and its slices' is not reported).
+            with self.changes.lock:
+                orphans = self.state.orphan_slices()
+            if orphans:
+                problems.extend(translate([], orphans, self._translate_config).problems)
+        if everything:
+            self._reported &= set(problems)
+        self._count_problems(problems)
+        if full:
+            self.full_syncs += 1
+        else:
+            self.partial_syncs += 1
+        result = self._sync_targets(start, full=full, changed=None if full else changed)
+        return replace(result, translated=sum(1 for svc, _ in snapshot.values() if svc is not None))
+
+    # --- targets --------------------------------------------------------------------
+
+    def _sync_targets(self, start: float, *, full: bool, changed: set[ServiceKey] | None) -> SyncResult:
+        """Bring every target in line; the node first (its failure to read aborts the
+        sync), then each Pod namespace on its own."""
+        visible = visible_in_pods(self._translate_config.node.addresses)
+        node_table = Table(self._desired.table)
+        pod_table: Table | None = None  # built once per sync, shared by every Pod namespace
+        all_ops: list[Operation] = []
+        failed = 0
+        with self.changes.lock:
+            targets = list(self._targets.values())
+        now = self._monotonic()
+        for target in targets:
+            if target.pod and target.failures and now < target.next_try:
+                continue
+            scope: set[ServiceKey] | None = None
+            if not (full or target.needs_full):
+                scope = set(changed or ()) | target.retry
+                if target.pod:
+                    scope = {k for k in scope if visible(k)}
+            if target.pod and pod_table is None:
+                pod_table = Table({k: v for k, v in self._desired.table.items() if visible(k)})
+            desired = pod_table if target.pod and pod_table is not None else node_table
+            try:
+                done, bad = self.applier.sync(target, desired, scope=scope, now=self._monotonic())
+            except NamespaceGone as exc:
+                log.info("Pod namespace %s is gone, detaching: %s", target.name, exc)
+                self.detach(target.name)
+                continue
+            except BackendError:
+                if not target.pod:
+                    raise
+                target.failed(now)
+                log.exception("cannot sync Pod namespace %s (will retry)", target.name)
+                self.metrics.sync_errors.inc()
+                failed += 1
+                continue
+            target.needs_full = False
+            target.failures = 0
+            all_ops.extend(done)
+            failed += bad
+            if not bad:
+                target.synced.set()
+        self._publish()
+        return SyncResult(full, tuple(all_ops), failed, self._monotonic() - start)
+
+    def attach(self, target: Target) -> None:
+        """Keep another table (a Pod namespace's) in sync from the next sync on."""
+        target.pod = True
+        target.needs_full = True
+        with self.changes.lock:
+            self._targets[target.name] = target
+        self.runner.request()
+
+    def wait_attached(self, name: str, timeout: float) -> bool:
+        """Block until the named target's table has been programmed once."""
+        with self.changes.lock:
+            target = self._targets.get(name)
+        return target is not None and target.synced.wait(timeout)
+
+    def detach(self, name: str) -> bool:
+        with self.changes.lock:
+            return self._targets.pop(name, None) is not None
+
+    @property
+    def pod_targets(self) -> list[str]:
+        return sorted(name for name, t in self._targets.items() if t.pod)
+
+    def _publish(self) -> None:
+        desired = self._desired
+        self.metrics.virtual_servers.set(len(desired.table))
+        self.metrics.real_servers.set(sum(len(vs.destinations) for vs in desired.table.values()))
+        self.metrics.draining_real_servers.set(len(self.node_target.draining))
+        infos = desired.info.values()
+        internal = sum(1 for i in infos if i.internal_policy_local and i.local_endpoints == 0)
+        external = sum(1 for i in infos if i.external_policy_local and i.local_endpoints == 0)
+        self.metrics.no_local_endpoints.labels("internal").set(internal)
+        self.metrics.no_local_endpoints.labels("external").set(external)
+        if self.health_checks is not None:
+            targets = {
+                HealthCheckTarget(i.namespace, i.name, i.health_check_node_port): i.local_endpoints
+                for i in infos
+                if i.external_policy_local and i.health_check_node_port
+            }
+            for error in self.health_checks.sync(targets):
+                log.error("%s", error)
+
+    # --- read-only views for tests and the CLI ---------------------------------------
+
+    def service_nat(self) -> dict[NamespacedName, ServiceNat]:
+        """What node plumbing needs, per Service (same object while a Service is unchanged)."""
+        with self.changes.lock:
+            return dict(self._desired.nat)
+
+    def node_addresses(self) -> tuple[str, ...]:
+        return self._translate_config.node.addresses
+
+    @property
+    def desired(self) -> Table:
+        return Table(dict(self._desired.table))
+
+    @property
+    def draining(self) -> Sequence[tuple[ServiceKey, str, int]]:
+        return sorted(self.node_target.draining)
