@@ -1,9 +1,6 @@
 """Share-NS: Services inside Pod network namespaces (docs/share-ns.md).
 
-``mode``: which way the running kernel supports (``--pod-netns-mode``).
-``attach``: Pod namespaces as reconcile targets, their preparation, and
-``PodNamespaces``, the attach/detach front door the CNI plugin's server uses.
-``scan``: the periodic scan of a namespace directory (``--pod-netns-dir``).
+README.md beside this file lists the modules and their jobs.
 
 Nothing is imported here eagerly: the CNI plugin (``svcproxy.podns.cni``) lives in
 this package and must start fast, without the reconcile loop and its dependencies.

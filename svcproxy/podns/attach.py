@@ -9,13 +9,9 @@ node's table.
 
 Why each piece is the way it is (docs/share-ns.md has the whole story):
 
-* Identity. A namespace is named by a path (/var/run/netns/NAME, /proc/PID/ns/net)
-  and *is* the nsfs inode behind it. Every kernel access opens the path, checks that
-  the inode is still the one attached, and hands the open descriptor to nsenter
-  (``--net=/proc/self/fd/N``): a name reused for a new namespace can never receive
-  the old one's operations, and a namespace deleted in the middle of a sync simply
-  raises ``NamespaceGone`` (the loop detaches it quietly). No descriptor is kept
-  between calls: that would keep a deleted Pod's namespace alive.
+* Identity (``netns.py``): every kernel access opens the namespace's path and checks
+  that it still names the inode attached; a namespace deleted mid-sync raises
+  ``NamespaceGone`` and the loop detaches it quietly.
 * Preparation (``prepare``, run by the loop before operations are applied): loopback
   up (IPVS refuses IPv4 real servers with "address not unicast" while lo is down);
   the per-namespace IPVS sysctls kube-proxy sets on the node (a new namespace starts
