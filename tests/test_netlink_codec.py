@@ -167,8 +167,10 @@ def test_encoder_caches_do_not_leak_between_services() -> None:
 
 
 def test_messages_are_the_encoded_bodies_with_headers() -> None:
-    """The batch encoder (apply's inlined path) says exactly what encode() says,
-    numbers the messages, and skips refused operations without a gap."""
+    """A batch encodes each operation exactly as encode() does alone (what the
+    pyroute2 tests above check): the caches and layouts a batch shares across
+    operations change no byte. It numbers the messages, and skips refused
+    operations without a gap."""
     plan = diff(DESIRED, Table()) + [op for op, _ in REFUSED] + [
         Operation(OpKind.EDIT_DESTINATION, ServiceKey(TCP, "10.0.0.10", 80),
                   destination=D("fd00:1::10", 80, 2, TUNNEL)),
@@ -238,8 +240,8 @@ BAD_DEST_ADDRESS = (Operation(OpKind.ADD_DESTINATION, ServiceKey(TCP, "10.0.0.1"
 
 @pytest.mark.parametrize("op,message", [*REFUSED, BAD_DEST_ADDRESS], ids=[m for _, m in [*REFUSED, BAD_DEST_ADDRESS]])
 def test_refused_the_same_way_by_the_batch_encoder(op: Operation, message: str) -> None:
-    """Encoder.messages (what apply uses, with an inlined path for usual real
-    servers) refuses exactly what encode refuses, and keeps the operations around."""
+    """Encoder.messages (what apply uses) refuses exactly what encode refuses,
+    and keeps the operations around the refused one."""
     good = Operation(OpKind.ADD_DESTINATION, ServiceKey(TCP, "10.0.0.1", 80), destination=D("10.1.0.1", 80))
     messages, owners, refused = Encoder().messages([good, op, good], 30, nlconst.NLM_F_REQUEST, 1)
     assert refused == {1: message}
@@ -263,8 +265,8 @@ def _one_by_one(ops: list[Operation], flags: int,
     return messages, owners if refused else None, refused
 
 
-# Around every check of the batch encoder's inlined path (a NAT server of an IPv4
-# service), on both sides: a port or weight at its limit is encoded, one past it is
+# Around every check of the Python encoder's inline real-server path (a NAT server
+# of an IPv4 service), on both sides: a port or weight at its limit is encoded, one past it is
 # refused. Ports repeat, so cached port bytes are used as well as made.
 _EDGE_SERVICES = [ServiceKey(TCP, "10.0.0.1", 80), ServiceKey(UDP, "fd00::1", 80), ServiceKey(TCP, "0.0.0.0", 0, 7)]
 _EDGE_ADDRESSES = ["10.1.0.1", "fd00::5", "::ffff:10.1.0.2", "10.1.0.300", "", "10.1.0", " 10.1.0.3", "10.1.0.4\x00"]
@@ -282,6 +284,8 @@ EDGE_DESTINATION_OPS = [
 
 
 def test_batch_encoder_agrees_with_encode_on_edge_destinations() -> None:
+    """In a batch, the inline path and its fallback (_dest_parts) give what each
+    operation gives alone, where it is the first of its service and port."""
     ops = EDGE_DESTINATION_OPS
     want_messages, want_owners, want_refused = _one_by_one(ops, nlconst.NLM_F_REQUEST, 9)
     assert want_messages and want_refused  # both kinds of outcome are covered

@@ -1,7 +1,7 @@
 """The compiled encoder loop (svcproxy/ipvs/_nlfast.c) against the Python encoder.
 
-The Python path of Encoder.messages is the reference (itself checked against
-pyroute2 and encode() in test_netlink_codec.py). The compiled loop must give the
+The Python encoder (Encoder(compiled=False), the one encode() also uses) is the
+reference, itself checked against pyroute2 in test_netlink_codec.py. The compiled loop must give the
 same bytes, the same owners and the same refusals for every input, and must hand
 anything it does not encode back to Python rather than guess.
 """

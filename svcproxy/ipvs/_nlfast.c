@@ -1,11 +1,10 @@
-/* The hot loops of the netlink backend, compiled: nlcodec.Encoder.messages
+/* The hot loops of the netlink backend, compiled: nlencode.Encoder.messages
  * (encode) and procfs.parse (proc_servers, at the end of this file).
  *
  * A full apply is NEW_SERVICE requests, then NEW_DEST requests for NAT real
- * servers: 110,000 requests at 10,000 services x 10 servers. In Python each
- * costs about a microsecond on the host, and under emulation the encoding
- * took as long as the kernel took to apply it, so the netlink backend could
- * not get near the kernel's own floor. This module encodes the usual
+ * servers, one per real server. Encoded in Python, under emulation the
+ * encoding took as long as the kernel took to apply it, so the netlink backend
+ * could not get near the kernel's own floor. This module encodes the usual
  * operations and nothing else:
  *
  *   ADD/EDIT_SERVICE of a TCP/UDP/SCTP service (not fwmark) whose settings
@@ -19,7 +18,7 @@
  * index: the Python encoder, which stays the reference, takes that one with
  * its checks and refusals, then calls again. What is not an ordinary
  * exception (MemoryError, KeyboardInterrupt, SystemExit) is raised. IPVS
- * attribute numbers and constant parts come from the caller (nlcodec.py, as
+ * attribute numbers and constant parts come from the caller (nlencode.py, as
  * byte strings); this file knows the netlink headers' layout, where the
  * caller's templates have their values, and adds the values: lengths,
  * sequence numbers, addresses, ports, weights.
@@ -36,7 +35,7 @@ static PyObject *s_kind, *s_service, *s_destination, *s_forward, *s_weight, *s_p
 /* object.__new__, which makes an instance without calling its __init__. */
 static PyObject *object_new;
 
-/* A service's identity attributes, as nlcodec._SVC_IDENT packs them without the
+/* A service's identity attributes, as nlencode._SVC_IDENT packs them without the
  * nest header: AF (its value at 4), PROTOCOL (12), ADDR (20, 16 bytes), PORT
  * (40, big-endian). The caller's template has the attribute headers. */
 #define IDENT_SIZE 44
@@ -56,7 +55,7 @@ static PyObject *object_new;
 #define GENL_SIZE 4
 #define MAX_PROTOCOLS 8
 
-/* What the caller passes once per call (nlcodec._compiled_context). */
+/* What the caller passes once per call (nlencode.Encoder._compiled_context). */
 typedef struct {
     PyObject *add_svc, *edit_svc, *add_dest, *edit_dest, *masq, *protocols, *numbers, *udp, *settings;
     Py_ssize_t family, flags, nest_type;
@@ -122,7 +121,7 @@ get_long(PyObject *obj, PyObject *name, long lo, long hi, long *out)
 }
 
 /* 1: obj.address is IP address text as socket.inet_pton takes it (IPv6 when it
- * has a colon, as nlcodec decides); the family and 16 bytes, IPv4 zero-padded.
+ * has a colon, as nlencode decides); the family and 16 bytes, IPv4 zero-padded.
  * 0: anything else, an exception left set if one was raised. */
 static int
 get_address(PyObject *obj, uint16_t *af, unsigned char out[16])
@@ -363,15 +362,15 @@ encode(PyObject *self, PyObject *args)
 
 /* ---------------------------------------------------------------- /proc/net/ip_vs
  *
- * The netlink backend reads real servers from this file (procfs.py): 100,000
- * lines at 10,000 services x 10, 2.75 us each in Python on the host and most
- * of a read under emulation. This parses the usual file and nothing else:
+ * The netlink backend reads real servers from this file (procfs.py), one line
+ * per real server; parsed in Python that was most of a read under emulation.
+ * This parses the usual file and nothing else:
  * plain ASCII, words separated by spaces or tabs, service lines of at least
  * three words, real-server lines "-> ADDRESS:PORT FORWARD WEIGHT ACTIVE
  * INACTIVE" with a four-digit hexadecimal port, a forwarding name it is given
  * and unsigned decimal counts. On anything else it returns None and
  * procfs.parse, the reference, reads the text itself (and raises what it
- * raises). Real servers are made as nlcodec.make_destination makes them:
+ * raises). Real servers are made as nldecode.make_destination makes them:
  * object.__new__ and object.__setattr__ of each field, no __init__.
  */
 
@@ -652,7 +651,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_nlfast", "The compiled hot loop of nlcodec.Encoder.messages.", -1, methods,
+    PyModuleDef_HEAD_INIT, "_nlfast", "The compiled hot loops of nlencode.Encoder.messages and procfs.parse.", -1, methods,
 };
 
 PyMODINIT_FUNC

@@ -389,7 +389,7 @@ _DEST_ORDER = operator.attrgetter("address", "port")
 def _with_sorted(vs: VirtualService, dests: list[Destination]) -> VirtualService:
     """``vs`` with the real servers read for it, in the model's order (sorted in
     place; VirtualService.with_destinations would also build a DestKey and a dict
-    entry per server, and a read has 100,000 servers that the kernel keeps unique)."""
+    entry per server, for servers the kernel already keeps unique)."""
     if not dests:
         return vs
     dests.sort(key=_DEST_ORDER)

@@ -318,15 +318,11 @@ class _Batch:
         self.last: _DestService = _NO_SERVICE
 
     def encode(self, ops: list[Operation], i: int, seq: int, compiled: bool) -> tuple[int, int]:
-        """Encode ``ops`` from ``i`` on, each numbered from ``seq``; with
-        ``compiled``, stop before the next operation (after the first) that the
-        compiled loop may take. Returns where it stopped and the next number.
-
-        A NAT real server with an IPv4 address in an IPv4 service (most of any
-        large plan) is packed right here; any other real server, with its checks
-        and refusals, through ``_dest_parts`` (the checks keep their order, so even
-        a value of the wrong type fails as it does there).
-        """
+        """Encode ``ops`` from ``i`` on, numbered from ``seq``; with ``compiled``,
+        stop before the next operation (after the first) the compiled loop may
+        take. Returns where it stopped and the next number. A NAT server with an
+        IPv4 address in an IPv4 service (most of a large plan) is packed right
+        here; any other, with its checks and refusals, through ``_dest_parts``."""
         out, refused, append = self.out, self.refused, self.out.append
         add, edit, add_svc, edit_svc = _ADD_DEST, _EDIT_DEST, _ADD_SVC, _EDIT_SVC
         masq, tail_v4, max_weight, af_inet, pton = Forward.MASQ, _DEST_FULL_TAIL[AF_INET], MAX_WEIGHT, AF_INET, socket.inet_pton

@@ -1,12 +1,12 @@
 """Every virtual service's real servers from /proc/net/ip_vs, in one read.
 
 Why: over netlink, real servers come one GET_DEST dump per virtual service, and a
-dump costs a ``send`` and two ``recv`` calls (a socket runs one dump at a time).
-At 10,000 services that is 30,000 system calls: 5.8 s of a 15 s read in the test
-VM, before any decoding. The kernel's seq_file lists every service with its real
-servers (address, port, forwarding method, weight, active and inactive
-connections: everything a ``Destination`` holds) in one file, read in about 1,700
-``read`` calls of a page each (0.6 s for the same table). What the file leaves out (scheduler
+dump costs a ``send`` and two ``recv`` calls (a socket runs one dump at a time),
+so a large table spends much of its read on system calls before any decoding.
+The kernel's seq_file lists every service with its real servers (address, port,
+forwarding method, weight, active and inactive connections: everything a
+``Destination`` holds) in one file, read a page per ``read`` call, far fewer
+calls for the same table. What the file leaves out (scheduler
 flags, persistence engine, IPv6 netmasks) is in the GET_SERVICE dump, so the
 netlink backend joins the two by service (``label``).
 
