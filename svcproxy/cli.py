@@ -14,7 +14,7 @@ import socket
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Sequence, TextIO, TypeAlias
 
 from svcproxy.config import ConfigError, config_tokens
 from svcproxy.diff import Exclusions, diff, summarize
@@ -94,17 +94,40 @@ def _podns_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svcproxy", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = (_plan_parser(sub), _sync_parser(sub), _run_parser(sub), _cleanup_parser(sub))
+    for p in commands:
+        p.add_argument("--backend", choices=["netlink", "ipvsadm"], default="netlink",
+                       help="how IPVS is read and written: svcproxy's pipelined generic-netlink client "
+                            "(default), or the ipvsadm program (--ipvsadm)")
+    return parser
+
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+
+
+def _plan_parser(sub: Subparsers) -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print what a sync would change, change nothing (dry run)")
     _source_args(plan)
-    plan.add_argument("-o", "--output", choices=["text", "json"], default="text")
-    plan.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    _output_args(plan)
     _podns_args(plan)
+    return plan
+
+
+def _sync_parser(sub: Subparsers) -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="apply the plan to the live kernel once and exit")
     _source_args(sync)
-    sync.add_argument("-o", "--output", choices=["text", "json"], default="text")
-    sync.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    _output_args(sync)
     _podns_args(sync)
     _plumbing_args(sync, default_on=False)
+    return sync
+
+
+def _run_parser(sub: Subparsers) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the node agent: watch the API server (or -f FILE) and keep IPVS in sync")
     _source_args(run, file_required=False)
     run.add_argument("--kubeconfig", default=None, help="kubeconfig for out-of-cluster runs (default: in-cluster)")
@@ -119,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--healthcheck-bind-host", default="0.0.0.0",
                      help="address the healthCheckNodePort servers listen on (default 0.0.0.0)")
     _podns_args(run)
+    _run_podns_args(run)
+    _plumbing_args(run, default_on=True)
+    run.add_argument("--nodeport-addresses", default="", metavar="CIDR,...",
+                     help="serve NodePorts on this node's local addresses within these ranges, re-read at "
+                          "every full sync (default: the Node object's addresses, or --node-ip)")
+    return run
+
+
+def _run_podns_args(run: argparse.ArgumentParser) -> None:
+    """How the agent finds Pod namespaces besides --pod-netns: a scan, the CNI plugin."""
     run.add_argument("--pod-netns-dir", default=None, metavar="DIR",
                      help="attach every network namespace file found in DIR (e.g. /var/run/netns), "
                           "rescanned every --pod-netns-scan-period seconds (default: no scan)")
@@ -129,10 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {DEFAULT_CNI_SOCKET}; '' disables it)")
     run.add_argument("--cni-timeout", type=_seconds, default=30.0,
                      help="seconds a CNI ADD may wait for its namespace's table to be programmed (default 30)")
-    _plumbing_args(run, default_on=True)
-    run.add_argument("--nodeport-addresses", default="", metavar="CIDR,...",
-                     help="serve NodePorts on this node's local addresses within these ranges, re-read at "
-                          "every full sync (default: the Node object's addresses, or --node-ip)")
+
+
+def _cleanup_parser(sub: Subparsers) -> argparse.ArgumentParser:
     cleanup = sub.add_parser("cleanup", help="remove what svcproxy programs: every virtual service outside "
                                              "--exclude-cidrs (what a sync with no Services would delete), the "
                                              "dummy device, the nftables table inet svcproxy, and the tables and "
@@ -149,11 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--ipvsadm", default="ipvsadm", help="ipvsadm binary (default: from PATH)")
     cleanup.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     cleanup.add_argument("--config", type=Path, default=None, help="YAML file with the same keys as these flags")
-    for p in (plan, sync, run, cleanup):
-        p.add_argument("--backend", choices=["netlink", "ipvsadm"], default="netlink",
-                       help="how IPVS is read and written: svcproxy's pipelined generic-netlink client "
-                            "(default), or the ipvsadm program (--ipvsadm)")
-    return parser
+    return cleanup
 
 
 def _plumbing_args(p: argparse.ArgumentParser, *, default_on: bool) -> None:
