@@ -6,10 +6,9 @@ Design decisions:
   sink. The reconcile loop never sees the protocol: relists, replays and reconnects
   arrive as ordinary ADDED/MODIFIED/DELETED events through a ``Store`` (store.py).
 - Raw dicts, not the client's typed models: the generated API functions are called
-  with ``_preload_content=False`` and the body is decoded with ``json.loads``. For
-  10,000 EndpointSlices (19 MB) the client's typed deserialisation took 4.6x as long as
-  ``json.loads`` (1.8 s vs 0.39 s), and a paginated list over loopback 3.2x as long
-  (2.2 s vs 0.7 s); the translation layer reads dicts anyway.
+  with ``_preload_content=False`` and the body is decoded with ``json.loads``: the
+  client's typed deserialisation costs several times as much (docs/performance.md),
+  and the translation layer reads dicts anyway.
   Watch streams are split into lines here, so no event is ever deserialized twice.
 - Services and EndpointSlices are selected with ``!service.kubernetes.io/headless``
   only. kube-proxy also excludes every ``service.kubernetes.io/service-proxy-name``,
