@@ -33,6 +33,15 @@ from svcproxy.kube.endpoints import (
     parse_endpoint,
     with_port,
 )
+from svcproxy.kube.objects import (
+    HEADLESS_LABEL,
+    PROXY_NAME_LABEL,
+    SCHEDULER_ANNOTATION,
+    SERVICE_NAME_LABEL,
+    ZONE_LABEL,
+    display_name,
+    namespaced_name,
+)
 from svcproxy.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     IPVS_SCHEDULERS,
@@ -45,11 +54,6 @@ from svcproxy.model import (
     VirtualService,
 )
 
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
-HEADLESS_LABEL = "service.kubernetes.io/headless"
-ZONE_LABEL = "topology.kubernetes.io/zone"
-SCHEDULER_ANNOTATION = "svcproxy.io/scheduler"
 
 #: Longest ClientIP affinity the API server accepts (one day).
 MAX_AFFINITY_TIMEOUT = 86400
@@ -154,33 +158,6 @@ def _mapping(value: object) -> Mapping[str, Any] | None:
     return value if isinstance(value, _MAPPING) else None
 
 
-def _obj_name(kind: str, obj: object) -> str:
-    """``"Service ns/name"`` for messages, as far as the object allows."""
-    meta = _mapping(obj.get("metadata")) if isinstance(obj, _MAPPING) else None
-    if meta is None:
-        return f"{kind} <unnamed>"
-    ns, name = meta.get("namespace"), meta.get("name")
-    ns_text = ns if isinstance(ns, str) and ns else "default"
-    name_text = name if isinstance(name, str) and name else "<unnamed>"
-    return f"{kind} {ns_text}/{name_text}"
-
-
-def _namespaced_name(obj: object) -> tuple[str, str] | None:
-    """(namespace, name) of an object; a missing namespace means "default" as in kubectl."""
-    if not isinstance(obj, _MAPPING):
-        return None
-    meta = obj.get("metadata")
-    if not isinstance(meta, _MAPPING):
-        return None
-    name = meta.get("name")
-    ns = meta.get("namespace", "default")
-    if ns is None:
-        ns = "default"
-    if not isinstance(name, str) or not name or not isinstance(ns, str) or not ns:
-        return None
-    return ns, name
-
-
 def _labels(obj: Mapping[str, Any], what: str, problems: list[Problem]) -> Mapping[str, Any]:
     meta = _mapping(obj.get("metadata")) or {}
     labels = meta.get("labels")
@@ -198,7 +175,7 @@ def _slice_labels(raw_slice: Mapping[str, Any], problems: list[Problem]) -> Mapp
     if labels is None or isinstance(labels, _MAPPING):
         return labels or {}
     problems.append(
-        Problem("wrong-type", _obj_name("EndpointSlice", raw_slice), "metadata.labels is not an object")
+        Problem("wrong-type", display_name("EndpointSlice", raw_slice), "metadata.labels is not an object")
     )
     return {}
 
@@ -461,7 +438,7 @@ def _slice_endpoints(
         return _slice_endpoints_of(raw_slice, families, node_name, issues)
     finally:
         if issues:
-            what = _obj_name("EndpointSlice", raw_slice)
+            what = display_name("EndpointSlice", raw_slice)
             problems.extend(Problem(kind, what, message) for kind, message in issues)
 
 
@@ -555,7 +532,7 @@ def translate_service(
     ExternalName) or unusable. Never raises.
     """
     try:
-        nn = _namespaced_name(service)
+        nn = namespaced_name(service)
     except Exception:  # last resort, reported below under a generic name
         nn = None
     return _translate_one(service, nn, slices, config)
@@ -570,7 +547,7 @@ def _translate_one(
     problems: list[Problem] = []
     what = "Service"
     try:
-        what = f"Service {nn[0]}/{nn[1]}" if nn is not None else _obj_name("Service", service)
+        what = f"Service {nn[0]}/{nn[1]}" if nn is not None else display_name("Service", service)
         vss, info = _translate_service(service, nn, slices, config, what, problems)
         return vss, problems, info
     except Exception as exc:  # last resort: never lose the other Services
@@ -683,7 +660,7 @@ def _translate_service(
                     groups.setdefault(key, []).extend(eps)
             except Exception as exc:  # last resort: keep the other slices
                 problems.append(
-                    Problem("malformed-object", _obj_name("EndpointSlice", raw_slice),
+                    Problem("malformed-object", display_name("EndpointSlice", raw_slice),
                             f"{type(exc).__name__}: {exc}")
                 )
     deduped = {k: dedupe(v) for k, v in groups.items()}
@@ -779,10 +756,10 @@ def translate(
     try:
         for raw_slice in slices:
             try:
-                nn = _namespaced_name(raw_slice)
+                nn = namespaced_name(raw_slice)
                 if nn is None:
                     problems.append(
-                        Problem("malformed-object", _obj_name("EndpointSlice", raw_slice),
+                        Problem("malformed-object", display_name("EndpointSlice", raw_slice),
                                 "no usable metadata.name/namespace")
                     )
                     continue
@@ -792,14 +769,14 @@ def translate(
                 svc_name = labels.get(SERVICE_NAME_LABEL)
                 if not isinstance(svc_name, str) or not svc_name:
                     problems.append(
-                        Problem("missing-field", _obj_name("EndpointSlice", raw_slice),
+                        Problem("missing-field", display_name("EndpointSlice", raw_slice),
                                 f"no {SERVICE_NAME_LABEL} label", "warning")
                     )
                     continue
                 by_service.setdefault((nn[0], svc_name), []).append(raw_slice)
             except Exception as exc:  # last resort
                 problems.append(
-                    Problem("malformed-object", _obj_name("EndpointSlice", raw_slice),
+                    Problem("malformed-object", display_name("EndpointSlice", raw_slice),
                             f"{type(exc).__name__}: {exc}")
                 )
     except Exception as exc:  # the iterable itself failed
@@ -809,10 +786,10 @@ def translate(
     try:
         for svc in services:
             try:
-                nn = _namespaced_name(svc)
+                nn = namespaced_name(svc)
                 if nn is None:
                     problems.append(
-                        Problem("malformed-object", _obj_name("Service", svc),
+                        Problem("malformed-object", display_name("Service", svc),
                                 "no usable metadata.name/namespace")
                     )
                 elif nn in by_key:
@@ -824,7 +801,7 @@ def translate(
                     by_key[nn] = svc
             except Exception as exc:  # last resort
                 problems.append(
-                    Problem("malformed-object", _obj_name("Service", svc),
+                    Problem("malformed-object", display_name("Service", svc),
                             f"{type(exc).__name__}: {exc}")
                 )
     except Exception as exc:  # the iterable itself failed
@@ -858,7 +835,7 @@ def translate(
             problems.append(
                 Problem(
                     "orphan-slice",
-                    _obj_name("EndpointSlice", raw_slice),
+                    display_name("EndpointSlice", raw_slice),
                     f"Service {nn[0]}/{nn[1]} does not exist",
                     "warning",
                 )
