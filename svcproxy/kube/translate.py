@@ -42,6 +42,7 @@ from svcproxy.kube.objects import (
     display_name,
     namespaced_name,
 )
+from svcproxy.kube.problems import PROBLEM_KINDS, Problem
 from svcproxy.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     IPVS_SCHEDULERS,
@@ -54,29 +55,25 @@ from svcproxy.model import (
     VirtualService,
 )
 
+__all__ = [
+    "HEADLESS_LABEL",
+    "PROBLEM_KINDS",
+    "PROXY_NAME_LABEL",
+    "SCHEDULER_ANNOTATION",
+    "SERVICE_NAME_LABEL",
+    "ZONE_LABEL",
+    "NodeInfo",
+    "Problem",
+    "ServiceInfo",
+    "TranslateConfig",
+    "Translation",
+    "node_info",
+    "translate",
+    "translate_service",
+]
 
 #: Longest ClientIP affinity the API server accepts (one day).
 MAX_AFFINITY_TIMEOUT = 86400
-
-#: Every ``Problem.kind`` this package reports; stable, for dashboards and alerts.
-PROBLEM_KINDS: frozenset[str] = frozenset(
-    {
-        "invalid-ip",
-        "invalid-port",
-        "invalid-value",
-        "unknown-protocol",
-        "unknown-scheduler",
-        "orphan-slice",
-        "wrong-family",
-        "missing-field",
-        "wrong-type",
-        "duplicate-service",
-        "duplicate-virtual-service",
-        "missing-node",
-        "unknown-kind",
-        "malformed-object",
-    }
-)
 
 #: For isinstance: plain dicts first (what clients and YAML give), cheap to check.
 _MAPPING = (dict, Mapping)
@@ -85,19 +82,6 @@ _MASQ = Forward.MASQ
 _PROTOCOLS = {p.value: p for p in Protocol}
 _FAMILIES = {f.value: f for f in Family}
 _NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Something in the input that was skipped or replaced by a default."""
-
-    kind: str
-    obj: str
-    message: str
-    severity: str = "error"
-
-    def __str__(self) -> str:
-        return f"{self.severity}: {self.obj}: {self.message} [{self.kind}]"
 
 
 @dataclass(frozen=True)
