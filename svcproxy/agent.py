@@ -9,7 +9,6 @@ must not disturb traffic, and the next one adopts the table as it finds it.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
@@ -30,6 +29,7 @@ from svcproxy.podns.attach import PodNamespaces, factory_like
 from svcproxy.podns.mode import IP_VS_MODE_PARAM, decide
 from svcproxy.podns.scan import NetnsScanner
 from svcproxy.reconcile import Proxier, ProxierConfig
+from svcproxy.signals import StopOnSignal
 
 log = logging.getLogger("svcproxy.agent")
 
@@ -232,12 +232,8 @@ class Agent:
             self.scanner.start(self.stop)
 
     def install_signal_handlers(self) -> None:
-        def handle(signum: int, _frame: Any) -> None:
-            log.info("received %s, stopping", signal.Signals(signum).name)
-            self.stop.set()
-
-        signal.signal(signal.SIGTERM, handle)
-        signal.signal(signal.SIGINT, handle)
+        """SIGTERM and SIGINT stop the agent (rules stay in place)."""
+        StopOnSignal(self.stop).install()
 
 
 def split_csv(values: Sequence[str]) -> tuple[str, ...]:

@@ -253,6 +253,9 @@ class Proxier:
             self.metrics.network_programming.observe(max(0.0, now - t))
         self.health.updated()
         if result.full and (result.failed == 0 or self.config.dry_run):
+            if not self.health.ready:
+                log.info("ready: first full sync done in %.2f s, %d virtual services%s", result.duration,
+                         len(self._desired.table), " (dry run)" if self.config.dry_run else "")
             self.health.set_ready()
 
     # --- translation ----------------------------------------------------------------
