@@ -1,29 +1,36 @@
-"""Command line: ``svcproxy plan`` (dry run) and ``svcproxy sync`` (apply once).
+"""Command line: ``plan`` (dry run), ``sync`` (apply once), ``run`` (the node agent)
+and ``cleanup``.
 
-Both subcommands build the same plan from the same inputs; ``plan`` only prints it,
-so what ``plan`` shows is exactly what ``sync`` would do against the same kernel.
+``plan`` and ``sync`` build the same plan from the same inputs; ``plan`` only prints it,
+so what ``plan`` shows is exactly what ``sync`` would do against the same kernel. Every
+flag is checked before anything is read or changed: a bad value is one line naming the
+flag and exit status 1 (2 is ``plan``'s "changes pending").
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import math
 import logging
 import os
 import socket
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence, TextIO, TypeAlias
+from typing import Any, NoReturn, Sequence, TextIO, TypeAlias
 
+from svcproxy import __version__
 from svcproxy.config import ConfigError, config_tokens
 from svcproxy.diff import Exclusions, diff, summarize
+from svcproxy.health import parse_bind
 from svcproxy.ipvs.backend import Backend, BackendError
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend, ParseError, parse_save
 from svcproxy.agent import Agent, AgentConfig, split_csv
 from svcproxy.kube.files import ObjectFileError, load_objects
 from svcproxy.kube.translate import Problem, TranslateConfig, Translation, node_info, translate
-from svcproxy.model import Family, OpKind, Operation, Table
+from svcproxy.model import Family, OpKind, Operation, Table, canonical_ip
 from svcproxy.node.dummy import DEVICE, DeviceError
 from svcproxy.node.nat import NatConfig
 from svcproxy.node.nftables import NftError, Nftables
@@ -61,14 +68,14 @@ def _source_args(p: argparse.ArgumentParser, *, file_required: bool = True) -> N
                    help="YAML/JSON with Services, EndpointSlices and optionally Nodes "
                         "(multi-document or a `kubectl get -o yaml` List)")
     p.add_argument("--node", default=None, help="this node's name (default: $NODE_NAME, else the hostname)")
-    p.add_argument("--node-ip", action="append", default=[], metavar="IP",
+    p.add_argument("--node-ip", action="append", default=[], metavar="IP", type=_ip,
                    help="a node address for NodePorts (repeatable; overrides the Node object's addresses)")
     p.add_argument("--ip-families", type=_families, default=frozenset({Family.IPV4, Family.IPV6}),
                    help="families to serve: IPv4, IPv6 or IPv4,IPv6 (default both)")
     p.add_argument("--scheduler", default="rr", help="default IPVS scheduler (default rr)")
     p.add_argument("--proxy-name", default="svcproxy",
                    help="serve Services whose service.kubernetes.io/service-proxy-name label equals this")
-    p.add_argument("--exclude-cidrs", default="", metavar="CIDR,...",
+    p.add_argument("--exclude-cidrs", default="", metavar="CIDR,...", type=_cidrs,
                    help="kernel virtual services inside these ranges are never touched")
     if file_required:
         p.add_argument("--current-file", type=Path, default=None,
@@ -91,9 +98,22 @@ def _podns_args(p: argparse.ArgumentParser) -> None:
                    help=f"where the ip_vs `mode` parameter is read (default {IP_VS_MODE_PARAM})")
 
 
+DESCRIPTION = ("A Kubernetes Service proxy for Linux IPVS, for the node and for Pods with a network "
+               "interface of their own: plan and sync a table from a file, run the node agent, or clean up.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 1 like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svcproxy", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="svcproxy", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"svcproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{plan,sync,run,cleanup}")
     commands = (_plan_parser(sub), _sync_parser(sub), _run_parser(sub), _cleanup_parser(sub))
     for p in commands:
         p.add_argument("--backend", choices=["netlink", "ipvsadm"], default="netlink",
@@ -102,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Subparsers: TypeAlias = "argparse._SubParsersAction[_Parser]"
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -110,7 +130,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
 
 
-def _plan_parser(sub: Subparsers) -> argparse.ArgumentParser:
+def _plan_parser(sub: Subparsers) -> _Parser:
     plan = sub.add_parser("plan", help="print what a sync would change, change nothing (dry run)")
     _source_args(plan)
     _output_args(plan)
@@ -118,7 +138,7 @@ def _plan_parser(sub: Subparsers) -> argparse.ArgumentParser:
     return plan
 
 
-def _sync_parser(sub: Subparsers) -> argparse.ArgumentParser:
+def _sync_parser(sub: Subparsers) -> _Parser:
     sync = sub.add_parser("sync", help="apply the plan to the live kernel once and exit")
     _source_args(sync)
     _output_args(sync)
@@ -127,7 +147,7 @@ def _sync_parser(sub: Subparsers) -> argparse.ArgumentParser:
     return sync
 
 
-def _run_parser(sub: Subparsers) -> argparse.ArgumentParser:
+def _run_parser(sub: Subparsers) -> _Parser:
     run = sub.add_parser("run", help="the node agent: watch the API server (or -f FILE) and keep IPVS in sync")
     _source_args(run, file_required=False)
     run.add_argument("--kubeconfig", default=None, help="kubeconfig for out-of-cluster runs (default: in-cluster)")
@@ -137,14 +157,14 @@ def _run_parser(sub: Subparsers) -> argparse.ArgumentParser:
                      help="seconds between full syncs that re-read the kernel and repair drift (default 30)")
     run.add_argument("--graceful-timeout", type=_seconds, default=900.0,
                      help="seconds a removed TCP real server may drain at weight 0 (default 900)")
-    run.add_argument("--health-bind", default="0.0.0.0:10256",
+    run.add_argument("--health-bind", default="0.0.0.0:10256", type=_bind,
                      help="address:port for /healthz /livez /readyz /metrics (default 0.0.0.0:10256)")
-    run.add_argument("--healthcheck-bind-host", default="0.0.0.0",
+    run.add_argument("--healthcheck-bind-host", default="0.0.0.0", type=_ip,
                      help="address the healthCheckNodePort servers listen on (default 0.0.0.0)")
     _podns_args(run)
     _run_podns_args(run)
     _plumbing_args(run, default_on=True)
-    run.add_argument("--nodeport-addresses", default="", metavar="CIDR,...",
+    run.add_argument("--nodeport-addresses", default="", metavar="CIDR,...", type=_cidrs,
                      help="serve NodePorts on this node's local addresses within these ranges, re-read at "
                           "every full sync (default: the Node object's addresses, or --node-ip)")
     return run
@@ -164,12 +184,12 @@ def _run_podns_args(run: argparse.ArgumentParser) -> None:
                      help="seconds a CNI ADD may wait for its namespace's table to be programmed (default 30)")
 
 
-def _cleanup_parser(sub: Subparsers) -> argparse.ArgumentParser:
+def _cleanup_parser(sub: Subparsers) -> _Parser:
     cleanup = sub.add_parser("cleanup", help="remove what svcproxy programs: every virtual service outside "
                                              "--exclude-cidrs (what a sync with no Services would delete), the "
                                              "dummy device, the nftables table inet svcproxy, and the tables and "
                                              "VIP routes of the Pod namespaces named")
-    cleanup.add_argument("--exclude-cidrs", default="", metavar="CIDR,...",
+    cleanup.add_argument("--exclude-cidrs", default="", metavar="CIDR,...", type=_cidrs,
                          help="kernel virtual services inside these ranges are left alone")
     cleanup.add_argument("--pod-netns", action="append", default=[], metavar="PATH",
                          help="also clean this Pod network namespace (repeatable)")
@@ -193,7 +213,7 @@ def _plumbing_args(p: argparse.ArgumentParser, *, default_on: bool) -> None:
                    help=f"dummy device virtual addresses are bound to (default {DEVICE})")
     p.add_argument("--masquerade-all", action=argparse.BooleanOptionalAction, default=False,
                    help="masquerade all traffic to ClusterIPs (kube-proxy's --masquerade-all)")
-    p.add_argument("--cluster-cidr", default="", metavar="CIDR,...",
+    p.add_argument("--cluster-cidr", default="", metavar="CIDR,...", type=_cidrs,
                    help="the Pod network: ClusterIP traffic from outside it is masqueraded")
     p.add_argument("--strict-arp", action=argparse.BooleanOptionalAction, default=False,
                    help="arp_ignore=1 and arp_announce=2 (needed by some LoadBalancer implementations)")
@@ -209,10 +229,38 @@ def plumbing_config(args: argparse.Namespace) -> PlumbingConfig | None:
 
 
 def _seconds(text: str) -> float:
-    value = float(text.rstrip("s"))
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
+    try:
+        value = float(text.rstrip("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite, non-negative number of seconds")
     return value
+
+
+def _ip(text: str) -> str:
+    try:
+        return canonical_ip(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def _cidrs(text: str) -> str:
+    """A comma-separated list of CIDRs (or bare addresses), checked; kept as given."""
+    for part in split_csv([text]):
+        try:
+            ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a CIDR (like 10.0.0.0/8 or fd00::/64)") from None
+    return text
+
+
+def _bind(text: str) -> str:
+    try:
+        parse_bind(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,19 @@
 healthCheckNodePort servers (externalTrafficPolicy Local) answer as kube-proxy's
 ``hcHandler`` does: 200 only when the Service has local endpoints and the proxy is
 healthy, the ``X-Load-Balancing-Endpoint-Weight`` header, and the JSON body.
+
+Every server is reachable by anything on the node's network, so none of them may be
+tied up by clients: an idle connection is closed after ``IDLE_TIMEOUT`` seconds and at
+most ``MAX_CONNECTIONS`` are served at once per server (more are closed at once).
+An IPv6 address binds IPv6 (``::`` both families); ``0.0.0.0`` binds IPv4.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -112,9 +119,16 @@ def node_eligible(node: Mapping[str, Any] | None) -> bool:
     return True
 
 
+#: Seconds a connection may stay silent (before or between requests).
+IDLE_TIMEOUT = 10.0
+#: Connections one server handles at once; each costs a thread.
+MAX_CONNECTIONS = 64
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT
 
     def log_message(self, fmt: str, *args: Any) -> None:  # noqa: D401 - quiet access log
         log.debug("%s " + fmt, self.address_string(), *args)
@@ -143,13 +157,51 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], dispatch: Callable[[_Handler], None]) -> None:
         self.dispatch = dispatch
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        if ":" in addr[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(addr, _Handler)
 
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
-def _split_bind(bind: str) -> tuple[str, int]:
-    host, _, port = bind.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # at capacity: refuse rather than queue a thread
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6; no host: 0.0.0.0) -> (host, port).
+    Raises ValueError naming what is wrong."""
+    host, sep, port_text = bind.rpartition(":")
+    if not sep:
+        raise ValueError(f"{bind!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{bind!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
+    host = host or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{bind!r}: {host!r} is not an IP address") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{bind!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
 
 
 class HealthServer:
@@ -158,7 +210,7 @@ class HealthServer:
     def __init__(self, bind: str, state: HealthState, metrics: Metrics) -> None:
         self.state = state
         self.metrics = metrics
-        self._httpd = _Server(_split_bind(bind), self._dispatch)
+        self._httpd = _Server(parse_bind(bind), self._dispatch)
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="health", daemon=True)
 
     @property

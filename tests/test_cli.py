@@ -261,3 +261,63 @@ def test_run_without_cluster_config_is_a_clear_error(monkeypatch: pytest.MonkeyP
     assert rc == 1
     assert "svcproxy: error: cannot configure the API client from the in-cluster service account" in err.getvalue()
     assert "Traceback" not in err.getvalue()
+
+
+class Untouchable(MemoryBackend):
+    """A kernel that must not even be read."""
+
+    def read(self, counts: bool | None = None) -> Table:
+        raise AssertionError("the kernel was read before the flags were checked")
+
+
+@pytest.mark.parametrize("command, flag, value", [
+    ("plan", "--node-ip", "192.168.49.2x"),
+    ("sync", "--node-ip", "300.1.1.1"),
+    ("sync", "--exclude-cidrs", "10.0.0.0/8,10.0.0.0/33"),
+    ("sync", "--cluster-cidr", "pods"),
+    ("run", "--nodeport-addresses", "192.168.0.0/16,nope"),
+    ("run", "--health-bind", "127.0.0.1:99999"),
+    ("run", "--health-bind", "localhost:10256"),
+    ("run", "--healthcheck-bind-host", "0.0.0"),
+    ("run", "--sync-period", "inf"),
+    ("run", "--sync-period", "nan"),
+    ("run", "--min-sync-period", "-1"),
+    ("run", "--graceful-timeout", "soon"),
+    ("cleanup", "--exclude-cidrs", "x"),
+])
+def test_a_bad_flag_value_is_one_line_naming_it_and_exit_1_before_anything(
+        command: str, flag: str, value: str, cluster: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [command, flag, value] if command == "cleanup" else [command, "-f", str(cluster), flag, value]
+    with pytest.raises(SystemExit) as exited:
+        main(args, backend=Untouchable())
+    assert exited.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"svcproxy {command}: error: argument {flag}") and value.split(",")[-1] in last
+    assert "_seconds" not in last and "Traceback" not in last
+
+
+def test_a_bad_value_in_the_config_file_names_the_flag(cluster: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "svcproxy.yaml"
+    config.write_text("node-ip: [192.168.49.2x]\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "-f", str(cluster), "--config", str(config)], backend=Untouchable())
+    assert exited.value.code == 1 and "argument --node-ip" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_in_plain_text_and_version_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in ("plan", "sync", "run", "cleanup")) and "``" not in text
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("svcproxy ")
+
+
+def test_valid_addresses_in_every_spelling_pass(cluster: Path) -> None:
+    out = io.StringIO()
+    code = main(["plan", "-f", str(cluster), "--node-ip", "fd00::0:1", "--node-ip", "192.168.0.10",
+                 "--exclude-cidrs", "10.0.0.0/8, fd00::/64,192.168.1.1"], backend=MemoryBackend(), out=out)
+    assert code == 2

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Iterator
 
 import pytest
 
+from svcproxy import health
 from svcproxy.health import (
     HealthCheckServers,
     HealthCheckTarget,
@@ -17,6 +20,7 @@ from svcproxy.health import (
     HealthState,
     go_time,
     node_eligible,
+    parse_bind,
 )
 from svcproxy.metrics import Metrics
 
@@ -159,3 +163,59 @@ def test_health_check_port_in_use_is_reported_not_fatal(clock: FakeClock) -> Non
             assert get(f"http://127.0.0.1:{ok.port}/")[0] == 200
         finally:
             servers.stop()
+
+
+def test_health_servers_bind_ipv6_and_both_families_on_the_unspecified_address() -> None:
+    metrics = Metrics()
+    state = HealthState(timeout=60)
+    v6 = HealthServer("[::1]:0", state, metrics)
+    v6.start()
+    try:
+        assert get(f"http://[::1]:{v6.port}/readyz")[0] == 503
+    finally:
+        v6.stop()
+    both = HealthServer("[::]:0", state, metrics)
+    both.start()
+    try:
+        assert get(f"http://[::1]:{both.port}/livez")[0] == 200
+        assert get(f"http://127.0.0.1:{both.port}/livez")[0] == 200
+    finally:
+        both.stop()
+    checks = HealthCheckServers(state, bind_host="::1")
+    port = free_port()
+    try:
+        assert checks.sync({HealthCheckTarget("default", "web", port): 1}) == []
+        assert get(f"http://[::1]:{port}/")[0] == 200
+    finally:
+        checks.stop()
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1:99999", "localhost:80", "::1:80", "[::1]", "10.0.0.1:x"])
+def test_a_bad_bind_address_is_a_value_error_naming_it(bind: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT|port|IP address|brackets"):
+        parse_bind(bind)
+
+
+def test_idle_connections_are_closed_and_connection_threads_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 idle clients must not cost 1,000 threads, and an idle client is let go."""
+    monkeypatch.setattr(health, "MAX_CONNECTIONS", 8)
+    monkeypatch.setattr(health._Handler, "timeout", 1.0)
+    srv = HealthServer("127.0.0.1:0", HealthState(timeout=60), Metrics())
+    srv.start()
+    idle: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(40):
+            idle.append(socket.create_connection(("127.0.0.1", srv.port), timeout=5))
+        time.sleep(0.3)
+        assert threading.active_count() - before <= 8
+        # Past the idle timeout the server has closed them: a read sees the end.
+        time.sleep(1.5)
+        idle[0].settimeout(2)
+        assert idle[0].recv(1) == b""
+        # And it serves new clients again.
+        assert get(f"http://127.0.0.1:{srv.port}/livez")[0] == 200
+    finally:
+        for s in idle:
+            s.close()
+        srv.stop()
