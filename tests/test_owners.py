@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from svcproxy.kube.owners import Owners
-from svcproxy.kube.translate import Problem
+from svcproxy.kube.problems import Problem
 from svcproxy.model import Protocol, ServiceKey, VirtualService
 
 VIP = ServiceKey(Protocol.TCP, "198.51.100.7", 80)
@@ -17,7 +17,7 @@ def test_first_claim_wins_and_the_loser_is_reported_and_left_out() -> None:
     assert owners.claim(B, [VirtualService(VIP, scheduler="wrr")], problems) == ()
     assert owners.table[VIP].scheduler == "rr" and owners.collided
     assert [(p.kind, p.obj, p.severity) for p in problems] == [
-        ("duplicate-virtual-service", "Service default/beta", "warning")]
+        ("duplicate-virtual-service", "Service default/beta", "error")]
     assert "default/alpha" in problems[0].message
 
 

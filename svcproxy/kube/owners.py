@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from svcproxy.kube.objects import NamespacedName
-from svcproxy.kube.translate import Problem
+from svcproxy.kube.problems import Problem
 from svcproxy.model import ServiceKey, VirtualService
 
 
@@ -25,7 +25,7 @@ def duplicate(service: NamespacedName, key: ServiceKey, owner: NamespacedName) -
     if owner == service:
         return Problem("duplicate-virtual-service", what, f"{key} is named twice: the first is kept", "warning")
     return Problem("duplicate-virtual-service", what,
-                   f"{key} already belongs to Service {owner[0]}/{owner[1]}: not programmed", "warning")
+                   f"{key} already belongs to Service {owner[0]}/{owner[1]}: not programmed")
 
 
 class Owners:

@@ -39,6 +39,7 @@ from svcproxy.kube.objects import (
     namespaced_name,
     slice_service,
 )
+from svcproxy.kube.owners import Owners
 from svcproxy.kube.problems import PROBLEM_KINDS, Problem
 from svcproxy.kube.service_spec import ServiceSpec, read_service
 from svcproxy.kube.slice_endpoints import PortKey, endpoint_groups
@@ -68,6 +69,7 @@ __all__ = [
     "node_info",
     "translate",
     "translate_service",
+    "with_keys",
 ]
 
 #: For isinstance: plain dicts first (what clients and YAML give), cheap to check.
@@ -488,38 +490,24 @@ def _translate_all(
     problems: list[Problem],
 ) -> tuple[dict[ServiceKey, VirtualService], dict[NamespacedName, ServiceInfo]]:
     """Each Service in sorted (namespace, name) order; a key already taken is dropped."""
-    table: dict[ServiceKey, VirtualService] = {}
+    owners = Owners()
     infos: dict[NamespacedName, ServiceInfo] = {}
     for nn in sorted(by_name):
         vss, svc_problems, info = _translate_one(by_name[nn], nn, by_service.get(nn, []), config)
         problems.extend(svc_problems)
-        dropped = _claim(table, vss, nn, problems)
+        keys = owners.claim(nn, vss, problems)
         if info is not None:
-            if dropped:
-                info = replace(info, keys=tuple(k for k in info.keys if k not in dropped))
-            infos[nn] = info
-    return table, infos
+            infos[nn] = with_keys(info, keys)
+    return owners.table, infos
 
 
-def _claim(
-    table: dict[ServiceKey, VirtualService],
-    vss: list[VirtualService],
-    nn: NamespacedName,
-    problems: list[Problem],
-) -> set[ServiceKey]:
-    """Add a Service's virtual services to the table; the keys another one already has."""
-    dropped: set[ServiceKey] = set()
-    for vs in vss:
-        if table.setdefault(vs.key, vs) is not vs:
-            dropped.add(vs.key)
-            problems.append(
-                Problem(
-                    "duplicate-virtual-service",
-                    f"Service {nn[0]}/{nn[1]}",
-                    f"{vs.key} already belongs to another Service: not programmed",
-                )
-            )
-    return dropped
+def with_keys(info: ServiceInfo, keys: tuple[ServiceKey, ...]) -> ServiceInfo:
+    """``info`` of a Service that got only ``keys`` of its virtual services (the others
+    belong to another Service)."""
+    if len(keys) == len(info.keys):
+        return info
+    kept = set(keys)
+    return replace(info, keys=tuple(k for k in info.keys if k in kept))
 
 
 def _report_orphans(

@@ -10,11 +10,11 @@ one-shot translation decides them.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 
 from svcproxy.kube.objects import NamespacedName
 from svcproxy.kube.owners import Owners
-from svcproxy.kube.translate import Problem, ServiceInfo
+from svcproxy.kube.problems import Problem
+from svcproxy.kube.translate import ServiceInfo, with_keys
 from svcproxy.model import ServiceKey, VirtualService
 from svcproxy.node.nat import ServiceNat
 
@@ -61,8 +61,7 @@ class DesiredState:
         if info is None:
             self.nat.pop(service, None)
             return keys
-        if info.keys != keys:
-            info = replace(info, keys=keys)
+        info = with_keys(info, keys)
         self.info[service] = info
         new = nat_view(info, keys)
         old = self.nat.get(service)
