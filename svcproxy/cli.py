@@ -279,6 +279,9 @@ def report_problems(problems: Sequence[Problem], out: TextIO) -> None:
 
 def make_plan(args: argparse.Namespace, backend: Backend, err: TextIO) -> Planned:
     objects = load_objects(args.file)
+    if objects.empty and not objects.explicit_empty:
+        raise ObjectFileError(f"{args.file} holds no Services, EndpointSlices or Nodes; to plan an empty "
+                              "cluster (every virtual service removed), give an empty List: kind: List, items: []")
     name = args.node or default_node_name()
     node_doc = next((n for n in objects.nodes if (n.get("metadata") or {}).get("name") == name), None)
     node, node_problems = node_info(name, node_doc, args.node_ip)

@@ -233,3 +233,32 @@ def test_objects_without_a_namespace_from_the_api_server_take_partial_syncs(
         wait_until(lambda: r.dests(WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}, what="partial sync of the change")
         assert _duplicates(r) == 0
         assert r.agent.proxier.full_syncs == 1 and r.agent.proxier.partial_syncs >= 1
+
+
+def test_a_file_that_parses_to_nothing_keeps_the_rules_and_an_empty_list_removes_them(
+        start_agent: Callable[..., Running], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                "items": [service("web", "10.96.0.20", 80), slice_("web", "10.244.1.1")]}))
+    r = start_agent(file=str(path))
+    wait_until(lambda: r.dests(WEB) == {"10.244.1.1": 1}, what="file sync")
+    source = r.agent.sources[0]
+    for broken in ("\n", "a scalar\n", "kind: ConfigMap\n"):
+        errors = source.stats.errors
+        path.write_text(broken)
+        wait_until(lambda: source.stats.errors > errors, what=f"the file source noticing {broken!r}")
+        assert r.dests(WEB) == {"10.244.1.1": 1}
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": []}))
+    wait_until(lambda: WEB not in r.backend.read().services, what="the empty List applied")
+    assert any("empty List" in rec.getMessage() and rec.levelname == "WARNING" for rec in caplog.records)
+
+
+def test_plan_of_a_file_with_nothing_in_it_is_an_error(tmp_path: Path) -> None:
+    from svcproxy.cli import main
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("\n")
+    backend = MemoryBackend()
+    assert main(["sync", "-f", str(path)], backend=backend) == 1
+    path.write_text("kind: List\napiVersion: v1\nitems: []\n")
+    assert main(["plan", "-f", str(path)], backend=backend) == 0

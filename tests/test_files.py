@@ -122,3 +122,46 @@ def test_example_cluster_file() -> None:
         labels = s["metadata"]["labels"]
         assert labels["endpointslice.kubernetes.io/managed-by"] == "endpointslice-controller.k8s.io"
         assert "uid" in s["metadata"] and "resourceVersion" in s["metadata"]
+
+
+def test_nothing_is_not_an_empty_cluster_but_an_empty_list_is() -> None:
+    for text in ("", "\n", "just a scalar\n", "---\n---\n", "[]", "kind: ConfigMap\n"):
+        got = parse_objects(text)
+        assert got.empty and not got.explicit_empty, text
+    for text in ('{"apiVersion": "v1", "kind": "List", "items": []}', "kind: ServiceList\nitems: []\n"):
+        got = parse_objects(text)
+        assert got.empty and got.explicit_empty, text
+    assert not parse_objects(yaml.safe_dump(service("web"))).empty
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once() -> None:
+    """A few hundred bytes that expand to 9**9 strings (used to take 25 s and 440 MB)."""
+    bomb = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    prev = "a"
+    for name in "bcdefghi":
+        bomb += f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]\n"
+        prev = name
+    assert len(bomb) < 600
+    with pytest.raises(ObjectFileError, match="aliases expand"):
+        parse_objects(bomb)
+
+
+def test_reasonable_aliases_still_load() -> None:
+    text = ("kind: List\napiVersion: v1\nitems:\n"
+            "- {apiVersion: v1, kind: Service, metadata: {name: a, namespace: x, labels: &l {team: t}},"
+            " spec: {clusterIP: 10.96.0.1, ports: &p [{port: 80}]}}\n"
+            "- {apiVersion: v1, kind: Service, metadata: {name: b, namespace: x, labels: *l},"
+            " spec: {clusterIP: 10.96.0.2, ports: *p}}\n")
+    got = parse_objects(text)
+    assert names(got.services) == ["a", "b"] and got.services[1]["spec"]["ports"] == [{"port": 80}]
+
+
+@pytest.mark.parametrize("text", ["[" * 2000 + "]" * 2000, '{"a":' * 5000 + "1" + "}" * 5000,
+                                  "- " * 3000 + "x\n", "[" * 900 + "]" * 900])
+def test_deep_nesting_is_a_clear_error_or_harmless_never_a_traceback(text: str) -> None:
+    try:
+        got = parse_objects(text)
+    except ObjectFileError as exc:
+        assert "\n" not in str(exc) and ("nested" in str(exc) or "nesting" in str(exc))
+    else:
+        assert got.empty

@@ -5,6 +5,13 @@ that ``kubectl get -o yaml`` prints, typed lists straight from the API
 (``ServiceList`` ...; their items carry no ``kind``) and JSON. Unknown kinds and odd
 documents are reported as problems, not errors, so one stray ConfigMap in a dump does
 not stop a plan; only a file that cannot be read or parsed at all raises.
+
+A file is written by hand or by a script, so it is parsed defensively: nesting deeper
+than any Kubernetes object (``MAX_DEPTH``) and YAML aliases that would add more than
+``MAX_ALIAS_NODES`` nodes (a "billion laughs" file of a few hundred bytes) are refused
+before anything walks them. A file with no objects at all is not the same as an empty
+cluster: ``LoadedObjects.explicit_empty`` says whether it spelled one out (an empty
+List), and only then may a caller take it as "remove everything".
 """
 
 from __future__ import annotations
@@ -19,6 +26,11 @@ import yaml
 from svcproxy.kube.translate import Problem
 
 _LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+#: Deepest nesting accepted (a Service or EndpointSlice is about 8 levels deep).
+MAX_DEPTH = 100
+#: Most YAML nodes aliases may add to a document once followed (beyond its own nodes).
+MAX_ALIAS_NODES = 100_000
 
 #: kind -> (accepted apiVersions, field of ``LoadedObjects``)
 _KINDS: dict[str, tuple[frozenset[str], str]] = {
@@ -38,6 +50,13 @@ class LoadedObjects:
     endpoint_slices: tuple[dict[str, Any], ...] = ()
     nodes: tuple[dict[str, Any], ...] = ()
     problems: tuple[Problem, ...] = ()
+    #: The file holds a List with no items: an empty cluster on purpose.
+    explicit_empty: bool = False
+
+    @property
+    def empty(self) -> bool:
+        """No Service, EndpointSlice or Node at all."""
+        return not (self.services or self.endpoint_slices or self.nodes)
 
 
 def load_objects(path: str | os.PathLike[str]) -> LoadedObjects:
@@ -56,12 +75,57 @@ def _documents(text: str, source: str) -> list[Any]:
         # JSON first: faster, and JSON with tab indentation is not valid YAML.
         try:
             return [json.loads(text)]
+        except RecursionError:
+            raise ObjectFileError(f"{source}: nested too deeply") from None
         except ValueError:
             pass
     try:
-        return list(yaml.load_all(text, Loader=_LOADER))
+        return _yaml_documents(text, source)
     except yaml.YAMLError as exc:
-        raise ObjectFileError(f"{source}: not valid YAML or JSON: {exc}") from exc
+        raise ObjectFileError(f"{source}: not valid YAML or JSON: {' '.join(str(exc).split())}") from exc
+
+
+def _yaml_documents(text: str, source: str) -> list[Any]:
+    """``yaml.load_all``; where the text could hold aliases (an alias needs an anchor,
+    ``&``), each document's node graph is checked before it is built."""
+    if "&" not in text:
+        return list(yaml.load_all(text, Loader=_LOADER))
+    loader = _LOADER(text)
+    try:
+        docs = []
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            _check_nodes(node, source)
+            docs.append(loader.construct_document(node))
+        return docs
+    finally:
+        loader.dispose()
+
+
+def _check_nodes(root: yaml.Node, source: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH, or whose aliases would add more
+    than MAX_ALIAS_NODES nodes. Each distinct node is visited once."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise ObjectFileError(f"{source}: nested deeper than {MAX_DEPTH} levels")
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        sizes[id(node)] = 1  # a node that contains itself counts once
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        sizes[id(node)] = total
+        return total
+
+    if size(root, 0) - len(sizes) > MAX_ALIAS_NODES:
+        raise ObjectFileError(f"{source}: YAML aliases expand to more than {MAX_ALIAS_NODES:,} extra nodes")
 
 
 def _flatten(doc: object, where: str, item_kind: str | None) -> Iterator[tuple[str, object, str | None]]:
@@ -82,11 +146,21 @@ def _flatten(doc: object, where: str, item_kind: str | None) -> Iterator[tuple[s
 
 def parse_objects(text: str, source: str = "<string>") -> LoadedObjects:
     """Objects from YAML/JSON text; problems for documents that are not ours."""
+    try:
+        return _sorted_objects(_documents(text, source), source)
+    except RecursionError:  # JSON lists nested hundreds deep
+        raise ObjectFileError(f"{source}: nested too deeply") from None
+
+
+def _sorted_objects(documents: list[Any], source: str) -> LoadedObjects:
     buckets: dict[str, list[dict[str, Any]]] = {name: [] for _, name in _KINDS.values()}
     problems: list[Problem] = []
-    for n, doc in enumerate(_documents(text, source)):
+    empty_list = False
+    for n, doc in enumerate(documents):
         if doc is None:
             continue  # empty document, e.g. a trailing "---"
+        empty_list = empty_list or (isinstance(doc, Mapping) and doc.get("items") == []
+                                    and str(doc.get("kind", "")).endswith("List"))
         for where, obj, implied in _flatten(doc, f"{source} document {n}", None):
             if not isinstance(obj, dict):
                 problems.append(Problem("malformed-object", where, "not an object"))
@@ -115,4 +189,5 @@ def parse_objects(text: str, source: str = "<string>") -> LoadedObjects:
         endpoint_slices=tuple(buckets["endpoint_slices"]),
         nodes=tuple(buckets["nodes"]),
         problems=tuple(problems),
+        explicit_empty=empty_list,
     )

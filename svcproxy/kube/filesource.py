@@ -48,6 +48,12 @@ class Loaded(Protocol):
     @property
     def problems(self) -> Iterable[Any]: ...
 
+    @property
+    def empty(self) -> bool: ...
+
+    @property
+    def explicit_empty(self) -> bool: ...
+
 
 Loader = Callable[[str], Loaded]
 
@@ -61,7 +67,7 @@ def _default_loader(path: str) -> Loaded:
 @dataclass
 class FileStats:
     reads: int = 0  # successful reads that were applied
-    errors: int = 0  # reads that failed (content kept)
+    errors: int = 0  # changed content refused (unreadable, unparsable, no objects: content kept)
     events: int = 0
     malformed: int = 0
     sink_errors: int = 0
@@ -123,12 +129,13 @@ class FileSource:
         st = os.stat(self.path)
         return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def _problem(self, message: str) -> None:
-        """Log and count a read problem once per distinct message (a missing file is
-        polled every second; one line per state change is enough)."""
+    def _problem(self, message: str, *, new_content: bool = True) -> None:
+        """Count a refused read and log it once per distinct message (a missing file
+        is polled every second: one line, and one count, per state change)."""
         self.stats.last_error = message
-        if message != self._last_problem:
+        if new_content or message != self._last_problem:
             self.stats.errors += 1
+        if message != self._last_problem:
             log.warning("file %s: %s; keeping the previous content", self.path, message)
             self._last_problem = message
 
@@ -137,7 +144,7 @@ class FileSource:
         try:
             before = self._signature()
         except OSError as exc:
-            self._problem(f"cannot stat: {exc.strerror or exc}")
+            self._problem(f"cannot stat: {exc.strerror or exc}", new_content=False)
             self._seen = None
             return False
         if before == self._seen:
@@ -159,6 +166,12 @@ class FileSource:
         if after != before:
             return False
         self._seen = before
+        if loaded.empty and not loaded.explicit_empty:
+            self._problem("no Services, EndpointSlices or Nodes in it (an empty List, "
+                          "kind: List with items: [], removes everything)")
+            return False
+        if loaded.empty:
+            log.warning("file %s: an empty List: every Service goes, and its virtual services with it", self.path)
         self._last_problem = None
         self._apply(loaded)
         return True
