@@ -60,6 +60,8 @@ class Metrics:
             ["kind"], registry=r)
         self.sync_errors = Counter(
             p + "sync_errors_total", "Syncs that could not run at all (backend unavailable)", registry=r)
+        self.pod_netns_refused = Counter(
+            p + "pod_netns_refused_total", "Pod namespace attach requests refused", ["reason"], registry=r)
         self.healthz = Counter(
             p + "proxy_healthz_total", "Cumulative proxy healthz HTTP status", ["code"], registry=r)
         self.livez = Counter(

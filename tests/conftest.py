@@ -56,3 +56,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("kernel"):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def own_netns_as_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let this process's own network namespace stand in for a Pod's: host tests
+    attach it (a fake backend does the kernel's part), which the agent refuses for
+    the node's namespace. The node's namespace is then one that no path names."""
+    from svcproxy.podns import netns
+
+    monkeypatch.setattr(netns, "own_netns", lambda: netns.NetnsId(-1, -1))

@@ -50,6 +50,9 @@ from svcproxy.podns.server import (
 )
 from svcproxy.reconcile import Proxier, ProxierConfig, Target
 
+# Pods here are namespaces of this process (see conftest.own_netns_as_pod).
+pytestmark = pytest.mark.usefixtures("own_netns_as_pod")
+
 REPO = Path(__file__).resolve().parents[1]
 CNI_PY = REPO / "svcproxy" / "podns" / "cni.py"
 NETNS = f"/proc/{os.getpid()}/ns/net"  # a real network namespace file (ours)

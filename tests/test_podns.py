@@ -49,10 +49,15 @@ from svcproxy.podns.attach import (
 )
 from svcproxy.podns.mode import Mode, ModeError, decide, read_kernel_share
 from svcproxy.podns.scan import NetnsScanner
-from svcproxy.podns.netns import NamespaceGone
+from svcproxy.podns import netns
+from svcproxy.podns.netns import NamespaceGone, NodeNamespace
 from svcproxy.reconcile import Proxier, ProxierConfig, Target
 
 NODE_IP = "192.168.49.2"
+REAL_OWN_NETNS = netns.own_netns
+# Most tests let this process's own namespace stand in for a Pod's (see conftest.py);
+# the test of the refusal puts the real rule back.
+pytestmark = pytest.mark.usefixtures("own_netns_as_pod")
 
 
 def vs(address: str, port: int = 80, proto: Protocol = Protocol.TCP, *dests: str) -> VirtualService:
@@ -760,3 +765,31 @@ def test_reading_a_namespace_in_process(hostns: HostNs, sysctl_dir: Path) -> Non
                             Route("10.96.0.9", "unicast", "lo", "10.244.7.2", "main"),
                             Route("fd00:96::9", "local", "lo", "fd00:7::2", "main")}
     assert state.sysctls == {**DEFAULT_SYSCTLS, "conntrack": "1"}
+
+
+def test_the_nodes_own_namespace_is_refused_on_every_attach_path(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Programmed as a Pod's, the node's namespace would lose its NodePorts every sync
+    (a Pod's table has none) and get them back at the next: refuse it, whatever path
+    names it (its /proc handle, or a runtime's link to it in the scanned directory)."""
+    monkeypatch.setattr(netns, "own_netns", REAL_OWN_NETNS)
+    proxier = make_proxier(MemoryBackend())
+    tables = Tables()
+    pods = PodNamespaces(proxier, decide("replicate"), make_target=tables.target)
+    refused = proxier.metrics.pod_netns_refused.labels("node-namespace")
+    own = f"/proc/{os.getpid()}/ns/net"
+    for path in ("/proc/self/ns/net", own):
+        assert pods.attach(path) is AttachResult.NODE
+    assert proxier.pod_targets == [] and refused._value.get() == 2
+    with pytest.raises(NodeNamespace):
+        pod_target("/proc/self/ns/net")
+    scan_dir = tmp_path / "netns"
+    scan_dir.mkdir()
+    (scan_dir / "host").symlink_to("/proc/self/ns/net")
+    scanner = NetnsScanner(str(scan_dir), pods, period=30)
+    assert scanner.scan_once() == type(scanner.scan_once())() and proxier.pod_targets == []
+    assert refused._value.get() == 3  # said once, not at every scan
+    report = sync_namespace("/proc/self/ns/net", Table(), decide("replicate"))
+    assert report.status == "error" and "node's own network namespace" in report.error
+    proxier.sync()
+    assert proxier.pod_targets == []

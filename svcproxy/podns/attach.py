@@ -53,7 +53,7 @@ from svcproxy.ipvs.ipvsadm import IpvsadmBackend
 from svcproxy.model import Family, Operation, OperationResult, Table
 from svcproxy.podns.mode import Mode, ModeDecision
 from svcproxy.node.sysctls import kube_proxy_sysctls
-from svcproxy.podns.netns import NamespaceGone, NetnsId, PodNamespace, netns_id
+from svcproxy.podns.netns import NamespaceGone, NetnsId, NodeNamespace, PodNamespace, netns_id, pod_netns_id
 from svcproxy.podns.visible import pod_visible
 from svcproxy.reconcile import Proxier, Target
 
@@ -558,6 +558,7 @@ class AttachResult(str, enum.Enum):
     SHARED = "shared"  #: kernel mode: the namespace uses the node's table, nothing to do
     REFUSED = "refused"  #: mode off: Pod namespaces are not served
     GONE = "gone"  #: the path does not name a namespace (any more)
+    NODE = "node"  #: the node's own namespace: the node's table serves it already
 
 
 TargetMaker = Callable[[str], Target]
@@ -582,10 +583,14 @@ class PodNamespaces:
             log.info("not attaching Pod namespace %s: --pod-netns-mode off", path)
             return AttachResult.REFUSED
         try:
-            ident = netns_id(path)
+            ident = pod_netns_id(path)
         except NamespaceGone as exc:
             log.info("not attaching Pod namespace %s: %s", path, exc)
             return AttachResult.GONE
+        except NodeNamespace as exc:
+            log.warning("not attaching %s", exc)
+            self.proxier.metrics.pod_netns_refused.labels("node-namespace").inc()
+            return AttachResult.NODE
         if self.decision.shared:
             return AttachResult.SHARED
         with self._lock:
@@ -596,6 +601,10 @@ class PodNamespaces:
             except NamespaceGone as exc:
                 log.info("not attaching Pod namespace %s: %s", path, exc)
                 return AttachResult.GONE
+            except NodeNamespace as exc:  # the path was swapped for the node's since
+                log.warning("not attaching %s", exc)
+                self.proxier.metrics.pod_netns_refused.labels("node-namespace").inc()
+                return AttachResult.NODE
             self._ids[path] = ident
             replaced = self.proxier.detach(path)
             self.proxier.attach(target)
@@ -702,5 +711,7 @@ def sync_namespace(path: str, desired: Table, decision: ModeDecision, *, exclusi
         return NamespaceReport(path, "synced", desired, actual, ops, failed)
     except NamespaceGone as exc:
         return NamespaceReport(path, "gone", desired, error=str(exc))
+    except NodeNamespace as exc:
+        return NamespaceReport(path, "error", desired, error=str(exc))
     except BackendError as exc:
         return NamespaceReport(path, "error", desired, error=str(exc))

@@ -23,6 +23,11 @@ class NamespaceGone(Exception):
     """A Pod network namespace vanished: detach it quietly, it is not an error."""
 
 
+class NodeNamespace(ValueError):
+    """The path names the node's own network namespace (the agent's), not a Pod's:
+    programming it as a Pod's would fight the node's table every sync."""
+
+
 @dataclass(frozen=True, order=True)
 class NetnsId:
     """A network namespace's identity: the nsfs inode behind its file."""
@@ -55,6 +60,20 @@ def netns_id(path: str) -> NetnsId:
     return NetnsId(st.st_dev, st.st_ino)
 
 
+def own_netns() -> NetnsId:
+    """The agent's own network namespace (the node's: the agent runs on the host network)."""
+    st = os.stat("/proc/self/ns/net")
+    return NetnsId(st.st_dev, st.st_ino)
+
+
+def pod_netns_id(path: str) -> NetnsId:
+    """``netns_id``, refusing the node's own namespace (NodeNamespace)."""
+    ident = netns_id(path)
+    if ident == own_netns():
+        raise NodeNamespace(f"{path} is the node's own network namespace, not a Pod's")
+    return ident
+
+
 class PodNamespace:
     """A Pod's network namespace, pinned to the inode it had when attached."""
 
@@ -64,7 +83,7 @@ class PodNamespace:
 
     @classmethod
     def open(cls, path: str) -> "PodNamespace":
-        return cls(path, netns_id(path))
+        return cls(path, pod_netns_id(path))
 
     def __repr__(self) -> str:
         return f"PodNamespace({self.path!r}, {self.id})"

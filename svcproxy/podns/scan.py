@@ -20,8 +20,8 @@ import threading
 from dataclasses import dataclass
 
 from svcproxy.ipvs.backend import BackendError
-from svcproxy.podns.attach import AttachResult, NetnsId, PodNamespaces, netns_id
-from svcproxy.podns.netns import NamespaceGone
+from svcproxy.podns.attach import AttachResult, NetnsId, PodNamespaces
+from svcproxy.podns.netns import NamespaceGone, NodeNamespace, pod_netns_id
 
 __all__ = ["NetnsScanner", "ScanResult"]
 
@@ -42,6 +42,7 @@ class NetnsScanner:
         self.namespaces = namespaces
         self.period = period
         self.scans = 0
+        self._node_paths: set[str] = set()  # handles to the node's own namespace, said once
 
     def present(self) -> dict[str, NetnsId]:
         """Namespace files in the directory now (anything else there is skipped)."""
@@ -53,9 +54,14 @@ class NetnsScanner:
         for name in entries:
             path = os.path.join(self.directory, name)
             try:
-                found[path] = netns_id(path)
+                found[path] = pod_netns_id(path)
             except (NamespaceGone, BackendError):
                 continue
+            except NodeNamespace as exc:
+                if path not in self._node_paths:
+                    self._node_paths.add(path)
+                    log.warning("scan of %s: not attaching %s", self.directory, exc)
+                    self.namespaces.proxier.metrics.pod_netns_refused.labels("node-namespace").inc()
         return found
 
     def scan_once(self) -> ScanResult:

@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
-from svcproxy.podns.netns import NamespaceGone
+from svcproxy.podns.netns import NamespaceGone, NodeNamespace
 
 from svcproxy.podns.cni import (
     DEFAULT_SOCKET,
@@ -166,6 +166,8 @@ class NamespacesAttacher:
         result = self.namespaces.attach(netns)
         if result is AttachResult.GONE:
             raise NamespaceGone(f"network namespace {netns} is gone")
+        if result is AttachResult.NODE:
+            raise NodeNamespace(f"{netns} is the node's own network namespace, not a Pod's")
         if result is AttachResult.REFUSED:
             return False
         log.info("CNI: %s network namespace %s (%s)", "serving" if result is AttachResult.ATTACHED
