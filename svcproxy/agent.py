@@ -67,6 +67,7 @@ class AgentConfig:
     plumbing: PlumbingConfig | None = None
     #: --nodeport-addresses CIDRs: NodePorts on the node's local addresses within them.
     nodeport_addresses: tuple[str, ...] = ()
+    watch_idle_timeout: float = 65.0
 
 
 class _SourceStats(Collector):
@@ -81,12 +82,16 @@ class _SourceStats(Collector):
         errors = CounterMetricFamily("svcproxy_watch_errors", "List/watch failures retried", labels=["resource"])
         malformed = CounterMetricFamily("svcproxy_watch_malformed_objects",
                                         "Objects skipped because they were malformed", labels=["resource"])
+        stalls = CounterMetricFamily("svcproxy_watch_stalls",
+                                     "Watch streams resumed after staying silent for the idle timeout",
+                                     labels=["resource"])
         for resource, stats in self._sources():
             events.add_metric([resource], float(getattr(stats, "events", 0)))
             lists.add_metric([resource], float(getattr(stats, "lists", getattr(stats, "reads", 0))))
             errors.add_metric([resource], float(getattr(stats, "errors", 0)))
             malformed.add_metric([resource], float(getattr(stats, "malformed", 0)))
-        return [events, lists, errors, malformed]
+            stalls.add_metric([resource], float(getattr(stats, "stalls", 0)))
+        return [events, lists, errors, malformed, stalls]
 
 
 class _PlumbingStats(Collector):
@@ -178,7 +183,8 @@ class Agent:
 
         api = make_api_client(self.config.kubeconfig)
         return [Watcher(api, kind, sink=self.proxier.sink, on_synced=self.proxier.on_synced, stop=self.stop,
-                        node_name=self.config.node_name) for kind in Kind]
+                        node_name=self.config.node_name, idle_timeout=self.config.watch_idle_timeout)
+                for kind in Kind]
 
     def run(self) -> int:
         self.server.start()

@@ -151,6 +151,9 @@ def _run_parser(sub: Subparsers) -> _Parser:
     run = sub.add_parser("run", help="the node agent: watch the API server (or -f FILE) and keep IPVS in sync")
     _source_args(run, file_required=False)
     run.add_argument("--kubeconfig", default=None, help="kubeconfig for out-of-cluster runs (default: in-cluster)")
+    run.add_argument("--watch-idle-timeout", type=_positive_seconds, default=65.0,
+                     help="seconds a watch stream may send nothing before it is resumed as stalled (default 65; "
+                          "the API server sends a bookmark on a quiet watch about once a minute)")
     run.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False, help="watch and compute as usual, log each plan, change nothing")
     run.add_argument("--min-sync-period", type=_seconds, default=1.0, help="minimum seconds between syncs (default 1)")
     run.add_argument("--sync-period", type=_seconds, default=30.0,
@@ -235,6 +238,13 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be a finite, non-negative number of seconds")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
     return value
 
 
@@ -475,7 +485,8 @@ def run_agent(args: argparse.Namespace, backend: Backend) -> int:
     config = replace(config, pod_netns_mode=args.pod_netns_mode, pod_netns=tuple(args.pod_netns),
                      pod_netns_dir=args.pod_netns_dir, pod_netns_scan_period=args.pod_netns_scan_period,
                      ip_vs_mode_param=args.ip_vs_mode_param, plumbing=plumbing_config(args),
-                     nodeport_addresses=split_csv([args.nodeport_addresses]))
+                     nodeport_addresses=split_csv([args.nodeport_addresses]),
+                     watch_idle_timeout=args.watch_idle_timeout)
     agent = Agent(config, backend)
     agent.install_signal_handlers()
     return agent.run()

@@ -26,6 +26,7 @@ from fakeapi import FakeApiServer, Request  # noqa: E402
 
 from svcproxy.kube.store import Event, Kind, Store  # noqa: E402
 from svcproxy.kube.watch import HEADLESS_SELECTOR, Backoff, FileSource, Watcher, make_api_client  # noqa: E402
+from svcproxy.kube import watch as watch_module  # noqa: E402
 
 HEADLESS = "service.kubernetes.io/headless"
 
@@ -311,6 +312,28 @@ def test_a_stalled_stream_is_detected_by_the_read_timeout(fake: FakeApiServer, w
     assert rec.changes() == [("ADDED", "a"), ("ADDED", "b")]
     assert w.stats.errors >= 1 and "timed out" in w.stats.last_error.lower()
     assert w.stats.relists == 0
+
+
+def test_a_silent_stream_is_resumed_after_the_idle_timeout_not_the_servers_timeout(
+        fake: FakeApiServer, watch: Any) -> None:
+    """The server's timeoutSeconds is 30 here (300+ by default): a stream that goes
+    silent must be noticed by the idle timeout, counted as a stall, and resumed
+    without a relist, with the change made meanwhile delivered."""
+    fake.apply(svc("a"))
+    w, rec = watch(idle_timeout=1.0)
+    synced(rec)
+    wait_until(lambda: fake.open_watches() == 1, what="the watch")
+    t0 = time.monotonic()
+    fake.stall(1.5)
+    fake.apply(svc("b"))
+    rec.wait_events(2, timeout=6)
+    assert 1.0 <= time.monotonic() - t0 < 6
+    assert w.stats.stalls == 1 and w.stats.relists == 0
+
+
+def test_the_default_idle_timeout_is_just_above_the_servers_heartbeat(api: Any) -> None:
+    w = Watcher(api, Kind.SERVICE, sink=lambda e: None, on_synced=lambda k: None, stop=threading.Event())
+    assert 60 < watch_module.WATCH_IDLE_TIMEOUT < 90 and w._idle_timeout == watch_module.WATCH_IDLE_TIMEOUT
 
 
 def test_malformed_objects_and_events_are_skipped(

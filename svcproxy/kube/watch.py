@@ -18,7 +18,11 @@ Design decisions:
   ``continue``, restarted when a token expires), watches from the list's
   resourceVersion with bookmarks (which only advance the resourceVersion), a slightly
   randomised server ``timeoutSeconds`` so a fleet of agents does not reconnect in
-  step, and a client read timeout longer than that so a silent, dead stream is noticed.
+  step. A stream that sends nothing for ``idle_timeout`` seconds is taken as stalled
+  and resumed: the API server sends a bookmark on every quiet watch about once a
+  minute, so the default (``WATCH_IDLE_TIMEOUT``) is just above that; lower would
+  reconnect every healthy quiet watch of every node, higher leaves a dead stream
+  unnoticed longer.
   A 410 (as an ERROR event or as an HTTP status) means the resourceVersion is gone:
   relist and let the store turn the difference into events.
 - Failures are retried by tenacity with capped, jittered exponential backoff. The
@@ -48,6 +52,7 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 from tenacity import RetryCallState, Retrying, retry_if_exception_type
+from urllib3.exceptions import ReadTimeoutError
 from tenacity.wait import wait_base
 
 from svcproxy import __version__
@@ -70,6 +75,9 @@ log = logging.getLogger("svcproxy.watch")
 
 #: The label selector for Services and EndpointSlices (see the module docstring).
 HEADLESS_SELECTOR = "!service.kubernetes.io/headless"
+#: Seconds a watch stream may stay silent before it is taken as stalled: just above
+#: the API server's once-a-minute bookmark on a quiet watch.
+WATCH_IDLE_TIMEOUT = 65.0
 
 Sink = Callable[[Event], None]
 OnSynced = Callable[[Kind], None]
@@ -121,6 +129,7 @@ class WatchStats:
     consecutive_errors: int = 0  # failures since the last success; drives the backoff
     events: int = 0  # events handed to the sink
     bookmarks: int = 0
+    stalls: int = 0  # streams resumed after staying silent for the idle timeout
     malformed: int = 0  # objects or events skipped as unusable
     sink_errors: int = 0
     last_error: str = ""
@@ -157,6 +166,18 @@ class WatchError(Exception):
 
 class _Expired(Exception):
     """The server no longer has our resourceVersion (410): relist."""
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A read that waited the whole timeout (urllib3 wraps the socket's timeout)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (TimeoutError, ReadTimeoutError)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return "timed out" in str(exc).lower()
 
 
 def _describe(exc: BaseException | None) -> str:
@@ -221,11 +242,13 @@ class Watcher:
         timeout_seconds: int = 300,
         connect_timeout: float = 10.0,
         read_timeout: float | None = None,
+        idle_timeout: float | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
     ) -> None:
-        """``read_timeout`` None means 60 s for list pages and, for a watch, its
-        ``timeoutSeconds`` plus 30 s: a healthy server ends the stream before that."""
+        """``read_timeout`` None means 60 s for list pages and ``idle_timeout`` for a
+        watch stream (None: ``WATCH_IDLE_TIMEOUT``); both are the longest silence
+        between two reads."""
         if kind is Kind.NODE and not node_name:
             raise ValueError("watching the Node needs node_name")
         if page_size < 1 or timeout_seconds < 1:
@@ -240,6 +263,7 @@ class Watcher:
         self._timeout_seconds = timeout_seconds
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._idle_timeout = idle_timeout if idle_timeout is not None else WATCH_IDLE_TIMEOUT
         self._rng = random.Random()
         self._backoff = Backoff(backoff_initial, backoff_max, rng=self._rng)
         self._store = Store(kind)
@@ -467,7 +491,7 @@ class Watcher:
     def _watch(self) -> bool:
         """One watch request; True if the stream was healthy (resets the backoff)."""
         timeout = int(self._timeout_seconds * self._rng.uniform(1.0, 1.2))
-        read = self._read_timeout or timeout + 30.0
+        read = self._read_timeout or self._idle_timeout
         healthy_after = min(10.0, self._timeout_seconds / 2)
         started = time.monotonic()
         first, self._first_watch = self._first_watch, False
@@ -497,13 +521,18 @@ class Watcher:
         except Exception as exc:
             if self._stop.is_set():
                 return True
+            stalled = _timed_out(exc)
+            if stalled:
+                self.stats.stalls += 1
+                log.warning("watch %s: nothing received for %.0f s: the stream stalled", self._what, read)
             if not (progress or time.monotonic() - started >= healthy_after):
                 raise
             # A stream that was healthy and then broke: resume at once, backoff from scratch.
             self.stats.errors += 1
             self.stats.last_error = _describe(exc)
-            log.warning("watch %s: stream broke after %.1f s (%s); resuming at once",
-                        self._what, time.monotonic() - started, _describe(exc))
+            if not stalled:
+                log.warning("watch %s: stream broke after %.1f s (%s); resuming at once",
+                            self._what, time.monotonic() - started, _describe(exc))
             return True
         finally:
             self._untrack(resp)
