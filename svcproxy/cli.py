@@ -31,9 +31,9 @@ from svcproxy.agent import Agent, AgentConfig, split_csv
 from svcproxy.kube.files import ObjectFileError, load_objects
 from svcproxy.kube.translate import Problem, TranslateConfig, Translation, node_info, translate
 from svcproxy.model import Family, OpKind, Operation, Table, canonical_ip
-from svcproxy.node.dummy import DEVICE, DeviceError
+from svcproxy.node.dummy import DEVICE
 from svcproxy.node.nat import NatConfig
-from svcproxy.node.nftables import NftError, Nftables
+from svcproxy.node.nftables import Nftables
 from svcproxy.node.plumbing import NodePlumbing, PlumbingConfig
 from svcproxy.podns.attach import NamespaceReport, factory_like, sync_namespace
 from svcproxy.podns.visible import pod_visible
@@ -424,30 +424,60 @@ def sync_plumbing(args: argparse.Namespace, planned: Planned) -> bool:
 
 def run_cleanup(args: argparse.Namespace, backend: Backend, out: TextIO) -> int:
     """Remove svcproxy's virtual services (outside --exclude-cidrs), the dummy device,
-    the nftables table, and the tables and routes of the Pod namespaces named."""
+    the nftables table, and the tables and routes of the Pod namespaces named.
+
+    The arguments are checked before anything is removed; then each part is cleaned
+    on its own and reported, so a node without IPVS still loses its nftables table."""
+    paths = _cleanup_paths(args)
     exclusions = Exclusions.parse(split_csv([args.exclude_cidrs]))
-    apply = not args.dry_run
-    verb = "would remove" if args.dry_run else "removed"
-    failed = 0
-    actual = backend.read()
-    ops = diff(Table(), actual, exclusions)
-    errors = backend.apply(ops) if apply and ops else []
-    for f in errors:
-        out.write(f"FAILED  {f.operation}: {f.error}\n")
-    failed += len(errors)
-    out.write(f"node: {verb} {sum(1 for o in ops if o.kind is OpKind.DELETE_SERVICE)} virtual services\n")
-    plumbing = NodePlumbing(PlumbingConfig(device=args.dummy_device, dry_run=args.dry_run),
-                            nft=Nftables(args.nft), vs_sysctls={})
-    try:
-        for what in plumbing.cleanup():
-            out.write(f"node: {what if args.dry_run else 'removed ' + what}\n")
-    except (OSError, NftError, DeviceError) as exc:
-        out.write(f"node: FAILED: {exc}\n")
-        failed += 1
+    failed = _cleanup_ipvs(args, backend, exclusions, out)
+    failed += _cleanup_plumbing(args, out)
+    failed += _cleanup_namespaces(args, backend, exclusions, paths, out)
+    return EXIT_ERROR if failed else EXIT_CLEAN
+
+
+def _cleanup_paths(args: argparse.Namespace) -> list[str]:
+    """The Pod namespaces to clean; a --pod-netns-dir that is not a directory is an error."""
     paths = list(args.pod_netns)
     if args.pod_netns_dir:
-        paths += [str(p) for p in sorted(Path(args.pod_netns_dir).iterdir()) if p.is_file()]
+        directory = Path(args.pod_netns_dir)
+        if not directory.is_dir():
+            raise ValueError(f"--pod-netns-dir {directory}: no such directory")
+        paths += [str(p) for p in sorted(directory.iterdir()) if p.is_file()]
+    return paths
+
+
+def _cleanup_ipvs(args: argparse.Namespace, backend: Backend, exclusions: Exclusions, out: TextIO) -> int:
+    verb = "would remove" if args.dry_run else "removed"
+    try:
+        actual = backend.read()
+    except BackendError as exc:
+        out.write(f"node: IPVS: FAILED: {exc}\n")
+        return 1
+    ops = diff(Table(), actual, exclusions)
+    errors = backend.apply(ops) if not args.dry_run and ops else []
+    for f in errors:
+        out.write(f"FAILED  {f.operation}: {f.error}\n")
+    out.write(f"node: {verb} {sum(1 for o in ops if o.kind is OpKind.DELETE_SERVICE)} virtual services\n")
+    return len(errors)
+
+
+def _cleanup_plumbing(args: argparse.Namespace, out: TextIO) -> int:
+    plumbing = NodePlumbing(PlumbingConfig(device=args.dummy_device, dry_run=args.dry_run),
+                            nft=Nftables(args.nft), vs_sysctls={})
+    failed = 0
+    for what, ok in plumbing.cleanup():
+        out.write(f"node: {what}\n")
+        failed += not ok
+    return failed
+
+
+def _cleanup_namespaces(args: argparse.Namespace, backend: Backend, exclusions: Exclusions,
+                        paths: list[str], out: TextIO) -> int:
+    apply = not args.dry_run
+    verb = "removed" if apply else "would remove"
     replicate = ModeDecision(Mode.REPLICATE, Mode.REPLICATE, "cleanup")
+    failed = 0
     for path in paths:
         report = sync_namespace(path, Table(), replicate, exclusions=exclusions,
                                 backend_factory=factory_like(backend), apply=apply)
@@ -459,7 +489,7 @@ def run_cleanup(args: argparse.Namespace, backend: Backend, out: TextIO) -> int:
             out.write(f"netns {path}: {report.status} {report.error}\n")
         if report.status == "error" or report.failed:
             failed += 1
-    return EXIT_ERROR if failed else EXIT_CLEAN
+    return failed
 
 
 def run_agent(args: argparse.Namespace, backend: Backend) -> int:

@@ -245,6 +245,39 @@ def test_cleanup_removes_ours_only_and_dry_run_changes_nothing(tmp_path: Path) -
         subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
+class NoIpvs(MemoryBackend):
+    def read(self, counts: bool | None = None) -> Table:
+        raise BackendError("IPVS not found (is the ip_vs module loaded?)")
+
+
+def test_cleanup_checks_its_arguments_first_then_cleans_each_part_on_its_own(tmp_path: Path) -> None:
+    ours = VirtualService(ServiceKey(Protocol.TCP, "10.96.0.1", 80), destinations=(Destination("10.244.1.5", 8080),))
+    name, nft = _nft_in_netns(tmp_path)
+
+    def tables() -> list[str]:
+        return subprocess.run(["ip", "netns", "exec", name, "nft", "list", "tables"], capture_output=True,
+                              text=True, check=True).stdout.split()
+
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "nft", "add", "table", "inet", "svcproxy"], check=True)
+        base = ["cleanup", "--nft", str(nft), "--dummy-device", "svcpx-none0"]
+        # A --pod-netns-dir that does not exist: an error before anything is removed.
+        backend = MemoryBackend(Table.of([ours]))
+        err = io.StringIO()
+        assert main([*base, "--pod-netns-dir", str(tmp_path / "missing")], backend=backend, err=err) == 1
+        assert "--pod-netns-dir" in err.getvalue() and "no such directory" in err.getvalue()
+        assert ours.key in backend.table.services and tables() == ["table", "inet", "svcproxy"]
+        # No IPVS on the node: said, and the nftables table still goes.
+        out = io.StringIO()
+        assert main(base, backend=NoIpvs(), out=out) == 1
+        assert out.getvalue().splitlines() == [
+            "node: IPVS: FAILED: IPVS not found (is the ip_vs module loaded?)",
+            "node: removed nftables table inet svcproxy"]
+        assert tables() == []
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
 def test_run_without_cluster_config_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import signal as _signal
 

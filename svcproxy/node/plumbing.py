@@ -229,20 +229,24 @@ class NodePlumbing:
 
     # --- cleanup --------------------------------------------------------------------
 
-    def cleanup(self) -> list[str]:
-        """Remove the dummy device and the nftables table; what was removed."""
-        removed: list[str] = []
-        if self.config.dry_run:
-            if self.device.index() is not None:
-                removed.append(f"would delete dummy device {self.config.device}")
-            if self.nft.read() is not None:
-                removed.append("would delete nftables table inet svcproxy")
-            return removed
-        if self.device.delete():
-            removed.append(f"dummy device {self.config.device}")
-        if self.nft.delete_table():
-            removed.append("nftables table inet svcproxy")
-        return removed
+    def cleanup(self) -> list[tuple[str, bool]]:
+        """Remove the dummy device and the nftables table, each on its own: one
+        (what happened, succeeded) per part that was there or failed."""
+        done: list[tuple[str, bool]] = []
+        parts: tuple[tuple[str, Callable[[], bool], Callable[[], bool]], ...] = (
+            (f"dummy device {self.config.device}", lambda: self.device.index() is not None, self.device.delete),
+            ("nftables table inet svcproxy", lambda: self.nft.read() is not None, self.nft.delete_table),
+        )
+        for what, present, delete in parts:
+            try:
+                if self.config.dry_run:
+                    if present():
+                        done.append((f"would delete {what}", True))
+                elif delete():
+                    done.append((f"removed {what}", True))
+            except (OSError, DeviceError, NftError) as exc:
+                done.append((f"{what}: FAILED: {exc}", False))
+        return done
 
 
 def _nft_sets(elements: NatElements) -> NatElements:
