@@ -187,13 +187,14 @@ class Agent:
                 for kind in Kind]
 
     def run(self) -> int:
+        # The sources first: a broken kubeconfig is an error before anything is served.
+        self.sources = self._make_sources()
         self.server.start()
         log.info("svcproxy agent for node %s: health and metrics on %s:%d%s", self.config.node_name,
                  self.config.health_bind.rpartition(":")[0] or "0.0.0.0", self.server.port,
                  " (dry run: nothing will be changed)" if self.config.dry_run else "")
         try:
             self._start_cni_server()
-            self.sources = self._make_sources()
             for source in self.sources:
                 source.start()
             self._start_pod_netns()

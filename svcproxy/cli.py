@@ -287,6 +287,21 @@ def report_problems(problems: Sequence[Problem], out: TextIO) -> None:
         out.write(f"svcproxy: {p.severity}: {p.kind}: {p.obj}: {p.message}\n")
 
 
+def read_current_file(path: Path) -> Table:
+    """An ``ipvsadm -Sn`` dump; every error names the file. ipvsadm ends each line with a
+    newline, so a last line without one was cut short: refused, not read as a service."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--current-file {path}: cannot read it: {exc}") from None
+    if text and not text.endswith("\n"):
+        raise ValueError(f"--current-file {path}: the last line has no newline (the file was cut short?)")
+    try:
+        return parse_save(text)
+    except ParseError as exc:
+        raise ValueError(f"--current-file {path}: {exc}") from None
+
+
 def make_plan(args: argparse.Namespace, backend: Backend, err: TextIO) -> Planned:
     objects = load_objects(args.file)
     if objects.empty and not objects.explicit_empty:
@@ -301,7 +316,7 @@ def make_plan(args: argparse.Namespace, backend: Backend, err: TextIO) -> Planne
     report_problems([*objects.problems, *node_problems, *translation.problems], err)
     live = args.current_file is None
     if not live:
-        actual = parse_save(args.current_file.read_text())
+        actual = read_current_file(args.current_file)
     else:
         try:
             actual = backend.read()

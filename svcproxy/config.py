@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Collection, Sequence
 
-import yaml
+from svcproxy import safe_yaml
 
 
 class ConfigError(ValueError):
@@ -39,8 +39,8 @@ def config_tokens(sub: argparse.ArgumentParser, path: str | Path, given: Sequenc
     file also serves ``plan``/``sync --config``; anything else unknown is an error.
     """
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+        data = safe_yaml.load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, safe_yaml.YamlError) as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc}") from exc
     if data is None:
         return []

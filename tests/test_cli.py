@@ -354,3 +354,40 @@ def test_valid_addresses_in_every_spelling_pass(cluster: Path) -> None:
     code = main(["plan", "-f", str(cluster), "--node-ip", "fd00::0:1", "--node-ip", "192.168.0.10",
                  "--exclude-cidrs", "10.0.0.0/8, fd00::/64,192.168.1.1"], backend=MemoryBackend(), out=out)
     assert code == 2
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xbd\x00\xff binary", "cannot read configuration file"),
+    (b"a: " + b"[" * 3000 + b"]" * 3000 + b"\n", "nesting depth"),
+    (b"a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     b"e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n",
+     "aliases expand"),
+])
+def test_a_hostile_config_file_is_one_error_line(content: bytes, words: str, cluster: Path, tmp_path: Path) -> None:
+    config = tmp_path / "svcproxy.yaml"
+    config.write_bytes(content)
+    code, out, err = run(["plan", "-f", str(cluster), "--config", str(config)], Untouchable())
+    assert code == 1 and words in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_current_file_errors_name_the_file_and_a_cut_last_line_is_refused(cluster: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "ipvs.save"
+    saved.write_text("-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.1.1.1:8")  # cut inside "8080"
+    code, _, err = run(["plan", "-f", str(cluster), "--current-file", str(saved)], Untouchable())
+    assert code == 1 and f"--current-file {saved}" in err and "no newline" in err
+    saved.write_text("-A -t 10.0.0.1:80 -s rr\n-a -t 10.0.0.1:80 -r 10.1.1.1:x -m\n")
+    code, _, err = run(["plan", "-f", str(cluster), "--current-file", str(saved)], Untouchable())
+    assert code == 1 and f"--current-file {saved}: line 2" in err
+
+
+@pytest.mark.parametrize("content", [b"apiVersion: v1\nkind: Config\nclusters: [ {\n", b"\x96\xff\x00", b"[]\n"])
+def test_a_broken_kubeconfig_is_one_line_before_anything_starts(content: bytes, tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_bytes(content)
+    proc = subprocess.run([sys.executable, "-m", "svcproxy", "run", "--kubeconfig", str(kubeconfig), "--node", "n",
+                           "--health-bind", "127.0.0.1:0", "--cni-socket", ""], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "kubeconfig" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -6,10 +6,9 @@ that ``kubectl get -o yaml`` prints, typed lists straight from the API
 documents are reported as problems, not errors, so one stray ConfigMap in a dump does
 not stop a plan; only a file that cannot be read or parsed at all raises.
 
-A file is written by hand or by a script, so it is parsed defensively: nesting deeper
-than any Kubernetes object (``MAX_DEPTH``) and YAML aliases that would add more than
-``MAX_ALIAS_NODES`` nodes (a "billion laughs" file of a few hundred bytes) are refused
-before anything walks them. A file with no objects at all is not the same as an empty
+A file is written by hand or by a script, so YAML goes through ``safe_yaml`` (alias
+bombs and absurd nesting refused) and JSON nested too deep for the parser is an error.
+A file with no objects at all is not the same as an empty
 cluster: ``LoadedObjects.explicit_empty`` says whether it spelled one out (an empty
 List), and only then may a caller take it as "remove everything".
 """
@@ -21,16 +20,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-import yaml
-
+from svcproxy import safe_yaml
 from svcproxy.kube.translate import Problem
 
-_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-#: Deepest nesting accepted (a Service or EndpointSlice is about 8 levels deep).
-MAX_DEPTH = 100
-#: Most YAML nodes aliases may add to a document once followed (beyond its own nodes).
-MAX_ALIAS_NODES = 100_000
 
 #: kind -> (accepted apiVersions, field of ``LoadedObjects``)
 _KINDS: dict[str, tuple[frozenset[str], str]] = {
@@ -80,52 +72,9 @@ def _documents(text: str, source: str) -> list[Any]:
         except ValueError:
             pass
     try:
-        return _yaml_documents(text, source)
-    except yaml.YAMLError as exc:
-        raise ObjectFileError(f"{source}: not valid YAML or JSON: {' '.join(str(exc).split())}") from exc
-
-
-def _yaml_documents(text: str, source: str) -> list[Any]:
-    """``yaml.load_all``; where the text could hold aliases (an alias needs an anchor,
-    ``&``), each document's node graph is checked before it is built."""
-    if "&" not in text:
-        return list(yaml.load_all(text, Loader=_LOADER))
-    loader = _LOADER(text)
-    try:
-        docs = []
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:
-                continue
-            _check_nodes(node, source)
-            docs.append(loader.construct_document(node))
-        return docs
-    finally:
-        loader.dispose()
-
-
-def _check_nodes(root: yaml.Node, source: str) -> None:
-    """Refuse a document nested deeper than MAX_DEPTH, or whose aliases would add more
-    than MAX_ALIAS_NODES nodes. Each distinct node is visited once."""
-    sizes: dict[int, int] = {}
-
-    def size(node: yaml.Node, depth: int) -> int:
-        if depth > MAX_DEPTH:
-            raise ObjectFileError(f"{source}: nested deeper than {MAX_DEPTH} levels")
-        known = sizes.get(id(node))
-        if known is not None:
-            return known
-        sizes[id(node)] = 1  # a node that contains itself counts once
-        total = 1
-        if isinstance(node, yaml.SequenceNode):
-            total += sum(size(child, depth + 1) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
-        sizes[id(node)] = total
-        return total
-
-    if size(root, 0) - len(sizes) > MAX_ALIAS_NODES:
-        raise ObjectFileError(f"{source}: YAML aliases expand to more than {MAX_ALIAS_NODES:,} extra nodes")
+        return safe_yaml.load_all(text)
+    except safe_yaml.YamlError as exc:
+        raise ObjectFileError(f"{source}: not valid YAML or JSON: {exc}") from exc
 
 
 def _flatten(doc: object, where: str, item_kind: str | None) -> Iterator[tuple[str, object, str | None]]:

@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, cast
 
 import kubernetes.client
 import kubernetes.config
+import yaml
 from kubernetes.client.exceptions import ApiException
 from tenacity import RetryCallState, Retrying, retry_if_exception_type
 from urllib3.exceptions import ReadTimeoutError
@@ -107,9 +108,12 @@ def make_api_client(kubeconfig: str | None = None, *, context: str | None = None
         else:
             load = cast(Callable[..., None], kubernetes.config.load_incluster_config)
             load(client_configuration=cfg)
-    except kubernetes.config.ConfigException as exc:
+    except (kubernetes.config.ConfigException, yaml.YAMLError, UnicodeDecodeError, OSError, TypeError,
+            AttributeError, KeyError) as exc:
+        # The client's loader lets YAML and shape errors of a broken file through as is.
         where = f"kubeconfig {kubeconfig}" if kubeconfig else "the in-cluster service account (or pass --kubeconfig)"
-        raise ValueError(f"cannot configure the API client from {where}: {exc}") from None
+        raise ValueError(f"cannot configure the API client from {where}: "
+                         f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
     cfg.retries = 0
     client = kubernetes.client.ApiClient(cfg)
     client.user_agent = f"svcproxy/{__version__}"
