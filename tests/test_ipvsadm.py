@@ -958,3 +958,15 @@ def test_markers_that_are_not_echoed_are_a_backend_error_not_a_loop() -> None:
     with pytest.raises(BackendError, match="marker"):
         backend.apply([bad])
     assert len(fake.calls) == 3
+
+
+@pytest.mark.parametrize("errno_, text", [(8, "Exec format error"), (11, "Resource temporarily unavailable"),
+                                          (12, "Cannot allocate memory")])
+def test_ipvsadm_that_cannot_start_is_a_backend_error(errno_: int, text: str) -> None:
+    """A sync that could not run (retried with backoff), never an exception that ends the agent."""
+
+    def runner(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno_, text)
+
+    with pytest.raises(BackendError, match=text):
+        IpvsadmBackend(runner=runner).read()

@@ -600,3 +600,45 @@ def test_orphan_slices_are_still_reported_by_incremental_full_syncs() -> None:
     clock.t += 31
     p.sync()
     assert p.metrics.input_problems.labels("orphan-slice")._value.get() == 1  # said once
+
+
+class SpawnFails(MemoryBackend):
+    """What the ipvsadm backend met when the program could not start (ENOEXEC, EAGAIN)
+    before that became a BackendError: any other exception out of the backend."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+
+    def read(self, counts: bool | None = None) -> Table:
+        if self.broken:
+            raise OSError(8, "Exec format error")
+        return super().read()
+
+
+def test_an_unexpected_error_of_the_node_backend_is_retried_with_backoff_not_fatal() -> None:
+    backend = SpawnFails()
+    p, clock = make(backend, retry_backoff=1.0)
+    load(p)
+    result = p.sync()
+    assert result.skipped and "Exec format error" in result.skipped
+    assert p.metrics.sync_errors._value.get() == 1 and not p.health.ready
+    backend.broken = False
+    clock.t += 1.5
+    assert p.sync().full and dests(backend, WEB) == {"10.244.1.1": 1, "10.244.1.2": 1}
+
+
+def test_one_pod_namespace_that_cannot_be_prepared_stops_nothing_else() -> None:
+    node_backend, pod_ok, pod_bad = MemoryBackend(), MemoryBackend(), MemoryBackend()
+    p, clock = make(node_backend)
+    load(p)
+
+    def fails(_table: Table) -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    p.attach(Target("/run/netns/ok", pod_ok))
+    p.attach(Target("/run/netns/bad", pod_bad, prepare=fails))
+    result = p.sync()
+    assert result.full and result.failed == 1
+    assert WEB in node_backend.read().services and WEB in pod_ok.read().services
+    assert len(pod_bad.read()) == 0 and p.pod_targets == ["/run/netns/bad", "/run/netns/ok"]

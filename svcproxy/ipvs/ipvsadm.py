@@ -187,6 +187,8 @@ class IpvsadmBackend:
             raise BackendError(f"cannot run {argv[0]}: permission denied ({exc})") from exc
         except subprocess.TimeoutExpired as exc:
             raise BackendError(f"{' '.join(argv[:4])} did not finish in {self.timeout} s") from exc
+        except OSError as exc:  # ENOEXEC, EAGAIN, ENOMEM...: a sync that could not run, retried
+            raise BackendError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
         self._check_environment(argv, proc)
         return proc
 

@@ -484,6 +484,8 @@ class Preparer:
             raise BackendError(f"cannot run nsenter: {exc}") from exc
         except subprocess.TimeoutExpired as exc:
             raise BackendError(f"preparing {self.ns.path} did not finish in {self.timeout} s") from exc
+        except OSError as exc:  # ENOEXEC, EAGAIN, ENOMEM...: the node's trouble, retried later
+            raise BackendError(f"cannot run nsenter for {self.ns.path}: {exc.strerror or exc}") from exc
 
     def _probe(self, path: str, fd: int) -> NsState:
         del path

@@ -226,12 +226,15 @@ class Proxier:
                 result = self._sync(snapshot, start, full=full, everything=everything)
         except BackendError as exc:
             return self._sync_failed(exc, changes, start, full=full, everything=everything)
+        except Exception as exc:  # a bug, or a collaborator's: never end the loop, retry later
+            log.exception("sync failed unexpectedly")
+            return self._sync_failed(exc, changes, start, full=full, everything=everything)
         self.schedule.succeeded(start, full=full)
         self._observe(result, changes)
         self.last_result = result
         return result
 
-    def _sync_failed(self, exc: BackendError, changes: Changes, start: float, *, full: bool,
+    def _sync_failed(self, exc: Exception, changes: Changes, start: float, *, full: bool,
                      everything: bool) -> SyncResult:
         """The node's table could not be read or written at all: retry with backoff."""
         delay = self.schedule.failed(self._monotonic())
@@ -368,9 +371,11 @@ class Proxier:
                 log.info("Pod namespace %s is gone, detaching: %s", target.name, exc)
                 self.detach(target.name)
                 continue
-            except BackendError:
+            except Exception:
                 if not target.pod:
                     raise
+                # One namespace's trouble (a backend error, a program that would not
+                # start) never stops the node's table or the other namespaces.
                 target.failed(now)
                 log.exception("cannot sync Pod namespace %s (will retry)", target.name)
                 self.metrics.sync_errors.inc()
