@@ -63,7 +63,7 @@ def child(args: argparse.Namespace) -> int:
         """Reads return equal values in new objects, like a kernel read; applied
         operations are not kept (MemoryBackend keeps them for tests)."""
 
-        def read(self) -> Table:
+        def read(self, counts: bool | None = None) -> Table:
             return Table({k: VirtualService(vs.key, vs.scheduler, vs.persistence, vs.flags,
                                             tuple(Destination(d.address, d.port, d.weight, d.forward, 0, 0)
                                                   for d in vs.destinations))

@@ -539,10 +539,10 @@ def run_agent(args: argparse.Namespace, backend: Backend) -> int:
 
 def make_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "netlink":
-        from svcproxy.ipvs import nlcodec
+        from svcproxy.ipvs import nlencode
         from svcproxy.ipvs.netlink import NetlinkBackend
 
-        if not nlcodec.COMPILED:
+        if not nlencode.COMPILED:
             log.warning("the netlink encoder's compiled loop (svcproxy/ipvs/_nlfast.c) is not built: "
                         "encoding in Python, which makes large applies slower")
         return NetlinkBackend()

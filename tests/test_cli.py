@@ -112,7 +112,7 @@ def test_plan_reads_current_state_from_a_saved_dump(cluster: Path, tmp_path: Pat
     saved.write_text("-A -t 10.96.0.20:80 -s rr\n-a -t 10.96.0.20:80 -r 10.244.1.5:8080 -m -w 1\n")
 
     class Untouchable:
-        def read(self) -> Table:
+        def read(self, counts: bool | None = None) -> Table:
             raise AssertionError("must not read the kernel when --current-file is given")
 
         def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
@@ -126,7 +126,7 @@ def test_plan_reads_current_state_from_a_saved_dump(cluster: Path, tmp_path: Pat
 
 def test_plan_without_ipvs_compares_with_empty_table_and_says_so(cluster: Path) -> None:
     class NoIpvs:
-        def read(self) -> Table:
+        def read(self, counts: bool | None = None) -> Table:
             raise BackendError("ipvsadm: Can't initialize ipvs")
 
         def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:

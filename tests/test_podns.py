@@ -337,7 +337,7 @@ def test_a_backend_error_after_the_namespace_vanished_is_namespace_gone(tmp_path
     link.symlink_to("/proc/self/ns/net")
 
     class Vanishing:
-        def read(self) -> Table:
+        def read(self, counts: bool | None = None) -> Table:
             link.unlink()  # deleted while we worked
             raise BackendError("nsenter: reassociate to namespace 'ns/net' failed: Invalid argument")
 
@@ -393,7 +393,7 @@ class PinnedMemory:
     def __init__(self, ns: PodNamespace, backend: MemoryBackend) -> None:
         self.ns, self.backend = ns, backend
 
-    def read(self) -> Table:
+    def read(self, counts: bool | None = None) -> Table:
         self.ns.check()
         return self.backend.read()
 
@@ -534,7 +534,7 @@ def test_cli_sync_reports_a_missing_namespace_as_gone_not_as_an_error(cluster_fi
 
 def test_sync_namespace_reports_backend_errors(tmp_path: Path) -> None:
     class Broken:
-        def read(self) -> Table:
+        def read(self, counts: bool | None = None) -> Table:
             raise BackendError("IPVS is not available")
 
         def apply(self, ops: Any) -> list[Any]:

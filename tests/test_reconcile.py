@@ -224,7 +224,7 @@ class FlakyBackend(MemoryBackend):
         self.down = False
         self.reject: set[str] = set()
 
-    def read(self) -> Table:
+    def read(self, counts: bool | None = None) -> Table:
         if self.down:
             raise BackendError("Can't initialize ipvs: Protocol not available")
         return super().read()
@@ -384,7 +384,7 @@ from svcproxy.reconcile import Target  # noqa: E402
 
 
 class GoneBackend(MemoryBackend):
-    def read(self) -> Table:
+    def read(self, counts: bool | None = None) -> Table:
         raise NamespaceGone("/var/run/netns/pod-x: No such file or directory")
 
 
@@ -484,7 +484,7 @@ def test_unavailable_backend_is_retried_with_backoff_not_in_a_hot_loop() -> None
     class Counting(MemoryBackend):
         calls = 0
 
-        def read(self) -> Table:
+        def read(self, counts: bool | None = None) -> Table:
             Counting.calls += 1
             raise BackendError("ipvsadm: Can't initialize ipvs: Protocol not available")
 

@@ -19,15 +19,12 @@ class BackendError(RuntimeError):
 
 
 class Backend(Protocol):
-    def read(self) -> Table:
+    def read(self, counts: bool | None = None) -> Table:
         """The whole table as the kernel has it now.
 
         Whether real servers carry connection counts is the backend's choice, made
-        when it is built (graceful termination needs them; a plain diff does not).
-        Every backend here also takes ``read(counts=...)``, True or False to
-        override that choice for one read and None (the default) to keep it; it is
-        left out of this Protocol until every wrapper (podns's PinnedBackend) passes
-        it on.
+        when it is built (graceful termination needs them; a plain diff does not);
+        ``counts`` True or False overrides that choice for one read, None keeps it.
         """
         ...
 

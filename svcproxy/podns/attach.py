@@ -153,8 +153,8 @@ class PinnedBackend:
                 self.ns.check()  # gone while we worked: not an error
                 raise
 
-    def read(self) -> Table:
-        table: Table = self._call(lambda b: b.read())
+    def read(self, counts: bool | None = None) -> Table:
+        table: Table = self._call(lambda b: b.read(counts))
         return table
 
     def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
