@@ -18,11 +18,11 @@ from prometheus_client.registry import Collector
 
 from svcproxy.diff import Exclusions
 from svcproxy.health import HealthCheckServers, HealthServer, HealthState
-from svcproxy.ipvs.backend import Backend
+from svcproxy.ipvs.backend import Backend, BackendError
 from svcproxy.kube.store import Kind
 from svcproxy.kube.translate import NodeInfo, TranslateConfig
 from svcproxy.metrics import Metrics
-from svcproxy.model import Family
+from svcproxy.model import Family, Operation, OperationResult, Table
 from svcproxy.node.addresses import NodeAddresses
 from svcproxy.node.plumbing import NodePlumbing, PlumbingConfig
 from svcproxy.podns.attach import PodNamespaces, factory_like
@@ -113,9 +113,34 @@ class _PlumbingStats(Collector):
         yield changes
 
 
+class PreviewBackend:
+    """A dry run's view of the kernel: read only; where the table cannot be read at all
+    (no IPVS here: a laptop, a CI runner) it compares with an empty table, saying so
+    once, as ``svcproxy plan`` does. It never applies anything."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._noticed = False
+
+    def read(self, counts: bool | None = None) -> Table:
+        try:
+            return self._backend.read(counts)
+        except BackendError as exc:
+            if not self._noticed:
+                self._noticed = True
+                log.warning("dry run: cannot read the kernel's IPVS table (%s); comparing with an empty table", exc)
+            return Table()
+
+    def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
+        raise BackendError("a dry run applies nothing")
+
+
 class Agent:
     def __init__(self, config: AgentConfig, backend: Backend) -> None:
         self.config = config
+        pod_backends = factory_like(backend)
+        if config.dry_run:
+            backend = PreviewBackend(backend)
         self.stop = threading.Event()
         self.metrics = Metrics()
         self.health = HealthState(timeout=2 * config.sync_period)
@@ -154,7 +179,7 @@ class Agent:
         # Pod namespaces: decided before anything runs (ModeError for an unavailable
         # `kernel` mode stops the agent with a clear message).
         self.pod_namespaces = PodNamespaces(self.proxier, decide(config.pod_netns_mode, config.ip_vs_mode_param),
-                                   backend_factory=factory_like(backend))
+                                   backend_factory=pod_backends)
         self.scanner = (NetnsScanner(config.pod_netns_dir, self.pod_namespaces, config.pod_netns_scan_period)
                         if config.pod_netns_dir and self.pod_namespaces.decision.replicate else None)
         self.sources: list[Any] = []
@@ -211,8 +236,13 @@ class Agent:
         return 0
 
     def _start_cni_server(self) -> None:
-        """Serve the CNI plugin before the first sync, so it gets answers (ADDs wait)."""
+        """Serve the CNI plugin before the first sync, so it gets answers (ADDs wait).
+        Never in a dry run: it may run beside the live agent, whose socket it must not
+        take (nor answer real ADDs for, nor remove on exit)."""
         if not self.config.cni_socket:
+            return
+        if self.config.dry_run:
+            log.info("dry run: not serving the CNI plugin on %s", self.config.cni_socket)
             return
         from svcproxy.podns.server import CniServer, NamespacesAttacher, ServerError
 

@@ -262,3 +262,41 @@ def test_plan_of_a_file_with_nothing_in_it_is_an_error(tmp_path: Path) -> None:
     assert main(["sync", "-f", str(path)], backend=backend) == 1
     path.write_text("kind: List\napiVersion: v1\nitems: []\n")
     assert main(["plan", "-f", str(path)], backend=backend) == 0
+
+
+class NoIpvs(MemoryBackend):
+    def read(self, counts: bool | None = None) -> Any:
+        from svcproxy.ipvs.backend import BackendError
+
+        raise BackendError("IPVS not found (is the ip_vs module loaded?)")
+
+
+def test_a_dry_run_beside_the_live_agent_takes_nothing_and_previews_without_ipvs(
+        start_agent: Callable[..., Running], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """On a node (or a laptop) with no IPVS, --dry-run compares with an empty table
+    (saying so once), becomes ready and logs the plan; it serves no CNI socket, not
+    even one named on its command line, so the live agent's stays as it is."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    socket_path = tmp_path / "live-agent.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(socket_path))
+    live.listen(1)
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                "items": [service("web", "10.96.0.20", 80), slice_("web", "10.244.1.1")]}))
+    try:
+        r = start_agent(NoIpvs(), file=str(path), dry_run=True, cni_socket=str(socket_path),
+                        cni_socket_required=True)
+        wait_until(lambda: get(r.base + "/readyz")[0] == 200, what="ready in a dry run without IPVS")
+        messages = [rec.getMessage() for rec in caplog.records]
+        assert sum("comparing with an empty table" in m for m in messages) == 1
+        assert any("would apply 2 operations" in m and "10.244.1.1" in m for m in messages)
+        assert r.agent.cni_server is None and r.backend.applied == []
+        r.agent.stop.set()
+        r.thread.join(10)
+        assert socket_path.exists()  # the live agent's socket is still there
+        live.settimeout(1)
+    finally:
+        live.close()
