@@ -1,11 +1,18 @@
-"""SIGTERM and SIGINT to a stop event, with no lock taken inside the signal handler.
+"""SIGTERM and SIGINT to a stop event, without relying on the main thread.
 
-A Python signal handler runs in the main thread between two bytecodes, which may be in
-the middle of ``Event.set()`` or ``Event.wait()`` on the very event it would set (a
-second SIGTERM during the first one's handling, or a signal landing while the loop
-waits): ``Event.set()`` there waits forever for a lock its own thread holds. So the
-handler only writes the signal's number to a pipe (async-signal-safe, never blocks),
-and a small thread reads it, logs it and sets the event.
+Two ways the obvious handler (``stop.set()`` in a Python signal handler) fails:
+
+- A Python handler runs in the main thread between two bytecodes, which may be in the
+  middle of ``Event.set()`` or ``wait()`` on the very event it would set (a second
+  SIGTERM during the first one's handling): ``Event.set()`` there waits forever for a
+  lock its own thread holds.
+- The kernel delivers a process-directed signal to any thread. If it lands on a
+  watcher thread, the Python handler only runs once the main thread executes
+  bytecode again, and the main thread may be asleep in a long wait.
+
+So the Python handler does nothing, and the interpreter's C-level handler, which runs
+in whatever thread got the signal, writes the signal's number to a pipe
+(``signal.set_wakeup_fd``); a small thread reads it, logs it and sets the event.
 """
 
 from __future__ import annotations
@@ -27,27 +34,26 @@ class StopOnSignal:
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
         self._thread = threading.Thread(target=self._watch, name="svcproxy-signals", daemon=True)
+        self._signums: frozenset[int] = frozenset()
 
     def install(self, signums: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        """From the main thread (the only one that may install handlers)."""
+        self._signums = frozenset(int(s) for s in signums)
         self._thread.start()
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         for signum in signums:
             signal.signal(signum, self.handle)
 
     def handle(self, signum: int, _frame: Any) -> None:
-        try:
-            os.write(self._write, bytes([signum & 0xFF]))
-        except OSError:  # the pipe is full: a stop is already on its way
-            pass
+        """The Python-level handler: the wakeup pipe already carries the signal."""
 
     def _watch(self) -> None:
         while True:
             data = os.read(self._read, 64)
             if not data:
                 return
-            for signum in data:
-                try:
-                    name = signal.Signals(signum).name
-                except ValueError:
-                    name = f"signal {signum}"
-                log.info("received %s, stopping", name)
-            self._stop.set()
+            wanted = [n for n in data if n in self._signums]
+            for signum in wanted:
+                log.info("received %s, stopping", signal.Signals(signum).name)
+            if wanted:
+                self._stop.set()
