@@ -271,7 +271,3 @@ class Agent:
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT stop the agent (rules stay in place)."""
         StopOnSignal(self.stop).install()
-
-
-def split_csv(values: Sequence[str]) -> tuple[str, ...]:
-    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())

@@ -10,37 +10,34 @@ flag and exit status 1 (2 is ``plan``'s "changes pending").
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import json
-import math
 import logging
 import os
 import socket
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn, Sequence, TextIO, TypeAlias
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence, TextIO, TypeAlias
 
-from svcproxy import __version__
+from svcproxy import __version__, flags
+from svcproxy.flags import split_csv
+from svcproxy.gcpause import paused_gc
 from svcproxy.config import ConfigError, config_tokens
 from svcproxy.diff import Exclusions, diff, summarize
-from svcproxy.health import parse_bind
 from svcproxy.ipvs.backend import Backend, BackendError
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend, ParseError, parse_save
-from svcproxy.agent import Agent, AgentConfig, split_csv
 from svcproxy.kube.files import ObjectFileError, load_objects
 from svcproxy.kube.translate import Problem, TranslateConfig, Translation, node_info, translate
 from svcproxy.model import Family, OpKind, Operation, Table, canonical_ip
 from svcproxy.node.dummy import DEVICE
-from svcproxy.node.nat import NatConfig
-from svcproxy.node.nftables import Nftables
-from svcproxy.node.plumbing import NodePlumbing, PlumbingConfig
-from svcproxy.podns.attach import NamespaceReport, factory_like, sync_namespace
 from svcproxy.podns.visible import pod_visible
 from svcproxy.podns.mode import IP_VS_MODE_PARAM, Mode, ModeDecision, ModeError, decide
 from svcproxy.podns.cni import DEFAULT_SOCKET as DEFAULT_CNI_SOCKET
-from svcproxy.reconcile.desired import nat_view
-from svcproxy.render import plan_json, plan_text
+from svcproxy.render import json_text, plan_json, plan_text
+
+if TYPE_CHECKING:  # the node and Pod-namespace stacks are imported where they are used:
+    # a one-shot plan without them starts several times faster
+    from svcproxy.node.plumbing import PlumbingConfig
+    from svcproxy.podns.attach import NamespaceReport
 
 log = logging.getLogger("svcproxy")
 
@@ -52,30 +49,19 @@ def default_node_name() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
 
-def _families(text: str) -> frozenset[Family]:
-    names = {"ipv4": Family.IPV4, "4": Family.IPV4, "ipv6": Family.IPV6, "6": Family.IPV6}
-    chosen = set()
-    for part in text.split(","):
-        part = part.strip().lower()
-        if part not in names:
-            raise argparse.ArgumentTypeError(f"unknown IP family {part!r} (use IPv4, IPv6 or IPv4,IPv6)")
-        chosen.add(names[part])
-    return frozenset(chosen)
-
-
 def _source_args(p: argparse.ArgumentParser, *, file_required: bool = True) -> None:
     p.add_argument("-f", "--file", required=file_required, type=Path,
                    help="YAML/JSON with Services, EndpointSlices and optionally Nodes "
                         "(multi-document or a `kubectl get -o yaml` List)")
     p.add_argument("--node", default=None, help="this node's name (default: $NODE_NAME, else the hostname)")
-    p.add_argument("--node-ip", action="append", default=[], metavar="IP", type=_ip,
+    p.add_argument("--node-ip", action="append", default=[], metavar="IP", type=flags.ip,
                    help="a node address for NodePorts (repeatable; overrides the Node object's addresses)")
-    p.add_argument("--ip-families", type=_families, default=frozenset({Family.IPV4, Family.IPV6}),
+    p.add_argument("--ip-families", type=flags.families, default=frozenset({Family.IPV4, Family.IPV6}),
                    help="families to serve: IPv4, IPv6 or IPv4,IPv6 (default both)")
     p.add_argument("--scheduler", default="rr", help="default IPVS scheduler (default rr)")
     p.add_argument("--proxy-name", default="svcproxy",
                    help="serve Services whose service.kubernetes.io/service-proxy-name label equals this")
-    p.add_argument("--exclude-cidrs", default="", metavar="CIDR,...", type=_cidrs,
+    p.add_argument("--exclude-cidrs", default="", metavar="CIDR,...", type=flags.cidrs,
                    help="kernel virtual services inside these ranges are never touched")
     if file_required:
         p.add_argument("--current-file", type=Path, default=None,
@@ -151,23 +137,23 @@ def _run_parser(sub: Subparsers) -> _Parser:
     run = sub.add_parser("run", help="the node agent: watch the API server (or -f FILE) and keep IPVS in sync")
     _source_args(run, file_required=False)
     run.add_argument("--kubeconfig", default=None, help="kubeconfig for out-of-cluster runs (default: in-cluster)")
-    run.add_argument("--watch-idle-timeout", type=_positive_seconds, default=65.0,
+    run.add_argument("--watch-idle-timeout", type=flags.positive_seconds, default=65.0,
                      help="seconds a watch stream may send nothing before it is resumed as stalled (default 65; "
                           "the API server sends a bookmark on a quiet watch about once a minute)")
     run.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False, help="watch and compute as usual, log each plan, change nothing")
-    run.add_argument("--min-sync-period", type=_seconds, default=1.0, help="minimum seconds between syncs (default 1)")
-    run.add_argument("--sync-period", type=_seconds, default=30.0,
+    run.add_argument("--min-sync-period", type=flags.seconds, default=1.0, help="minimum seconds between syncs (default 1)")
+    run.add_argument("--sync-period", type=flags.seconds, default=30.0,
                      help="seconds between full syncs that re-read the kernel and repair drift (default 30)")
-    run.add_argument("--graceful-timeout", type=_seconds, default=900.0,
+    run.add_argument("--graceful-timeout", type=flags.seconds, default=900.0,
                      help="seconds a removed TCP real server may drain at weight 0 (default 900)")
-    run.add_argument("--health-bind", default="0.0.0.0:10256", type=_bind,
+    run.add_argument("--health-bind", default="0.0.0.0:10256", type=flags.bind,
                      help="address:port for /healthz /livez /readyz /metrics (default 0.0.0.0:10256)")
-    run.add_argument("--healthcheck-bind-host", default="0.0.0.0", type=_ip,
+    run.add_argument("--healthcheck-bind-host", default="0.0.0.0", type=flags.ip,
                      help="address the healthCheckNodePort servers listen on (default 0.0.0.0)")
     _podns_args(run)
     _run_podns_args(run)
     _plumbing_args(run, default_on=True)
-    run.add_argument("--nodeport-addresses", default="", metavar="CIDR,...", type=_cidrs,
+    run.add_argument("--nodeport-addresses", default="", metavar="CIDR,...", type=flags.cidrs,
                      help="serve NodePorts on this node's local addresses within these ranges, re-read at "
                           "every full sync (default: the Node object's addresses, or --node-ip)")
     return run
@@ -178,12 +164,12 @@ def _run_podns_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--pod-netns-dir", default=None, metavar="DIR",
                      help="attach every network namespace file found in DIR (e.g. /var/run/netns), "
                           "rescanned every --pod-netns-scan-period seconds (default: no scan)")
-    run.add_argument("--pod-netns-scan-period", type=_seconds, default=30.0,
+    run.add_argument("--pod-netns-scan-period", type=flags.seconds, default=30.0,
                      help="seconds between scans of --pod-netns-dir (default 30)")
     run.add_argument("--cni-socket", default=None, metavar="PATH",
                      help=f"unix socket the svcproxy-cni plugin asks to attach Pod namespaces on "
                           f"(default {DEFAULT_CNI_SOCKET}; '' disables it)")
-    run.add_argument("--cni-timeout", type=_seconds, default=30.0,
+    run.add_argument("--cni-timeout", type=flags.seconds, default=30.0,
                      help="seconds a CNI ADD may wait for its namespace's table to be programmed (default 30)")
 
 
@@ -192,7 +178,7 @@ def _cleanup_parser(sub: Subparsers) -> _Parser:
                                              "--exclude-cidrs (what a sync with no Services would delete), the "
                                              "dummy device, the nftables table inet svcproxy, and the tables and "
                                              "VIP routes of the Pod namespaces named")
-    cleanup.add_argument("--exclude-cidrs", default="", metavar="CIDR,...", type=_cidrs,
+    cleanup.add_argument("--exclude-cidrs", default="", metavar="CIDR,...", type=flags.cidrs,
                          help="kernel virtual services inside these ranges are left alone")
     cleanup.add_argument("--pod-netns", action="append", default=[], metavar="PATH",
                          help="also clean this Pod network namespace (repeatable)")
@@ -216,7 +202,7 @@ def _plumbing_args(p: argparse.ArgumentParser, *, default_on: bool) -> None:
                    help=f"dummy device virtual addresses are bound to (default {DEVICE})")
     p.add_argument("--masquerade-all", action=argparse.BooleanOptionalAction, default=False,
                    help="masquerade all traffic to ClusterIPs (kube-proxy's --masquerade-all)")
-    p.add_argument("--cluster-cidr", default="", metavar="CIDR,...", type=_cidrs,
+    p.add_argument("--cluster-cidr", default="", metavar="CIDR,...", type=flags.cidrs,
                    help="the Pod network: ClusterIP traffic from outside it is masqueraded")
     p.add_argument("--strict-arp", action=argparse.BooleanOptionalAction, default=False,
                    help="arp_ignore=1 and arp_announce=2 (needed by some LoadBalancer implementations)")
@@ -224,53 +210,14 @@ def _plumbing_args(p: argparse.ArgumentParser, *, default_on: bool) -> None:
 
 
 def plumbing_config(args: argparse.Namespace) -> PlumbingConfig | None:
+    from svcproxy.node.nat import NatConfig
+    from svcproxy.node.plumbing import PlumbingConfig
+
     if args.node_plumbing != "on":
         return None
     nat = NatConfig(masquerade_all=args.masquerade_all, cluster_cidrs=split_csv([args.cluster_cidr]))
     return PlumbingConfig(device=args.dummy_device, nat=nat, strict_arp=args.strict_arp, nft=args.nft,
                           dry_run=bool(getattr(args, "dry_run", False)))
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text.rstrip("s"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite, non-negative number of seconds")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
-    return value
-
-
-def _ip(text: str) -> str:
-    try:
-        return canonical_ip(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
-
-
-def _cidrs(text: str) -> str:
-    """A comma-separated list of CIDRs (or bare addresses), checked; kept as given."""
-    for part in split_csv([text]):
-        try:
-            ipaddress.ip_network(part, strict=False)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a CIDR (like 10.0.0.0/8 or fd00::/64)") from None
-    return text
-
-
-def _bind(text: str) -> str:
-    try:
-        parse_bind(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 @dataclass(frozen=True)
@@ -354,6 +301,8 @@ def pod_namespaces(args: argparse.Namespace, planned: Planned, backend: Backend,
     """--pod-netns: each namespace's Pod-visible table, planned or synced."""
     if not args.pod_netns:
         return []
+    from svcproxy.podns.attach import factory_like, sync_namespace
+
     desired = pod_visible(planned.translation.table, planned.node_addresses)
     exclusions = Exclusions.parse(args.exclude_cidrs.split(","))
     factory = factory_like(backend)
@@ -366,23 +315,30 @@ def run_plan(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextI
     planned = make_plan(args, backend, err)
     reports = pod_namespaces(args, planned, backend, decision, apply=False)
     if args.output == "json":
-        doc = plan_json(planned.translation.table, planned.operations)
+        origins = planned.translation.origins
+        doc = plan_json(planned.translation.table, planned.operations, origins)
         if reports:
             doc["pod_namespaces"] = [{"netns": r.path, "status": r.status, "note": r.error,
-                                      **plan_json(r.desired, r.operations)} for r in reports]
-        json.dump(doc, out, indent=2)
-        out.write("\n")
+                                      **_nested(plan_json(r.desired, r.operations, origins))} for r in reports]
+        out.write(json_text(doc))
     else:
         out.write(plan_text(planned.translation.table, planned.actual, planned.operations,
-                            color=_use_color(args.color, out)))
+                            color=_use_color(args.color, out), origins=planned.translation.origins))
         for r in reports:
             out.write(f"\n# Pod network namespace {r.path}: {r.summary()}\n")
             if r.status == "planned":
-                out.write(plan_text(r.desired, r.actual, r.operations, color=_use_color(args.color, out)))
+                out.write(plan_text(r.desired, r.actual, r.operations, color=_use_color(args.color, out),
+                                    origins=planned.translation.origins))
     changes = planned.operations or any(r.operations for r in reports)
     if any(r.status == "error" for r in reports):
         return EXIT_ERROR
     return EXIT_CHANGES if changes else EXIT_CLEAN
+
+
+def _nested(doc: dict[str, Any]) -> dict[str, Any]:
+    """A plan document inside another: the version is said once, at the top."""
+    doc.pop("version", None)
+    return doc
 
 
 def run_sync(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextIO) -> int:
@@ -397,7 +353,7 @@ def run_sync(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextI
     applied = [op for op in planned.operations if id(op) not in failed_ops]
     reports = pod_namespaces(args, planned, backend, decision, apply=True)
     if args.output == "json":
-        doc: dict[str, Any] = plan_json(planned.translation.table, planned.operations)
+        doc: dict[str, Any] = plan_json(planned.translation.table, planned.operations, planned.translation.origins)
         doc["applied"] = len(applied)
         doc["failed"] = [{"operation": str(f.operation), "error": f.error} for f in failed]
         if reports:
@@ -405,8 +361,7 @@ def run_sync(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextI
                 {"netns": r.path, "status": r.status, "applied": len(r.applied), "error": r.error,
                  "failed": [{"operation": str(f.operation), "error": f.error} for f in r.failed]}
                 for r in reports]
-        json.dump(doc, out, indent=2)
-        out.write("\n")
+        out.write(json_text(doc))
     else:
         for op in applied:
             out.write(f"applied {op}\n")
@@ -431,6 +386,9 @@ def sync_plumbing(args: argparse.Namespace, planned: Planned) -> bool:
     config = plumbing_config(args)
     if config is None:
         return False
+    from svcproxy.node.plumbing import NodePlumbing
+    from svcproxy.reconcile.desired import nat_view
+
     services = {nn: nat_view(i, i.keys) for nn, i in planned.translation.services.items()}
     plumbing = NodePlumbing(config)
     plumbing.sync(services, planned.node_addresses)
@@ -478,6 +436,9 @@ def _cleanup_ipvs(args: argparse.Namespace, backend: Backend, exclusions: Exclus
 
 
 def _cleanup_plumbing(args: argparse.Namespace, out: TextIO) -> int:
+    from svcproxy.node.nftables import Nftables
+    from svcproxy.node.plumbing import NodePlumbing, PlumbingConfig
+
     plumbing = NodePlumbing(PlumbingConfig(device=args.dummy_device, dry_run=args.dry_run),
                             nft=Nftables(args.nft), vs_sysctls={})
     failed = 0
@@ -489,6 +450,8 @@ def _cleanup_plumbing(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cleanup_namespaces(args: argparse.Namespace, backend: Backend, exclusions: Exclusions,
                         paths: list[str], out: TextIO) -> int:
+    from svcproxy.podns.attach import factory_like, sync_namespace
+
     apply = not args.dry_run
     verb = "removed" if apply else "would remove"
     replicate = ModeDecision(Mode.REPLICATE, Mode.REPLICATE, "cleanup")
@@ -508,6 +471,8 @@ def _cleanup_namespaces(args: argparse.Namespace, backend: Backend, exclusions: 
 
 
 def run_agent(args: argparse.Namespace, backend: Backend) -> int:
+    from svcproxy.agent import Agent, AgentConfig  # the agent's stack, for `run` only
+
     config = AgentConfig(
         node_name=args.node or default_node_name(),
         node_ips=tuple(args.node_ip),
@@ -582,11 +547,12 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
             backend = make_backend(args)
         if args.command == "cleanup":
             return run_cleanup(args, backend, out)
-        if args.command == "plan":
-            return run_plan(args, backend, out, err)
         if args.command == "run":
             return run_agent(args, backend)
-        return run_sync(args, backend, out, err)
+        with paused_gc():  # one big computation: see svcproxy/gcpause.py
+            if args.command == "plan":
+                return run_plan(args, backend, out, err)
+            return run_sync(args, backend, out, err)
     except (OSError, ParseError, BackendError, ValueError, ObjectFileError, ModeError) as exc:
         err.write(f"svcproxy: error: {exc}\n")
         return EXIT_ERROR

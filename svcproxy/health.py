@@ -21,7 +21,6 @@ An IPv6 address binds IPv6 (``::`` both families); ``0.0.0.0`` binds IPv4.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import socket
@@ -32,6 +31,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Mapping
 
+from svcproxy.flags import parse_bind
 from svcproxy.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("svcproxy.health")
@@ -182,26 +182,6 @@ class _Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
-
-
-def parse_bind(bind: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[V6]:PORT`` for IPv6; no host: 0.0.0.0) -> (host, port).
-    Raises ValueError naming what is wrong."""
-    host, sep, port_text = bind.rpartition(":")
-    if not sep:
-        raise ValueError(f"{bind!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"{bind!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
-    host = host or "0.0.0.0"
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{bind!r}: {host!r} is not an IP address") from None
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{bind!r}: the port must be a number from 0 to 65535")
-    return host, int(port_text)
 
 
 class HealthServer:

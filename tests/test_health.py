@@ -20,8 +20,8 @@ from svcproxy.health import (
     HealthState,
     go_time,
     node_eligible,
-    parse_bind,
 )
+from svcproxy.flags import parse_bind
 from svcproxy.metrics import Metrics
 
 

@@ -8,7 +8,8 @@ and ``proxier`` joins them. See README.md beside this file.
 
 from __future__ import annotations
 
-from svcproxy.reconcile.proxier import NodeHook, Proxier, ProxierConfig, SyncResult, paused_gc
+from svcproxy.gcpause import paused_gc
+from svcproxy.reconcile.proxier import NodeHook, Proxier, ProxierConfig, SyncResult
 from svcproxy.reconcile.targets import Target
 
 __all__ = ["NodeHook", "Proxier", "ProxierConfig", "SyncResult", "Target", "paused_gc"]

@@ -17,15 +17,15 @@ virtual services retried at the next sync; nothing raises out of the loop.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from svcproxy.diff import Exclusions
+from svcproxy.gcpause import paused_gc
 from svcproxy.health import HealthCheckServers, HealthCheckTarget, HealthState, node_eligible
 from svcproxy.ipvs.backend import Backend, BackendError
 from svcproxy.kube.objects import NamespacedName
@@ -87,24 +87,6 @@ class SyncResult:
     #: How many Services were translated for this sync (all of them, or only the
     #: changed ones: see the module docstring).
     translated: int = 0
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Keep the cyclic garbage collector out of a full sync.
-
-    Translation, the kernel read and the diff build hundreds of thousands of small
-    objects without cycles (refcounting frees them), yet every few hundred allocations
-    trigger a collection that walks the whole heap, a large share of a full sync's
-    CPU time (docs/performance.md). The collector runs again as soon as the sync is done.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 class Proxier:

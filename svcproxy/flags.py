@@ -1,0 +1,93 @@
+"""Values of command-line flags: each type checks its text and says what is wrong.
+
+argparse calls these with the text of one flag (or of one ``--config`` key, which
+becomes a flag) and reports an ``ArgumentTypeError`` as "argument --FLAG: message",
+so every bad value is one line naming the flag, before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import math
+from typing import Sequence
+
+from svcproxy.model import Family, canonical_ip
+
+
+def split_csv(values: Sequence[str]) -> tuple[str, ...]:
+    """``["a,b", " c"]`` -> ``("a", "b", "c")``: lists given as repeated or comma-separated flags."""
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6; no host: 0.0.0.0) -> (host, port).
+    Raises ValueError naming what is wrong."""
+    host, sep, port_text = bind.rpartition(":")
+    if not sep:
+        raise ValueError(f"{bind!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{bind!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
+    host = host or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{bind!r}: {host!r} is not an IP address") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{bind!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def families(text: str) -> frozenset[Family]:
+    names = {"ipv4": Family.IPV4, "4": Family.IPV4, "ipv6": Family.IPV6, "6": Family.IPV6}
+    chosen = set()
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part not in names:
+            raise argparse.ArgumentTypeError(f"unknown IP family {part!r} (use IPv4, IPv6 or IPv4,IPv6)")
+        chosen.add(names[part])
+    return frozenset(chosen)
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text.rstrip("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite, non-negative number of seconds")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
+    return value
+
+
+def ip(text: str) -> str:
+    try:
+        return canonical_ip(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def cidrs(text: str) -> str:
+    """A comma-separated list of CIDRs (or bare addresses), checked; kept as given."""
+    for part in split_csv([text]):
+        try:
+            ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a CIDR (like 10.0.0.0/8 or fd00::/64)") from None
+    return text
+
+
+def bind(text: str) -> str:
+    try:
+        parse_bind(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
