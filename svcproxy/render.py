@@ -1,15 +1,28 @@
 """Plans as people and programs read them: a table diff in text, and JSON.
 
 Pure formatting, no I/O: the CLI and the agent's dry-run log print the same text.
+Virtual services are listed in numeric address order (IPv4 before IPv6), then port,
+then protocol, so a Service's TCP and UDP ports stand together; where the caller
+knows them, each line names the Service ports it serves (``namespace/name:port``
+and the kind: ClusterIP, NodePort, externalIP, LoadBalancer). The JSON document has
+a ``version`` that changes only when a field changes meaning or goes away.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from svcproxy.diff import summarize
+from svcproxy.kube.translate import Origin
 from svcproxy.model import Destination, OpKind, Operation, ServiceKey, Table, VirtualService
+
+#: The JSON document's version (``plan -o json``, ``sync -o json``).
+JSON_VERSION = 1
+Origins = Mapping[ServiceKey, Sequence[Origin]]
+_NO_ORIGINS: Origins = {}
 
 _GREEN, _RED, _YELLOW, _BOLD, _RESET = "\033[32m", "\033[31m", "\033[33m", "\033[1m", "\033[0m"
 
@@ -25,11 +38,24 @@ def destination_json(dest: Destination) -> dict[str, Any]:
     return {"address": dest.address, "port": dest.port, "weight": dest.weight, "forward": dest.forward.value}
 
 
-def service_json(vs: VirtualService) -> dict[str, Any]:
+def address_order(key: ServiceKey) -> tuple[int, int, int, str]:
+    """Numeric address (IPv4 first), port, protocol; fwmark services last."""
+    if key.fwmark:
+        return (2, key.fwmark, 0, "")
+    ip = ipaddress.ip_address(key.address)
+    return (0 if ip.version == 4 else 1, int(ip), key.port, key.protocol.value)
+
+
+def origin_json(origin: Origin) -> dict[str, str]:
+    return {"namespace": origin.namespace, "name": origin.name, "port": origin.port, "kind": origin.kind}
+
+
+def service_json(vs: VirtualService, origins: Sequence[Origin] = ()) -> dict[str, Any]:
     doc = key_json(vs.key)
     doc.update(scheduler=vs.scheduler, persistence=vs.persistence)
     if vs.flags:
         doc["flags"] = sorted(vs.flags)
+    doc["origin"] = [origin_json(o) for o in origins]
     doc["destinations"] = [destination_json(d) for d in vs.destinations]
     return doc
 
@@ -49,11 +75,31 @@ def operation_json(op: Operation) -> dict[str, Any]:
     return doc
 
 
-def plan_json(desired: Table, ops: Sequence[Operation]) -> dict[str, Any]:
+def plan_json(desired: Table, ops: Sequence[Operation], origins: Origins = _NO_ORIGINS) -> dict[str, Any]:
+    services = sorted(desired.services.values(), key=lambda vs: address_order(vs.key))
     return {
-        "services": [service_json(vs) for vs in desired.sorted()],
+        "version": JSON_VERSION,
+        "services": [service_json(vs, origins.get(vs.key, ())) for vs in services],
         "operations": [operation_json(op) for op in ops],
     }
+
+
+def json_text(doc: Mapping[str, Any]) -> str:
+    """``doc`` as JSON text, one list item per line: readable, yet written by the C
+    encoder (the standard library's indenting encoder is pure Python) in one piece."""
+    parts = ["{"]
+    for i, (name, value) in enumerate(doc.items()):
+        head = f"{',' if i else ''}\n  {json.dumps(name)}: "
+        if isinstance(value, list) and value:
+            items = ",\n    ".join(map(_compact, value))
+            parts.append(f"{head}[\n    {items}\n  ]")
+        else:
+            parts.append(head + _compact(value))
+    parts.append("\n}\n")
+    return "".join(parts)
+
+
+_compact = json.JSONEncoder(separators=(", ", ": ")).encode
 
 
 def _service_label(key: ServiceKey) -> str:
@@ -77,7 +123,8 @@ def _dest_text(dest: Destination) -> str:
     return f"-> {host}:{dest.port}  {dest.forward.value} weight {dest.weight}"
 
 
-def plan_text(desired: Table, actual: Table, ops: Sequence[Operation], *, color: bool = False) -> str:
+def plan_text(desired: Table, actual: Table, ops: Sequence[Operation], *, color: bool = False,
+              origins: Origins = _NO_ORIGINS) -> str:
     """A diff of the two tables restricted to what the plan changes, then a summary."""
 
     def paint(code: str, text: str) -> str:
@@ -87,7 +134,7 @@ def plan_text(desired: Table, actual: Table, ops: Sequence[Operation], *, color:
     for op in ops:
         by_service[op.service].append(op)
     lines: list[str] = []
-    for key in sorted(by_service):
+    for key in sorted(by_service, key=address_order):
         service_ops = by_service[key]
         kinds = {op.kind for op in service_ops}
         before = actual.services.get(key)
@@ -103,6 +150,9 @@ def plan_text(desired: Table, actual: Table, ops: Sequence[Operation], *, color:
             lines.append(paint(_YELLOW, f"~ {label}  {old} => {new}"))
         else:
             lines.append(paint(_BOLD, f"  {label}") if color else f"  {label}")
+        named = origins.get(key)
+        if named:
+            lines[-1] += "  # " + ", ".join(map(str, named))
         old_dests = before.destination_map() if before is not None else {}
         for op in service_ops:
             dest = op.destination

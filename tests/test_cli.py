@@ -89,8 +89,10 @@ def test_plan_json_shape(cluster: Path) -> None:
     code, out, _ = run(["plan", "-f", str(cluster), "-o", "json"], MemoryBackend(stale))
     assert code == 2
     doc = json.loads(out)
+    assert doc["version"] == 1
     assert doc["services"] == [{
         "protocol": "TCP", "address": "10.96.0.20", "port": 80, "scheduler": "rr", "persistence": None,
+        "origin": [{"namespace": "default", "name": "web", "port": "http", "kind": "ClusterIP"}],
         "destinations": [
             {"address": "10.244.1.5", "port": 8080, "weight": 1, "forward": "masq"},
             {"address": "10.244.2.7", "port": 8080, "weight": 1, "forward": "masq"},
@@ -391,3 +393,62 @@ def test_a_broken_kubeconfig_is_one_line_before_anything_starts(content: bytes, 
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "kubeconfig" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+ORIGINS = """\
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: dns, namespace: kube-system}
+  spec:
+    clusterIP: 10.96.0.10
+    clusterIPs: [10.96.0.10, "fd00:10:96::a"]
+    ipFamilies: [IPv4, IPv6]
+    ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]
+- apiVersion: v1
+  kind: Service
+  metadata: {name: lb, namespace: shop}
+  spec:
+    type: LoadBalancer
+    clusterIP: 10.96.0.9
+    clusterIPs: [10.96.0.9]
+    externalIPs: [198.51.100.7]
+    ports: [{port: 443, protocol: TCP, nodePort: 30443}]
+  status: {loadBalancer: {ingress: [{ip: 203.0.113.9}]}}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: big, namespace: shop}
+  spec:
+    clusterIP: 10.96.0.100
+    clusterIPs: [10.96.0.100]
+    ports: [{name: http, port: 80, protocol: TCP}]
+"""
+
+
+def test_plan_names_each_virtual_service_and_orders_addresses_numerically(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(ORIGINS)
+    code, out, _ = run(["plan", "-f", str(path), "--node", "node-a", "--node-ip", "192.168.49.2"], MemoryBackend())
+    assert code == 2
+    heads = [line for line in out.splitlines() if line.startswith("+ ") and "->" not in line]
+    assert heads == [
+        "+ TCP  10.96.0.9:443  rr  # shop/lb:443 ClusterIP",
+        "+ TCP  10.96.0.10:53  rr  # kube-system/dns:dns-tcp ClusterIP",
+        "+ UDP  10.96.0.10:53  rr  # kube-system/dns:dns ClusterIP",
+        "+ TCP  10.96.0.100:80  rr  # shop/big:http ClusterIP",
+        "+ TCP  192.168.49.2:30443  rr  # shop/lb:443 NodePort",
+        "+ TCP  198.51.100.7:443  rr  # shop/lb:443 externalIP",
+        "+ TCP  203.0.113.9:443  rr  # shop/lb:443 LoadBalancer",
+        "+ TCP  [fd00:10:96::a]:53  rr  # kube-system/dns:dns-tcp ClusterIP",
+        "+ UDP  [fd00:10:96::a]:53  rr  # kube-system/dns:dns ClusterIP",
+    ]
+    code, out, _ = run(["plan", "-f", str(path), "--node", "node-a", "--node-ip", "192.168.49.2", "-o", "json"],
+                       MemoryBackend())
+    doc = json.loads(out)
+    assert doc["version"] == 1
+    assert [(s["address"], s["protocol"], s["origin"][0]["kind"]) for s in doc["services"]][4:7] == [
+        ("192.168.49.2", "TCP", "NodePort"), ("198.51.100.7", "TCP", "externalIP"),
+        ("203.0.113.9", "TCP", "LoadBalancer")]
+    assert doc["services"][0]["origin"] == [{"namespace": "shop", "name": "lb", "port": "443", "kind": "ClusterIP"}]

@@ -29,6 +29,7 @@ _NODE_PORT_TYPES = ("NodePort", "LoadBalancer")
 #: ``ServiceSpec(...)``/``FamilyAddresses(...)`` without the Python-level ``__new__``
 #: NamedTuple generates: both are built for every Service translated.
 _new = tuple.__new__
+_NO_ADDRESSES: frozenset[str] = frozenset()
 
 
 class ServicePort(NamedTuple):
@@ -62,6 +63,8 @@ class ServiceSpec(NamedTuple):
     internal_local: bool
     external_local: bool
     health_check_node_port: int | None
+    #: Which external addresses are ``spec.externalIPs`` (the others: LoadBalancer ingress).
+    external_ips: frozenset[str]
 
 
 def valid_port(value: object) -> TypeGuard[int]:
@@ -105,7 +108,7 @@ def read_service(
         node_ports or bool(spec.get("externalIPs"))
     )
     families = frozenset(f for f in cluster_ips if f in config_families)
-    external = _external_addresses(service, spec, families, config_families, what, problems)
+    external, external_ips = _external_addresses(service, spec, families, config_families, what, problems)
     addresses = tuple([
         _new(FamilyAddresses, (
             family,
@@ -121,7 +124,7 @@ def read_service(
         else None
     )
     return _new(ServiceSpec, (families, addresses, ports, scheduler, persistence,
-                              internal_local, external_local, health_port))
+                              internal_local, external_local, health_port, external_ips))
 
 
 def _service_type(spec: Mapping[str, Any], what: str, problems: list[Problem]) -> str | None:
@@ -303,11 +306,12 @@ def _external_addresses(
     config_families: frozenset[Family],
     what: str,
     problems: list[Problem],
-) -> list[str]:
-    """externalIPs and LoadBalancer ingress IPs in the served families."""
+) -> tuple[list[str], frozenset[str]]:
+    """externalIPs and LoadBalancer ingress IPs in the served families, and which of
+    them are externalIPs."""
     external: list[str] = []
-    for ip in _address_list(spec.get("externalIPs"), "spec.externalIPs", what, problems) + \
-            _ingress_ips(service.get("status"), what, problems):
+    external_ips = _address_list(spec.get("externalIPs"), "spec.externalIPs", what, problems)
+    for ip in external_ips + _ingress_ips(service.get("status"), what, problems):
         family = family_of(ip)
         if family in families:
             external.append(ip)
@@ -317,7 +321,7 @@ def _external_addresses(
                         f"external address {ip}: the Service has no {family.value} clusterIP",
                         "warning")
             )
-    return external
+    return external, frozenset(external_ips) if external_ips else _NO_ADDRESSES
 
 
 def _address_list(

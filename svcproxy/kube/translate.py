@@ -62,6 +62,7 @@ __all__ = [
     "SERVICE_NAME_LABEL",
     "ZONE_LABEL",
     "NodeInfo",
+    "Origin",
     "Problem",
     "ServiceInfo",
     "TranslateConfig",
@@ -128,6 +129,27 @@ class Translation:
     table: Table
     problems: tuple[Problem, ...]
     services: Mapping[tuple[str, str], ServiceInfo] = field(default_factory=dict)
+    #: What each virtual service is for (``translate`` only; the agent has no use for it).
+    origins: Mapping[ServiceKey, tuple["Origin", ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, order=True)
+class Origin:
+    """One Service port a virtual service serves, as a person names it."""
+
+    namespace: str
+    name: str
+    #: The port's name, or its number when it has none.
+    port: str
+    #: ClusterIP, externalIP, LoadBalancer or NodePort.
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}:{self.port} {self.kind}"
+
+
+#: (key, port name or number, kind) of each virtual service a Service asks for.
+_OriginParts = tuple[ServiceKey, str, str]
 
 
 # --- small field readers -------------------------------------------------------------
@@ -249,12 +271,13 @@ def _translate_one(
     nn: NamespacedName | None,
     slices: Sequence[Mapping[str, Any]],
     config: TranslateConfig,
+    origins: list[_OriginParts] | None = None,
 ) -> tuple[list[VirtualService], list[Problem], ServiceInfo | None]:
     problems: list[Problem] = []
     what = "Service"
     try:
         what = f"Service {nn[0]}/{nn[1]}" if nn is not None else display_name("Service", service)
-        vss, info = _translate_service(service, nn, slices, config, what, problems)
+        vss, info = _translate_service(service, nn, slices, config, what, problems, origins)
         return vss, problems, info
     except Exception as exc:  # last resort: never lose the other Services
         problems.append(Problem("malformed-object", what, f"{type(exc).__name__}: {exc}"))
@@ -268,6 +291,7 @@ def _translate_service(
     config: TranslateConfig,
     what: str,
     problems: list[Problem],
+    origins: list[_OriginParts] | None,
 ) -> tuple[list[VirtualService], ServiceInfo | None]:
     """The steps: is it ours, what it asks for, its endpoints, its virtual services."""
     if nn is None:
@@ -283,7 +307,7 @@ def _translate_service(
     groups: dict[PortKey, list[Endpoint]] = {}
     if spec.families and spec.ports:
         groups = endpoint_groups(slices, spec.families, node.name, what, problems)
-    vss = _virtual_services(spec, groups, node, what, problems)
+    vss = _virtual_services(spec, groups, node, what, problems, origins)
     return vss, _service_info(nn, spec, groups, vss)
 
 
@@ -293,8 +317,10 @@ def _virtual_services(
     node: NodeInfo,
     what: str,
     problems: list[Problem],
+    origins: list[_OriginParts] | None = None,
 ) -> list[VirtualService]:
-    """Per port and family: the ClusterIP, external and node-address virtual services.
+    """Per port and family: the ClusterIP, external and node-address virtual services
+    (and, into ``origins`` when given, what each one is for).
 
     ClusterIP traffic follows the internal traffic policy, the rest the external one;
     each policy picks the cluster-wide or this node's endpoints of the port.
@@ -304,6 +330,8 @@ def _virtual_services(
     seen: set[tuple[Protocol, str, int]] = set()  # tuples: hashed in C, keys in Python
 
     def add(protocol: Protocol, address: str, port: int, dests: tuple[Destination, ...]) -> None:
+        if origins is not None:
+            origins.append((ServiceKey(protocol, address, port), port_name, kind))
         if (protocol, address, port) in seen:
             key = ServiceKey(protocol, address, port)
             problems.append(
@@ -330,10 +358,13 @@ def _virtual_services(
             local_dests = _destinations(cat.local, made)
             internal = local_dests if internal_local else cluster_dests
             ext = local_dests if external_local else cluster_dests
+            port_name, kind = port.name or str(port.port), "ClusterIP"
             add(port.protocol, family.cluster_ip, port.port, internal)
             for ip in family.external:
+                kind = "externalIP" if ip in spec.external_ips else "LoadBalancer"
                 add(port.protocol, ip, port.port, ext)
             if port.node_port is not None:
+                kind = "NodePort"
                 for ip in family.node:
                     add(port.protocol, ip, port.node_port, ext)
     return vss
@@ -392,9 +423,10 @@ def translate(
     problems: list[Problem] = []
     by_service = _slices_by_service(slices, config, problems)
     by_name = _services_by_name(services, problems)
-    table, infos = _translate_all(by_name, by_service, config, problems)
+    origins: dict[ServiceKey, list[Origin]] = {}
+    table, infos = _translate_all(by_name, by_service, config, problems, origins)
     _report_orphans(by_service, by_name, problems)
-    return Translation(Table(table), tuple(problems), infos)
+    return Translation(Table(table), tuple(problems), infos, {k: tuple(v) for k, v in origins.items()})
 
 
 def _slices_by_service(
@@ -488,17 +520,29 @@ def _translate_all(
     by_service: Mapping[NamespacedName, list[Mapping[str, Any]]],
     config: TranslateConfig,
     problems: list[Problem],
+    origins: dict[ServiceKey, list[Origin]],
 ) -> tuple[dict[ServiceKey, VirtualService], dict[NamespacedName, ServiceInfo]]:
     """Each Service in sorted (namespace, name) order; a key already taken is dropped."""
     owners = Owners()
     infos: dict[NamespacedName, ServiceInfo] = {}
     for nn in sorted(by_name):
-        vss, svc_problems, info = _translate_one(by_name[nn], nn, by_service.get(nn, []), config)
+        parts: list[_OriginParts] = []
+        vss, svc_problems, info = _translate_one(by_name[nn], nn, by_service.get(nn, []), config, parts)
         problems.extend(svc_problems)
         keys = owners.claim(nn, vss, problems)
         if info is not None:
             infos[nn] = with_keys(info, keys)
+        _add_origins(origins, nn, parts, keys)
     return owners.table, infos
+
+
+def _add_origins(origins: dict[ServiceKey, list[Origin]], nn: NamespacedName, parts: list[_OriginParts],
+                 keys: tuple[ServiceKey, ...]) -> None:
+    """What each key the Service got is for (a key named twice lists both)."""
+    got = set(keys)
+    for key, port, kind in parts:
+        if key in got:
+            origins.setdefault(key, []).append(Origin(nn[0], nn[1], port, kind))
 
 
 def with_keys(info: ServiceInfo, keys: tuple[ServiceKey, ...]) -> ServiceInfo:
