@@ -32,7 +32,7 @@ from svcproxy.node.dummy import DEVICE
 from svcproxy.podns.visible import pod_visible
 from svcproxy.podns.mode import IP_VS_MODE_PARAM, Mode, ModeDecision, ModeError, decide
 from svcproxy.podns.cni import DEFAULT_SOCKET as DEFAULT_CNI_SOCKET
-from svcproxy.render import json_text, plan_json, plan_text
+from svcproxy.render import plan_json, plan_json_text, plan_text
 
 if TYPE_CHECKING:  # the node and Pod-namespace stacks are imported where they are used:
     # a one-shot plan without them starts several times faster
@@ -316,11 +316,11 @@ def run_plan(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextI
     reports = pod_namespaces(args, planned, backend, decision, apply=False)
     if args.output == "json":
         origins = planned.translation.origins
-        doc = plan_json(planned.translation.table, planned.operations, origins)
+        extra: dict[str, Any] = {}
         if reports:
-            doc["pod_namespaces"] = [{"netns": r.path, "status": r.status, "note": r.error,
-                                      **_nested(plan_json(r.desired, r.operations, origins))} for r in reports]
-        out.write(json_text(doc))
+            extra["pod_namespaces"] = [{"netns": r.path, "status": r.status, "note": r.error,
+                                        **_nested(plan_json(r.desired, r.operations, origins))} for r in reports]
+        out.write(plan_json_text(planned.translation.table, planned.operations, origins, extra))
     else:
         out.write(plan_text(planned.translation.table, planned.actual, planned.operations,
                             color=_use_color(args.color, out), origins=planned.translation.origins))
@@ -353,15 +353,14 @@ def run_sync(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextI
     applied = [op for op in planned.operations if id(op) not in failed_ops]
     reports = pod_namespaces(args, planned, backend, decision, apply=True)
     if args.output == "json":
-        doc: dict[str, Any] = plan_json(planned.translation.table, planned.operations, planned.translation.origins)
-        doc["applied"] = len(applied)
-        doc["failed"] = [{"operation": str(f.operation), "error": f.error} for f in failed]
+        doc: dict[str, Any] = {"applied": len(applied),
+                               "failed": [{"operation": str(f.operation), "error": f.error} for f in failed]}
         if reports:
             doc["pod_namespaces"] = [
                 {"netns": r.path, "status": r.status, "applied": len(r.applied), "error": r.error,
                  "failed": [{"operation": str(f.operation), "error": f.error} for f in r.failed]}
                 for r in reports]
-        out.write(json_text(doc))
+        out.write(plan_json_text(planned.translation.table, planned.operations, planned.translation.origins, doc))
     else:
         for op in applied:
             out.write(f"applied {op}\n")
