@@ -226,6 +226,19 @@ def _iter_lines(resp: Any) -> Iterator[bytes]:
         yield b"".join(partial)
 
 
+def _endpoint(api_client: kubernetes.client.ApiClient, kind: Kind,
+              node_name: str | None) -> tuple[Callable[..., Any], dict[str, str], str]:
+    """The client call that lists and watches ``kind``, its selector, and its name in logs."""
+    if kind is Kind.SERVICE:
+        return (kubernetes.client.CoreV1Api(api_client).list_service_for_all_namespaces,
+                {"label_selector": HEADLESS_SELECTOR}, "services")
+    if kind is Kind.ENDPOINT_SLICE:
+        return (kubernetes.client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces,
+                {"label_selector": HEADLESS_SELECTOR}, "endpointslices")
+    return (kubernetes.client.CoreV1Api(api_client).list_node,
+            {"field_selector": f"metadata.name={node_name}"}, f"node {node_name}")
+
+
 class Watcher:
     """List, then watch, one resource; deliver every change to ``sink``.
 
@@ -279,21 +292,7 @@ class Watcher:
         self._inflight: Any = None  # the urllib3 response being read, for prompt stop
         self._thread: threading.Thread | None = None
         self._waker: threading.Thread | None = None
-        core = kubernetes.client.CoreV1Api(api_client)
-        self._selector: dict[str, str]
-        self._lister: Callable[..., Any]
-        if kind is Kind.SERVICE:
-            self._lister = core.list_service_for_all_namespaces
-            self._selector = {"label_selector": HEADLESS_SELECTOR}
-            self._what = "services"
-        elif kind is Kind.ENDPOINT_SLICE:
-            self._lister = kubernetes.client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces
-            self._selector = {"label_selector": HEADLESS_SELECTOR}
-            self._what = "endpointslices"
-        else:
-            self._lister = core.list_node
-            self._selector = {"field_selector": f"metadata.name={node_name}"}
-            self._what = f"node {node_name}"
+        self._lister, self._selector, self._what = _endpoint(api_client, kind, node_name)
 
     # --- lifecycle ----------------------------------------------------------------
 
