@@ -243,7 +243,8 @@ def test_a_file_that_parses_to_nothing_keeps_the_rules_and_an_empty_list_removes
     r = start_agent(file=str(path))
     wait_until(lambda: r.dests(WEB) == {"10.244.1.1": 1}, what="file sync")
     source = r.agent.sources[0]
-    for broken in ("\n", "a scalar\n", "kind: ConfigMap\n"):
+    for broken in ("\n", "a scalar\n", "kind: ConfigMap\n", "kind: Service\napiVersion: v1\n",
+                   "kind: Service\nmetadata: {name: ''}\n"):
         errors = source.stats.errors
         path.write_text(broken)
         wait_until(lambda: source.stats.errors > errors, what=f"the file source noticing {broken!r}")
@@ -300,3 +301,19 @@ def test_a_dry_run_beside_the_live_agent_takes_nothing_and_previews_without_ipvs
         live.settimeout(1)
     finally:
         live.close()
+
+
+def test_a_service_listed_twice_in_a_file_keeps_the_first_copy_as_plan_does(
+        start_agent: Callable[..., Running], tmp_path: Path) -> None:
+    from svcproxy.cli import main
+
+    first = service("web", "10.96.0.20", 80)
+    second = _without_namespace(service("web", "10.96.0.99", 80))  # the same Service: "default"
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [first, second, slice_("web", "10.244.1.1")]}))
+    r = start_agent(file=str(path))
+    wait_until(lambda: r.dests(WEB) == {"10.244.1.1": 1}, what="file sync")
+    assert set(r.backend.read().services) == {WEB}
+    planned = MemoryBackend()
+    assert main(["sync", "-f", str(path), "--node", "node-a"], backend=planned) == 0
+    assert set(planned.read().services) == {WEB}

@@ -125,7 +125,8 @@ def test_example_cluster_file() -> None:
 
 
 def test_nothing_is_not_an_empty_cluster_but_an_empty_list_is() -> None:
-    for text in ("", "\n", "just a scalar\n", "---\n---\n", "[]", "kind: ConfigMap\n"):
+    for text in ("", "\n", "just a scalar\n", "---\n---\n", "[]", "kind: ConfigMap\n",
+                 "kind: Service\napiVersion: v1\n", "kind: Service\nmetadata: {name: ''}\n"):
         got = parse_objects(text)
         assert got.empty and not got.explicit_empty, text
     for text in ('{"apiVersion": "v1", "kind": "List", "items": []}', "kind: ServiceList\nitems: []\n"):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from svcproxy import safe_yaml
+from svcproxy.kube.objects import namespaced_name
 from svcproxy.kube.translate import Problem
 
 
@@ -47,7 +48,7 @@ class LoadedObjects:
 
     @property
     def empty(self) -> bool:
-        """No Service, EndpointSlice or Node at all."""
+        """No usable Service, EndpointSlice or Node at all (nameless ones are problems)."""
         return not (self.services or self.endpoint_slices or self.nodes)
 
 
@@ -131,6 +132,9 @@ def _sorted_objects(documents: list[Any], source: str) -> LoadedObjects:
                         "warning",
                     )
                 )
+                continue
+            if namespaced_name(obj, cluster_scoped=kind == "Node") is None:
+                problems.append(Problem("malformed-object", where, f"{kind} without a usable metadata.name"))
                 continue
             buckets[bucket].append(obj)
     return LoadedObjects(

@@ -166,24 +166,28 @@ class FileSource:
         if after != before:
             return False
         self._seen = before
-        if loaded.empty and not loaded.explicit_empty:
-            self._problem("no Services, EndpointSlices or Nodes in it (an empty List, "
-                          "kind: List with items: [], removes everything)")
-            return False
-        if loaded.empty:
-            log.warning("file %s: an empty List: every Service goes, and its virtual services with it", self.path)
-        self._last_problem = None
-        self._apply(loaded)
-        return True
-
-    def _apply(self, loaded: Loaded) -> None:
         for problem in loaded.problems:
             log.warning("file %s: %s", self.path, problem)
-        batches = (
+            self.stats.malformed += getattr(problem, "kind", "") == "malformed-object"
+        batches = self._batches(loaded)
+        if not any(items for _, items in batches):
+            if not loaded.explicit_empty:
+                self._problem("no usable Service, EndpointSlice or Node in it (an empty List, "
+                              "kind: List with items: [], removes everything)")
+                return False
+            log.warning("file %s: an empty List: every Service goes, and its virtual services with it", self.path)
+        self._last_problem = None
+        self._apply(batches)
+        return True
+
+    def _batches(self, loaded: Loaded) -> list[tuple[Kind, list[tuple[Key, Mapping[str, Any]]]]]:
+        return [
             (Kind.NODE, self._usable(loaded.nodes, Kind.NODE)),
             (Kind.SERVICE, self._usable(loaded.services, Kind.SERVICE)),
             (Kind.ENDPOINT_SLICE, self._usable(loaded.endpoint_slices, Kind.ENDPOINT_SLICE)),
-        )
+        ]
+
+    def _apply(self, batches: list[tuple[Kind, list[tuple[Key, Mapping[str, Any]]]]]) -> None:
         events = [event for kind, items in batches for event in self._stores[kind].replace(items)]
         self.stats.reads += 1
         log.info("file %s: read %s; %d changes", self.path,
@@ -205,12 +209,18 @@ class FileSource:
     def _usable(self, objs: Iterable[Any], kind: Kind) -> list[tuple[Key, Mapping[str, Any]]]:
         """The objects the API server would have sent: same selectors, kind filled in."""
         out: list[tuple[Key, Mapping[str, Any]]] = []
+        seen: set[Key] = set()
         for obj in objs:
             key = object_key(obj, kind)
             if key is None:
                 self.stats.malformed += 1
                 log.warning("file %s: skipping %s without metadata.name", self.path, kind.value)
                 continue
+            if key in seen:  # first copy kept, as translation keeps it (plan says the same)
+                self.stats.malformed += 1
+                log.warning("file %s: %s %s/%s is listed twice: the first one is kept", self.path, kind.value, *key)
+                continue
+            seen.add(key)
             if kind is Kind.NODE:
                 if self.node_name and key[1] != self.node_name:
                     continue
