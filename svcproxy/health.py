@@ -14,8 +14,10 @@ healthCheckNodePort servers (externalTrafficPolicy Local) answer as kube-proxy's
 healthy, the ``X-Load-Balancing-Endpoint-Weight`` header, and the JSON body.
 
 Every server is reachable by anything on the node's network, so none of them may be
-tied up by clients: an idle connection is closed after ``IDLE_TIMEOUT`` seconds and at
-most ``MAX_CONNECTIONS`` are served at once per server (more are closed at once).
+tied up by clients: an idle connection is closed after ``IDLE_TIMEOUT`` seconds, and at
+most ``MAX_CONNECTIONS`` are served at once per server. A new connection beyond that
+closes the oldest one instead of waiting: probes open a fresh connection and are answered
+within milliseconds, so clients that trickle bytes to hold every slot cannot shut them out.
 An IPv6 address binds IPv6 (``::`` both families); ``0.0.0.0`` binds IPv4.
 """
 
@@ -157,7 +159,8 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], dispatch: Callable[[_Handler], None]) -> None:
         self.dispatch = dispatch
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._live: dict[Any, None] = {}  # connections being served, oldest first
+        self._live_lock = threading.Lock()
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
         super().__init__(addr, _Handler)
@@ -168,20 +171,23 @@ class _Server(ThreadingHTTPServer):
         super().server_bind()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # at capacity: refuse rather than queue a thread
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+        with self._live_lock:
+            while len(self._live) >= MAX_CONNECTIONS:
+                oldest = next(iter(self._live))
+                del self._live[oldest]
+                try:  # its thread sees the end of the stream and finishes
+                    oldest.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._live[request] = None
+        super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            with self._live_lock:
+                self._live.pop(request, None)
 
 
 class HealthServer:

@@ -219,3 +219,38 @@ def test_idle_connections_are_closed_and_connection_threads_are_bounded(monkeypa
         for s in idle:
             s.close()
         srv.stop()
+
+
+def test_clients_trickling_bytes_into_every_slot_cannot_shut_probes_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each holds its connection with a header byte now and then (never idle long
+    enough to time out); a probe must still be answered, every time."""
+    monkeypatch.setattr(health, "MAX_CONNECTIONS", 8)
+    monkeypatch.setattr(health._Handler, "timeout", 2.0)
+    srv = HealthServer("127.0.0.1:0", HealthState(timeout=60), Metrics())
+    srv.start()
+    stop = threading.Event()
+    slow: list[socket.socket] = []
+
+    def trickle() -> None:
+        while not stop.wait(0.3):
+            for s in list(slow):
+                try:
+                    s.send(b"X")
+                except OSError:
+                    pass
+
+    try:
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            s.send(b"GET /livez HTTP/1.1\r\nX-Slow: ")
+            slow.append(s)
+        threading.Thread(target=trickle, daemon=True).start()
+        for _ in range(5):
+            assert get(f"http://127.0.0.1:{srv.port}/livez")[0] == 200
+            time.sleep(0.5)
+        assert threading.active_count() < 30
+    finally:
+        stop.set()
+        for s in slow:
+            s.close()
+        srv.stop()
