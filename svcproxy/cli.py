@@ -142,7 +142,7 @@ def _run_parser(sub: Subparsers) -> _Parser:
                           "the API server sends a bookmark on a quiet watch about once a minute)")
     run.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False, help="watch and compute as usual, log each plan, change nothing")
     run.add_argument("--min-sync-period", type=flags.seconds, default=1.0, help="minimum seconds between syncs (default 1)")
-    run.add_argument("--sync-period", type=flags.seconds, default=30.0,
+    run.add_argument("--sync-period", type=flags.positive_seconds, default=30.0,
                      help="seconds between full syncs that re-read the kernel and repair drift (default 30)")
     run.add_argument("--graceful-timeout", type=flags.seconds, default=900.0,
                      help="seconds a removed TCP real server may drain at weight 0 (default 900)")
@@ -164,12 +164,12 @@ def _run_podns_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--pod-netns-dir", default=None, metavar="DIR",
                      help="attach every network namespace file found in DIR (e.g. /var/run/netns), "
                           "rescanned every --pod-netns-scan-period seconds (default: no scan)")
-    run.add_argument("--pod-netns-scan-period", type=flags.seconds, default=30.0,
+    run.add_argument("--pod-netns-scan-period", type=flags.positive_seconds, default=30.0,
                      help="seconds between scans of --pod-netns-dir (default 30)")
     run.add_argument("--cni-socket", default=None, metavar="PATH",
                      help=f"unix socket the svcproxy-cni plugin asks to attach Pod namespaces on "
                           f"(default {DEFAULT_CNI_SOCKET}; '' disables it)")
-    run.add_argument("--cni-timeout", type=flags.seconds, default=30.0,
+    run.add_argument("--cni-timeout", type=flags.positive_seconds, default=30.0,
                      help="seconds a CNI ADD may wait for its namespace's table to be programmed (default 30)")
 
 

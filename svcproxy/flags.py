@@ -51,14 +51,20 @@ def families(text: str) -> frozenset[Family]:
     return frozenset(chosen)
 
 
+#: Longest duration a flag takes (a week): waits past the platform's limit fail at run
+#: time, and nothing svcproxy times is meant to wait longer.
+MAX_SECONDS = 7 * 86400
+
+
 def seconds(text: str) -> float:
+    """A duration in seconds, ``30`` or ``30s``: 0 to a week."""
     try:
-        value = float(text.rstrip("s"))
+        value = float(text.removesuffix("s"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite, non-negative number of seconds")
-    return value
+    if not math.isfinite(value) or value < 0 or value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be from 0 to {MAX_SECONDS} seconds")
+    return value + 0.0  # -0.0 is 0
 
 
 def positive_seconds(text: str) -> float:
@@ -69,7 +75,10 @@ def positive_seconds(text: str) -> float:
 
 
 def ip(text: str) -> str:
+    """An IP address, canonical; a scoped IPv6 address (``%eth0``) is not a node address."""
     try:
+        if "%" in text:
+            raise ValueError(text)
         return canonical_ip(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None

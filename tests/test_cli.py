@@ -318,6 +318,12 @@ class Untouchable(MemoryBackend):
     ("run", "--sync-period", "nan"),
     ("run", "--min-sync-period", "-1"),
     ("run", "--graceful-timeout", "soon"),
+    ("run", "--sync-period", "1e12"),
+    ("run", "--sync-period", "0"),
+    ("run", "--sync-period", "5ss"),
+    ("run", "--pod-netns-scan-period", "0"),
+    ("run", "--cni-timeout", "1e12"),
+    ("plan", "--node-ip", "fe80::1%eth0"),
     ("cleanup", "--exclude-cidrs", "x"),
 ])
 def test_a_bad_flag_value_is_one_line_naming_it_and_exit_1_before_anything(
