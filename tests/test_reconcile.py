@@ -560,7 +560,7 @@ def test_full_sync_translates_only_what_changed_since_the_last() -> None:
 
 def test_virtual_service_claimed_twice_moves_to_the_survivor() -> None:
     """Two Services with one ClusterIP:port (bad input): one owns it; when the owner
-    goes, the other's real servers take over by the next full sync at the latest."""
+    goes, the other's real servers take over in the same sync."""
     backend = MemoryBackend()
     p, clock = make(backend)
     load(p)
@@ -576,7 +576,9 @@ def test_virtual_service_claimed_twice_moves_to_the_survivor() -> None:
     survivor = next(n for n in ips if n != owner)
     clock.t += 2
     p.on_event(Kind.SERVICE, "DELETED", service(owner, "10.96.0.50", ("http", 80, "TCP")))
-    p.sync()
+    handed = p.sync()  # the loser claims the freed virtual service at once
+    assert not handed.full and handed.translated == 1
+    assert dests(backend, shared) == {ips[survivor]: 1, ips[owner]: 0}  # the old one drains
     clock.t += 31
     result = p.sync()
     assert result.full and result.translated == 3  # everything, while claims collided
@@ -642,3 +644,71 @@ def test_one_pod_namespace_that_cannot_be_prepared_stops_nothing_else() -> None:
     assert result.full and result.failed == 1
     assert WEB in node_backend.read().services and WEB in pod_ok.read().services
     assert len(pod_bad.read()) == 0 and p.pod_targets == ["/run/netns/bad", "/run/netns/ok"]
+
+
+def test_a_virtual_service_moving_between_services_in_one_batch_is_not_lost() -> None:
+    """An externalIP moves from beta to alpha (alpha sorts first) in one batch: every
+    changed Service lets go before any claims, so alpha gets it in that sync."""
+    backend = MemoryBackend()
+    p, clock = make(backend)
+    load(p)
+    moving = ServiceKey(Protocol.TCP, "203.0.113.7", 80)
+
+    def svc(name: str, ip: str, external: bool) -> dict[str, Any]:
+        return service(name, ip, ("http", 80, "TCP"), externalIPs=["203.0.113.7"] if external else [])
+
+    for name, ip, ext in (("alpha", "10.96.0.1", False), ("beta", "10.96.0.2", True)):
+        p.on_event(Kind.SERVICE, "ADDED", svc(name, ip, ext))
+        p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps(name, [f"10.244.9.{ip[-1]}"], ("http", 8080, "TCP")))
+    p.sync()
+    assert dests(backend, moving) == {"10.244.9.2": 1}
+    clock.t += 2
+    p.on_event(Kind.SERVICE, "MODIFIED", svc("alpha", "10.96.0.1", True))
+    p.on_event(Kind.SERVICE, "MODIFIED", svc("beta", "10.96.0.2", False))
+    result = p.sync()
+    assert not result.full and dests(backend, moving) == {"10.244.9.1": 1, "10.244.9.2": 0}  # beta's drains
+    assert p.metrics.input_problems.labels("duplicate-virtual-service")._value.get() == 0
+
+
+class FailsOnce(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next_apply = False
+
+    def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
+        if self.fail_next_apply:
+            self.fail_next_apply = False
+            raise BackendError("netlink socket closed")
+        return super().apply(ops)
+
+
+def test_a_deletion_in_a_failed_sync_is_not_forgotten_by_the_retry() -> None:
+    backend = FailsOnce()
+    p, clock = make(backend, retry_backoff=1.0)
+    load(p)
+    p.sync()
+    clock.t += 2
+    p.on_event(Kind.SERVICE, "DELETED", service("dns", "10.96.0.10", ("dns", 53, "UDP")))
+    backend.fail_next_apply = True
+    assert p.sync().skipped
+    clock.t += 2
+    retry = p.sync()
+    assert DNS_UDP not in backend.read().services, retry
+    assert WEB in backend.read().services
+
+
+def test_a_gone_namespace_detaches_only_the_target_that_went() -> None:
+    """The CNI server re-attaches a path while the loop syncs the old namespace under
+    it: the old one's NamespaceGone must not detach the new one."""
+    p, _ = make()
+    load(p)
+    new = Target("/run/netns/pod", MemoryBackend())
+
+    class Replaced(MemoryBackend):
+        def read(self, counts: bool | None = None) -> Table:
+            p.attach(new)  # re-attached meanwhile
+            raise NamespaceGone("/run/netns/pod now names another namespace")
+
+    p.attach(Target("/run/netns/pod", Replaced()))
+    p.sync()
+    assert p.pod_targets == ["/run/netns/pod"] and p._targets["/run/netns/pod"] is new

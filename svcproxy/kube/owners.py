@@ -36,9 +36,10 @@ class Owners:
         self.table: dict[ServiceKey, VirtualService] = {}
         self._owner: dict[ServiceKey, NamespacedName] = {}
         self._keys: dict[NamespacedName, tuple[ServiceKey, ...]] = {}
-        #: A claim was lost to another Service since these owners were made. Releasing
-        #: the owner does not hand the key over: only claiming everything again does.
+        #: A claim was lost to another Service since these owners were made.
         self.collided = False
+        #: Who lost a claim on each key (to claim again when the owner lets it go).
+        self._losers: dict[ServiceKey, set[NamespacedName]] = {}
 
     def claim(self, service: NamespacedName, vss: Iterable[VirtualService],
               problems: list[Problem]) -> tuple[ServiceKey, ...]:
@@ -54,7 +55,9 @@ class Owners:
             owner = owners.get(key)
             if owner is not None:
                 problems.append(duplicate(service, key, owner))
-                self.collided = self.collided or owner != service
+                if owner != service:
+                    self.collided = True
+                    self._losers.setdefault(key, set()).add(service)
                 continue
             table[key] = vs
             owners[key] = service
@@ -73,3 +76,11 @@ class Owners:
 
     def keys_of(self, service: NamespacedName) -> tuple[ServiceKey, ...]:
         return self._keys.get(service, ())
+
+    def losers(self, keys: Iterable[ServiceKey]) -> set[NamespacedName]:
+        """The Services that lost a claim on any of ``keys`` (and may claim them now);
+        they are forgotten here, as they are about to claim again."""
+        found: set[NamespacedName] = set()
+        for key in keys:
+            found |= self._losers.pop(key, set())
+        return found

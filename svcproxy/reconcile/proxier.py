@@ -223,6 +223,9 @@ class Proxier:
         log.error("sync failed, will retry in %.0f s: %s", delay, exc)
         self.metrics.sync_errors.inc()
         self.changes.put_back(changes)
+        # The desired state already moved on (a deleted Service's keys are gone from
+        # it), so the retry must compare everything with a fresh read of the kernel.
+        self.node_target.needs_full = True
         self._translate_all = self._translate_all or everything
         result = SyncResult(full, (), 0, self._monotonic() - start, skipped=str(exc))
         self.last_result = result
@@ -280,31 +283,43 @@ class Proxier:
             self.metrics.input_problems.labels(p.kind).inc()
             (log.warning if p.severity == "warning" else log.error)("%s", p)
 
-    def _translate(self, snapshot: Snapshot, *, everything: bool) -> tuple[set[ServiceKey], list[Problem]]:
-        """Translate the snapshot's Services into the desired state, in sorted order;
-        returns the keys that may have changed and the problems found."""
+    def _translate(self, snapshot: Snapshot, *, everything: bool) -> tuple[set[ServiceKey], list[Problem], int]:
+        """Translate the snapshot's Services into the desired state; returns the keys
+        that may have changed, the problems found and how many Services were translated.
+
+        Every changed Service lets its claims go before any claims again (in sorted
+        order), so a virtual service moving from one Service to another in one batch
+        is not lost; a Service that lost a claim on a key freed here claims again too.
+        """
         desired = self._desired
         if everything:
             desired.clear()
         changed: set[ServiceKey] = set()
+        for nn, (svc, _slices) in snapshot.items():
+            changed.update(desired.remove(nn) if svc is None else desired.release(nn))
+        waiting = desired.owners.losers(changed) - snapshot.keys()
+        if waiting:
+            with self.changes.lock:
+                snapshot = {**snapshot, **self.state.snapshot(waiting)}
+            for nn in waiting:
+                changed.update(desired.release(nn))
         problems: list[Problem] = []
         config = self._translate_config
+        translated = 0
         for nn in sorted(snapshot):
             svc, slices = snapshot[nn]
-            if svc is None:
-                changed.update(desired.remove(nn))
-                continue
-            changed.update(desired.release(nn))
-            vss, found, info = translate_service(svc, slices, config)
-            changed.update(desired.claim(nn, vss, info, found))
-            problems.extend(found)
+            if svc is not None:
+                vss, found, info = translate_service(svc, slices, config)
+                changed.update(desired.claim(nn, vss, info, found))
+                problems.extend(found)
+                translated += 1
         if everything:
             desired.forget_nat_of_gone()
-        return changed, problems
+        return changed, problems, translated
 
     def _sync(self, snapshot: Snapshot, start: float, *, full: bool, everything: bool) -> SyncResult:
         """Translate what changed (``everything``: all), then bring the targets in line."""
-        changed, problems = self._translate(snapshot, everything=everything)
+        changed, problems, translated = self._translate(snapshot, everything=everything)
         if full:
             # What a whole translation also says: slices whose Service does not exist
             # (only at full syncs, so that the moment between a Service's deletion
@@ -321,7 +336,7 @@ class Proxier:
         else:
             self.partial_syncs += 1
         result = self._sync_targets(start, full=full, changed=None if full else changed)
-        return replace(result, translated=sum(1 for svc, _ in snapshot.values() if svc is not None))
+        return replace(result, translated=translated)
 
     # --- targets --------------------------------------------------------------------
 
@@ -351,7 +366,7 @@ class Proxier:
                 done, bad = self.applier.sync(target, desired, scope=scope, now=self._monotonic())
             except NamespaceGone as exc:
                 log.info("Pod namespace %s is gone, detaching: %s", target.name, exc)
-                self.detach(target.name)
+                self.detach(target.name, only=target)  # not a new namespace attached there since
                 continue
             except Exception:
                 if not target.pod:
@@ -386,9 +401,14 @@ class Proxier:
             target = self._targets.get(name)
         return target is not None and target.synced.wait(timeout)
 
-    def detach(self, name: str) -> bool:
+    def detach(self, name: str, *, only: Target | None = None) -> bool:
+        """Stop syncing the named target (``only``: if it is still that one)."""
         with self.changes.lock:
-            return self._targets.pop(name, None) is not None
+            current = self._targets.get(name)
+            if current is None or (only is not None and current is not only):
+                return False
+            del self._targets[name]
+            return True
 
     @property
     def pod_targets(self) -> list[str]:
