@@ -146,8 +146,9 @@ def _run_parser(sub: Subparsers) -> _Parser:
                      help="seconds between full syncs that re-read the kernel and repair drift (default 30)")
     run.add_argument("--graceful-timeout", type=flags.seconds, default=900.0,
                      help="seconds a removed TCP real server may drain at weight 0 (default 900)")
-    run.add_argument("--health-bind", default="0.0.0.0:10256", type=flags.bind,
-                     help="address:port for /healthz /livez /readyz /metrics (default 0.0.0.0:10256)")
+    run.add_argument("--health-bind", default=None, type=flags.bind,
+                     help="address:port for /healthz /livez /readyz /metrics (default 0.0.0.0:10256; with "
+                          "--dry-run 127.0.0.1 on a free port, so that it runs beside the live agent)")
     run.add_argument("--healthcheck-bind-host", default="0.0.0.0", type=flags.ip,
                      help="address the healthCheckNodePort servers listen on (default 0.0.0.0)")
     _podns_args(run)
@@ -484,7 +485,7 @@ def run_agent(args: argparse.Namespace, backend: Backend) -> int:
         min_sync_period=args.min_sync_period,
         sync_period=args.sync_period,
         graceful_timeout=args.graceful_timeout,
-        health_bind=args.health_bind,
+        health_bind=args.health_bind or ("127.0.0.1:0" if args.dry_run else "0.0.0.0:10256"),
         healthcheck_bind_host=args.healthcheck_bind_host,
         dry_run=args.dry_run,
         cni_socket=DEFAULT_CNI_SOCKET if args.cni_socket is None else args.cni_socket,

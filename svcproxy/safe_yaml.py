@@ -61,22 +61,27 @@ def _checked_documents(text: str) -> list[Any]:
 
 
 def _check_nodes(root: yaml.Node) -> None:
-    """Refuse a document nested deeper than MAX_DEPTH, or whose aliases would add more
-    than MAX_ALIAS_NODES nodes. Each distinct node is visited once."""
+    """Refuse a document nested deeper than MAX_DEPTH, with an alias cycle (nothing
+    could compare or copy it), or whose aliases would add more than MAX_ALIAS_NODES
+    nodes. Each distinct node is visited once."""
     sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the path from the root: meeting one again is a cycle
 
     def size(node: yaml.Node, depth: int) -> int:
         if depth > MAX_DEPTH:
             raise YamlError(f"nested deeper than {MAX_DEPTH} levels")
+        if id(node) in open_nodes:
+            raise YamlError("an alias refers to a node that contains it (a cycle)")
         known = sizes.get(id(node))
         if known is not None:
             return known
-        sizes[id(node)] = 1  # a node that contains itself counts once
+        open_nodes.add(id(node))
         total = 1
         if isinstance(node, yaml.SequenceNode):
             total += sum(size(child, depth + 1) for child in node.value)
         elif isinstance(node, yaml.MappingNode):
             total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        open_nodes.discard(id(node))
         sizes[id(node)] = total
         return total
 

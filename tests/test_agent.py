@@ -317,3 +317,36 @@ def test_a_service_listed_twice_in_a_file_keeps_the_first_copy_as_plan_does(
     planned = MemoryBackend()
     assert main(["sync", "-f", str(path), "--node", "node-a"], backend=planned) == 0
     assert set(planned.read().services) == {WEB}
+
+
+def test_a_dry_run_starts_beside_an_agent_holding_the_health_port(tmp_path: Path) -> None:
+    """By default a dry run's health server takes 127.0.0.1 and a free port, not the
+    live agent's 10256 (held here by a socket of the test's)."""
+    import subprocess
+    import sys
+
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                   "items": [service("web", "10.96.0.20", 80), slice_("web", "10.244.1.1")]}))
+    with socket.socket() as live:
+        live.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            live.bind(("0.0.0.0", 10256))
+        except OSError:
+            pytest.skip("port 10256 is taken on this machine")
+        live.listen(1)
+        proc = subprocess.Popen([sys.executable, "-m", "svcproxy", "run", "-f", str(cluster), "--node", "node-a",
+                                 "--dry-run", "--cni-socket", "", "--node-plumbing", "off", "--backend", "ipvsadm",
+                                 "--ipvsadm", "/nonexistent/ipvsadm"],
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if "health and metrics on 127.0.0.1:" in line:
+                    break
+            else:
+                raise AssertionError("the dry run did not start its health server")
+            assert proc.poll() is None
+        finally:
+            proc.terminate()
+            proc.wait(10)

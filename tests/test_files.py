@@ -166,3 +166,9 @@ def test_deep_nesting_is_a_clear_error_or_harmless_never_a_traceback(text: str) 
         assert "\n" not in str(exc) and ("nested" in str(exc) or "nesting" in str(exc))
     else:
         assert got.empty
+
+
+def test_an_alias_cycle_is_refused() -> None:
+    """A Service whose spec contains itself: nothing could compare or copy it later."""
+    with pytest.raises(ObjectFileError, match="cycle"):
+        parse_objects("kind: Service\napiVersion: v1\nmetadata: {name: a}\nspec: &s {clusterIP: 10.96.0.1, self: *s}\n")
