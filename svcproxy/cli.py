@@ -260,7 +260,7 @@ def make_plan(args: argparse.Namespace, backend: Backend, err: TextIO) -> Planne
     node, node_problems = node_info(name, node_doc, args.node_ip)
     config = TranslateConfig(node=node, proxy_name=args.proxy_name, families=args.ip_families,
                              scheduler=args.scheduler)
-    translation = translate(objects.services, objects.endpoint_slices, config)
+    translation = translate(objects.services, objects.endpoint_slices, config, origins=True)
     report_problems([*objects.problems, *node_problems, *translation.problems], err)
     live = args.current_file is None
     if not live:

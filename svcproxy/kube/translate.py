@@ -418,15 +418,20 @@ def translate(
     services: Iterable[Mapping[str, Any]],
     slices: Iterable[Mapping[str, Any]],
     config: TranslateConfig,
+    *,
+    origins: bool = False,
 ) -> Translation:
-    """The node's whole desired table from all Services and EndpointSlices. Never raises."""
+    """The node's whole desired table from all Services and EndpointSlices. Never raises.
+
+    ``origins``: also say what each virtual service is for (``Translation.origins``),
+    for people reading a plan; the agent has no use for it."""
     problems: list[Problem] = []
     by_service = _slices_by_service(slices, config, problems)
     by_name = _services_by_name(services, problems)
-    origins: dict[ServiceKey, list[Origin]] = {}
-    table, infos = _translate_all(by_name, by_service, config, problems, origins)
+    found: dict[ServiceKey, list[Origin]] | None = {} if origins else None
+    table, infos = _translate_all(by_name, by_service, config, problems, found)
     _report_orphans(by_service, by_name, problems)
-    return Translation(Table(table), tuple(problems), infos, {k: tuple(v) for k, v in origins.items()})
+    return Translation(Table(table), tuple(problems), infos, {k: tuple(v) for k, v in (found or {}).items()})
 
 
 def _slices_by_service(
@@ -520,19 +525,20 @@ def _translate_all(
     by_service: Mapping[NamespacedName, list[Mapping[str, Any]]],
     config: TranslateConfig,
     problems: list[Problem],
-    origins: dict[ServiceKey, list[Origin]],
+    origins: dict[ServiceKey, list[Origin]] | None,
 ) -> tuple[dict[ServiceKey, VirtualService], dict[NamespacedName, ServiceInfo]]:
     """Each Service in sorted (namespace, name) order; a key already taken is dropped."""
     owners = Owners()
     infos: dict[NamespacedName, ServiceInfo] = {}
     for nn in sorted(by_name):
-        parts: list[_OriginParts] = []
+        parts: list[_OriginParts] | None = [] if origins is not None else None
         vss, svc_problems, info = _translate_one(by_name[nn], nn, by_service.get(nn, []), config, parts)
         problems.extend(svc_problems)
         keys = owners.claim(nn, vss, problems)
         if info is not None:
             infos[nn] = with_keys(info, keys)
-        _add_origins(origins, nn, parts, keys)
+        if origins is not None and parts:
+            _add_origins(origins, nn, parts, keys)
     return owners.table, infos
 
 
