@@ -63,8 +63,11 @@ def in_fresh_netns(argv: list[str], *, stdin: Path | None = None, prepare: list[
     name = f"bench-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
+        # Loopback up, as on any node: IPVS refuses IPv4 real servers while lo is down.
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         if prepare:
-            subprocess.run(["ip", "netns", "exec", name, *prepare], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["ip", "netns", "exec", name, *prepare], check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
         with open(stdin or "/dev/null", "rb") as f:
             start = time.perf_counter()
             proc = subprocess.run(["ip", "netns", "exec", name, *argv], stdin=f, stdout=subprocess.DEVNULL,
