@@ -9,7 +9,7 @@ programmed, and passes the previous plugin's result through. If the agent does n
 answer in time, ADD fails with CNI error 11 ("try again later"): the kubelet tears
 the sandbox down and retries, so a Pod never runs with Services that do not work.
 
-Speaks CNI spec 0.3.0 to 1.1.0 (../shared/notes/cni.md has the rules it follows):
+Speaks CNI spec 0.3.0 to 1.1.0, following these rules of the specification:
 
 - ADD: needs ``prevResult`` ("must be called as chained plugin" otherwise) and prints
   it back unchanged except for ``cniVersion`` (the config's).
