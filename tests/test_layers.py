@@ -34,7 +34,7 @@ PURE = {
 }
 STDLIB_PURE = {
     "__future__", "collections", "collections.abc", "dataclasses", "enum", "functools", "hashlib",
-    "ipaddress", "json", "operator", "re", "typing",
+    "ipaddress", "json", "json.encoder", "operator", "re", "typing",
 }
 
 
