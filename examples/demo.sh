@@ -62,43 +62,24 @@ newns "$CLIENT"
 ip netns exec "$CLIENT" "$SVCPROXY" plan -f "$CLUSTER" --node "$NODE" -o json >"$WORK/plan.json" 2>"$WORK/plan.err" ||
     [[ $? == 2 ]] || { cat "$WORK/plan.err" >&2; exit 1; }
 
-# From the plan (every real server) and the cluster file (which Pod has which
-# address, which Service has which virtual address) work out:
+# From the plan (every real server, and what each virtual service is for) and the
+# cluster file (which Pod has which address) work out:
 #   pod NAME ADDR...            one namespace per Pod
 #   serve NAME PROTO PORT       one server per Pod and port
 #   vs PROTO ADDR PORT N LABEL  every virtual service, N real servers
-"$PY" - "$WORK/plan.json" "$CLUSTER" "$NODE" >"$WORK/layout" <<'EOF'
+"$PY" - "$WORK/plan.json" "$CLUSTER" >"$WORK/layout" <<'EOF'
 import json, sys, yaml
 plan = json.load(open(sys.argv[1]))
 items = []
 for doc in yaml.safe_load_all(open(sys.argv[2])):
     if isinstance(doc, dict):
         items.extend(doc.get("items", [doc]) if doc.get("kind", "").endswith("List") else [doc])
-node = sys.argv[3]
 pod_of = {}
 for s in (i for i in items if i.get("kind") == "EndpointSlice"):
     for ep in s.get("endpoints") or []:
         name = (ep.get("targetRef") or {}).get("name") or "pod-" + ep["addresses"][0].replace(":", "-").replace(".", "-")
         for a in ep["addresses"]:
             pod_of[a] = name
-node_ips = [a["address"] for n in items if n.get("kind") == "Node" and n["metadata"]["name"] == node
-            for a in n.get("status", {}).get("addresses", []) if a.get("type") in ("InternalIP", "ExternalIP")]
-label = {}
-for s in (i for i in items if i.get("kind") == "Service"):
-    nn = f'{s["metadata"].get("namespace", "default")}/{s["metadata"]["name"]}'
-    spec = s.get("spec", {})
-    ingress = [i.get("ip") for i in (s.get("status", {}).get("loadBalancer", {}).get("ingress") or [])]
-    for p in spec.get("ports", []):
-        proto, what = p.get("protocol", "TCP"), f'{nn}:{p.get("name") or p["port"]}'
-        for ip in spec.get("clusterIPs") or [spec.get("clusterIP")]:
-            label[(proto, ip, p["port"])] = f"{what} (ClusterIP)"
-        for ip in spec.get("externalIPs") or []:
-            label[(proto, ip, p["port"])] = f"{what} (externalIP)"
-        for ip in ingress:
-            label[(proto, ip, p["port"])] = f"{what} (LoadBalancer ingress)"
-        if p.get("nodePort"):
-            for ip in node_ips:
-                label[(proto, ip, p["nodePort"])] = f"{what} (NodePort)"
 pods, serve = {}, set()
 for vs in plan["services"]:
     for d in vs["destinations"]:
@@ -106,7 +87,7 @@ for vs in plan["services"]:
         pods.setdefault(name, set()).add(d["address"])
         serve.add((name, "udp" if vs["protocol"] == "UDP" else "http", d["port"]))
     print("vs", vs["protocol"], vs["address"], vs["port"], len(vs["destinations"]),
-          label.get((vs["protocol"], vs["address"], vs["port"]), "?"))
+          ", ".join(f'{o["namespace"]}/{o["name"]}:{o["port"]} ({o["kind"]})' for o in vs["origin"]) or "?")
 for name, addrs in sorted(pods.items()):
     print("pod", name, *sorted(addrs))
 for name, proto, port in sorted(serve):
