@@ -27,7 +27,7 @@ from svcproxy.ipvs.backend import Backend, BackendError
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend, ParseError, parse_save
 from svcproxy.kube.files import ObjectFileError, load_objects
 from svcproxy.kube.translate import Problem, TranslateConfig, Translation, node_info, translate
-from svcproxy.model import Family, OpKind, Operation, Table, canonical_ip
+from svcproxy.model import Family, OpKind, Operation, Table
 from svcproxy.node.dummy import DEVICE
 from svcproxy.podns.visible import pod_visible
 from svcproxy.podns.mode import IP_VS_MODE_PARAM, Mode, ModeDecision, ModeError, decide

@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from fakeapi import FakeApiServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,7 +34,6 @@ Why each piece is the way it is (docs/share-ns.md has the whole story):
 from __future__ import annotations
 
 import enum
-import errno
 import functools
 import ctypes
 import socket
@@ -44,7 +43,6 @@ import os
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
