@@ -44,8 +44,8 @@ class Metrics:
             registry=r)
         self.no_local_endpoints = Gauge(
             p + "sync_proxy_rules_no_local_endpoints_total",
-            "Number of Services with a Local traffic policy and no local endpoints", ["traffic_policy"],
-            registry=r)
+            "Number of Services with a Local traffic policy and no local endpoints while the cluster has some",
+            ["traffic_policy", "ip_family"], registry=r)
         self.virtual_servers = Gauge(p + "virtual_servers", "Virtual services in the desired table", registry=r)
         self.real_servers = Gauge(p + "real_servers", "Real servers in the desired table", registry=r)
         self.draining_real_servers = Gauge(
@@ -67,7 +67,8 @@ class Metrics:
         self.livez = Counter(
             p + "proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"], registry=r)
         for policy in ("internal", "external"):
-            self.no_local_endpoints.labels(policy).set(0)
+            for family in ("IPv4", "IPv6"):
+                self.no_local_endpoints.labels(policy, family).set(0)
         for mode in ("full", "partial"):
             self.syncs.labels(mode)
 

@@ -712,3 +712,29 @@ def test_a_gone_namespace_detaches_only_the_target_that_went() -> None:
     p.attach(Target("/run/netns/pod", Replaced()))
     p.sync()
     assert p.pod_targets == ["/run/netns/pod"] and p._targets["/run/netns/pod"] is new
+
+
+def test_no_local_endpoints_is_counted_like_kube_proxy() -> None:
+    """Services whose Local policy finds nothing on this node while the cluster has
+    endpoints, by policy and family; a Service with no endpoint at all is not one."""
+    p, _ = make()
+    nodeport = {"type": "NodePort", "externalTrafficPolicy": "Local",
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]}
+    p.on_event(Kind.SERVICE, "ADDED", service("ext", "10.96.0.30", ("http", 80, "TCP"), **nodeport))
+    p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps("ext", ["10.244.3.1"], ("http", 8080, "TCP"), node="node-b"))
+    p.on_event(Kind.SERVICE, "ADDED", service("int", "10.96.0.31", ("http", 80, "TCP"),
+                                              internalTrafficPolicy="Local"))
+    p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps("int", ["10.244.3.2"], ("http", 8080, "TCP"), node="node-b"))
+    p.on_event(Kind.SERVICE, "ADDED", service("empty", "10.96.0.32", ("http", 80, "TCP"), **nodeport))
+    p.on_event(Kind.SERVICE, "ADDED", service("here", "10.96.0.33", ("http", 80, "TCP"), **nodeport))
+    p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps("here", ["10.244.1.9"], ("http", 8080, "TCP")))
+    p.on_synced(Kind.SERVICE)
+    p.on_synced(Kind.ENDPOINT_SLICE)
+    p.sync()
+    gauge = p.metrics.no_local_endpoints
+    assert gauge.labels("external", "IPv4")._value.get() == 1
+    assert gauge.labels("internal", "IPv4")._value.get() == 1
+    assert gauge.labels("external", "IPv6")._value.get() == 0
+    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("ext", ["10.244.1.8"], ("http", 8080, "TCP")))
+    p.sync()
+    assert gauge.labels("external", "IPv4")._value.get() == 0

@@ -371,12 +371,89 @@ def test_external_traffic_policy_local(svc_type: str) -> None:
     assert t.problems == ()
 
 
-def test_external_local_on_node_without_local_endpoints_keeps_empty_external_services() -> None:
-    svc = web(type="NodePort", external_traffic_policy="Local",
-              ports=[svc_port("http", 80, node_port=31080)])
-    t = translate([svc], [web_slice(endpoint("10.244.1.10", node="node-b"))], CONFIG)
-    assert dests(t, TCP, "192.168.49.2", 31080) == []
-    assert dests(t, TCP, "10.96.12.34", 80) == ["10.244.1.10:8080"]
+REMOTE_ONLY = (endpoint("10.244.1.10", node="node-b"), endpoint("10.244.2.10", node="node-c"))
+
+
+def external_local_web(**kw: Any) -> dict[str, Any]:
+    return web(type="LoadBalancer", external_traffic_policy="Local", health_check_node_port=32000,
+               external_ips=["198.51.100.7"], ingress=[{"ip": "203.0.113.10"}],
+               ports=[svc_port("http", 80, node_port=31080)], **kw)
+
+
+def test_external_local_without_local_endpoint_falls_back_to_the_cluster_like_kube_proxy() -> None:
+    # kube-proxy's IPVS syncEndpoint: "node-local only" finds nothing here, so the
+    # cluster-wide endpoints are used; Pods on this node keep the Service.
+    t = translate([external_local_web()], [web_slice(*REMOTE_ONLY)], CONFIG)
+    both = ["10.244.1.10:8080", "10.244.2.10:8080"]
+    for address, port in (("192.168.49.2", 31080), ("198.51.100.7", 80), ("203.0.113.10", 80),
+                          ("10.96.12.34", 80)):
+        assert dests(t, TCP, address, port) == both, address
+    info = t.services[("default", "web")]
+    # ... while load balancers still see 503 here, and the metric counts it.
+    assert (info.external_policy_local, info.local_endpoints) == (True, 0)
+    assert info.no_local_external == {Family.IPV4} and info.no_local_internal == frozenset()
+
+
+def test_external_local_fallback_follows_topology_hints() -> None:
+    eps = (endpoint("10.244.1.10", node="node-b", for_zones=["zone-a"]),
+           endpoint("10.244.2.10", node="node-c", for_zones=["zone-c"]))
+    t = translate([external_local_web()], [web_slice(*eps)], CONFIG)
+    assert dests(t, TCP, "192.168.49.2", 31080) == ["10.244.1.10:8080"]
+
+
+def test_external_local_with_a_local_endpoint_is_not_counted() -> None:
+    t = translate([external_local_web()], [web_slice(*LOCAL_AND_REMOTE)], CONFIG)
+    assert dests(t, TCP, "192.168.49.2", 31080) == ["10.244.0.10:8080"]
+    info = t.services[("default", "web")]
+    assert info.no_local_external == info.no_local_internal == frozenset()
+
+
+def test_a_local_serving_terminating_endpoint_is_local_enough() -> None:
+    # kube-proxy's CategorizeEndpoints: local ready, else local serving-and-terminating.
+    eps = (endpoint("10.244.0.10", node="node-a", ready=False, terminating=True),
+           endpoint("10.244.1.10", node="node-b"))
+    t = translate([external_local_web()], [web_slice(*eps)], CONFIG)
+    assert dests(t, TCP, "192.168.49.2", 31080) == ["10.244.0.10:8080"]
+    assert t.services[("default", "web")].no_local_external == frozenset()
+
+
+def test_no_usable_endpoint_anywhere_is_not_counted() -> None:
+    # kube-proxy counts only when the cluster has some endpoint (hasAnyEndpoints).
+    eps = (endpoint("10.244.1.10", node="node-b", ready=False, serving=False),)
+    for slices in ([], [web_slice(*eps)]):
+        t = translate([external_local_web(internal_traffic_policy="Local")], slices, CONFIG)
+        assert dests(t, TCP, "192.168.49.2", 31080) == []
+        info = t.services[("default", "web")]
+        assert info.no_local_external == info.no_local_internal == frozenset()
+
+
+def test_internal_local_cluster_ip_keeps_its_contract_where_kube_proxy_falls_back() -> None:
+    # kube-proxy's IPVS mode gives an externally reachable Service's ClusterIP the
+    # cluster-wide endpoints under internalTrafficPolicy Local too; svcproxy keeps the
+    # API's promise (node-local only, else nothing). The external ones fall back.
+    svc = external_local_web(internal_traffic_policy="Local")
+    t = translate([svc], [web_slice(*REMOTE_ONLY)], CONFIG)
+    assert dests(t, TCP, "10.96.12.34", 80) == []
+    assert dests(t, TCP, "192.168.49.2", 31080) == ["10.244.1.10:8080", "10.244.2.10:8080"]
+    info = t.services[("default", "web")]
+    assert info.no_local_internal == info.no_local_external == {Family.IPV4}
+
+
+def test_internal_local_alone_counts_internal_only() -> None:
+    svc = web(internal_traffic_policy="Local")
+    t = translate([svc], [web_slice(*REMOTE_ONLY)], CONFIG)
+    assert dests(t, TCP, "10.96.12.34", 80) == []
+    info = t.services[("default", "web")]
+    assert (info.no_local_internal, info.no_local_external) == ({Family.IPV4}, frozenset())
+
+
+def test_no_local_endpoints_is_counted_per_family() -> None:
+    svc = external_local_web(cluster_ips=["10.96.12.34", "fd00:96::12:34"])
+    slices = [web_slice(*REMOTE_ONLY),
+              web_slice(endpoint("fd00:10:244::10", node="node-a"), suffix="v6", address_type="IPv6")]
+    t = translate([svc], slices, CONFIG)
+    assert dests(t, TCP, "fd00:192:168:49::2", 31080) == ["[fd00:10:244::10]:8080"]
+    assert t.services[("default", "web")].no_local_external == {Family.IPV4}
 
 
 def test_external_traffic_policy_cluster_uses_all_ready_endpoints() -> None:

@@ -122,6 +122,11 @@ class ServiceInfo:
     #: Addresses of this node's ready endpoints: a Pod reaching itself through the
     #: Service (hairpin) must be masqueraded, or it would answer itself directly.
     local_endpoint_ips: tuple[str, ...] = ()
+    #: Families in which a virtual service under a Local policy found no endpoint on
+    #: this node while the cluster has some: kube-proxy's
+    #: sync_proxy_rules_no_local_endpoints_total, ``internal`` and ``external``.
+    no_local_internal: frozenset[Family] = frozenset()
+    no_local_external: frozenset[Family] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,8 @@ class Origin:
 
 #: (key, port name or number, kind) of each virtual service a Service asks for.
 _OriginParts = tuple[ServiceKey, str, str]
+#: (internal, external): families where a Local policy found no local endpoint.
+_NoLocal = tuple[set[Family], set[Family]]
 
 
 # --- small field readers -------------------------------------------------------------
@@ -307,8 +314,9 @@ def _translate_service(
     groups: dict[PortKey, list[Endpoint]] = {}
     if spec.families and spec.ports:
         groups = endpoint_groups(slices, spec.families, node.name, what, problems)
-    vss = _virtual_services(spec, groups, node, what, problems, origins)
-    return vss, _service_info(nn, spec, groups, vss)
+    no_local: _NoLocal = (set(), set())
+    vss = _virtual_services(spec, groups, node, what, problems, origins, no_local)
+    return vss, _service_info(nn, spec, groups, vss, no_local)
 
 
 def _virtual_services(
@@ -318,12 +326,20 @@ def _virtual_services(
     what: str,
     problems: list[Problem],
     origins: list[_OriginParts] | None = None,
+    no_local: _NoLocal | None = None,
 ) -> list[VirtualService]:
     """Per port and family: the ClusterIP, external and node-address virtual services
     (and, into ``origins`` when given, what each one is for).
 
     ClusterIP traffic follows the internal traffic policy, the rest the external one;
-    each policy picks the cluster-wide or this node's endpoints of the port.
+    each policy picks the cluster-wide or this node's endpoints of the port. An
+    external virtual service under policy Local on a node without a local endpoint
+    gets the cluster-wide ones, as in kube-proxy's IPVS mode: Pods on this node still
+    reach the Service, while a client outside the node gets no answer (its traffic is
+    not masqueraded, so the remote endpoint's reply never comes back through here).
+    The ClusterIP under internalTrafficPolicy Local gets no such fallback: the API
+    promises node-local endpoints only (docs/parity.md). ``no_local`` collects the
+    families where a Local policy found nothing local (see ``_no_local``).
     """
     scheduler, persistence = spec.scheduler, spec.persistence
     vss: list[VirtualService] = []
@@ -343,21 +359,23 @@ def _virtual_services(
                                   _NO_FLAGS, dests))
 
     internal_local, external_local = spec.internal_local, spec.external_local
-    want_cluster = not (internal_local and external_local)
     want_local = internal_local or external_local
     # One Destination per real server when both sets are in use (they overlap).
-    made: dict[tuple[str, int], Destination] | None = {} if want_cluster and want_local else None
+    made: dict[tuple[str, int], Destination] | None = {} if want_local else None
     for port in spec.ports:
         for family in spec.addresses:
+            external = bool(family.external) or (port.node_port is not None and bool(family.node))
+            eps = groups.get((family.family, port.name, port.protocol)) or []
             cat = categorize_endpoints(
-                groups.get((family.family, port.name, port.protocol)) or [],
-                node_name=node.name, zone=node.zone,
-                want_cluster=want_cluster, want_local=want_local,
+                eps, node_name=node.name, zone=node.zone,
+                want_cluster=not internal_local or external, want_local=want_local,
             )
             cluster_dests = _destinations(cat.cluster, made)
             local_dests = _destinations(cat.local, made)
             internal = local_dests if internal_local else cluster_dests
-            ext = local_dests if external_local else cluster_dests
+            ext = local_dests if external_local and cat.local else cluster_dests
+            if want_local and not cat.local and no_local is not None:
+                _no_local(no_local, spec, family.family, external, eps)
             port_name, kind = port.name or str(port.port), "ClusterIP"
             add(port.protocol, family.cluster_ip, port.port, internal)
             for ip in family.external:
@@ -368,6 +386,26 @@ def _virtual_services(
                 for ip in family.node:
                     add(port.protocol, ip, port.node_port, ext)
     return vss
+
+
+def _no_local(no_local: _NoLocal, spec: ServiceSpec, family: Family, external: bool,
+              endpoints: Sequence[Endpoint]) -> None:
+    """kube-proxy's count, for one port and family without a local endpoint.
+
+    kube-proxy's syncEndpoint records the Service under each Local policy it has
+    whenever a virtual service synced with "node-local only" finds none on the node
+    but the cluster has a usable one (ready, or serving and terminating). The
+    ClusterIP is synced so under internalTrafficPolicy Local, the external virtual
+    services under externalTrafficPolicy Local (when there are any).
+    """
+    if not (spec.internal_local or (spec.external_local and external)):
+        return
+    if not any(ep.ready or (ep.serving and ep.terminating) for ep in endpoints):
+        return
+    if spec.internal_local:
+        no_local[0].add(family)
+    if spec.external_local:
+        no_local[1].add(family)
 
 
 def _destinations(
@@ -391,6 +429,7 @@ def _service_info(
     spec: ServiceSpec,
     groups: Mapping[PortKey, list[Endpoint]],
     vss: list[VirtualService],
+    no_local: _NoLocal,
 ) -> ServiceInfo:
     # Count Pods, not addresses: a dual-stack Pod has one address per family.
     local_ips: dict[Family, set[str]] = {}
@@ -408,6 +447,8 @@ def _service_info(
         local_endpoints=max((len(ips) for ips in local_ips.values()), default=0),
         cluster_ips=tuple(family.cluster_ip for family in spec.addresses),
         local_endpoint_ips=tuple(sorted(set().union(*local_ips.values()))),
+        no_local_internal=frozenset(no_local[0]),
+        no_local_external=frozenset(no_local[1]),
     )
 
 

@@ -32,7 +32,7 @@ from svcproxy.kube.objects import NamespacedName
 from svcproxy.kube.store import Event, Kind
 from svcproxy.kube.translate import Problem, TranslateConfig, node_info, translate, translate_service
 from svcproxy.metrics import Metrics
-from svcproxy.model import Operation, ServiceKey, Table
+from svcproxy.model import Family, Operation, ServiceKey, Table
 from svcproxy.node.nat import ServiceNat
 from svcproxy.podns.netns import NamespaceGone
 from svcproxy.podns.visible import visible_in_pods
@@ -420,10 +420,11 @@ class Proxier:
         self.metrics.real_servers.set(sum(len(vs.destinations) for vs in desired.table.values()))
         self.metrics.draining_real_servers.set(len(self.node_target.draining))
         infos = desired.info.values()
-        internal = sum(1 for i in infos if i.internal_policy_local and i.local_endpoints == 0)
-        external = sum(1 for i in infos if i.external_policy_local and i.local_endpoints == 0)
-        self.metrics.no_local_endpoints.labels("internal").set(internal)
-        self.metrics.no_local_endpoints.labels("external").set(external)
+        for family in Family:
+            internal = sum(1 for i in infos if family in i.no_local_internal)
+            external = sum(1 for i in infos if family in i.no_local_external)
+            self.metrics.no_local_endpoints.labels("internal", family.value).set(internal)
+            self.metrics.no_local_endpoints.labels("external", family.value).set(external)
         if self.health_checks is not None:
             targets = {
                 HealthCheckTarget(i.namespace, i.name, i.health_check_node_port): i.local_endpoints

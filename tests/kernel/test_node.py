@@ -177,6 +177,18 @@ def test_agent_plumbing_masquerades_where_replies_would_go_astray(net: Net, agen
     body, code = bad.stdout.rsplit("\n", 1)
     assert code == "503" and json.loads(body)["localEndpoints"] == 0, bad.stdout
 
+    # Policy Local on a node without a local endpoint (remote: pod-b, on node-2 only).
+    # As in kube-proxy's IPVS mode, a Pod on this node still reaches the NodePort
+    # through the cluster-wide endpoints, with its own address (not masqueraded): the
+    # reply comes back through node-1, which routes pod-a's network...
+    got = seen(request_many(net.pod_a, NODE1, 30082, 2))
+    assert got == {"pod-b": {POD_A}}, got
+    # ...while the outside client, kept unmasqueraded by policy Local, gets no answer:
+    # pod-b replies from node-2 straight to it, from an address it never talked to.
+    # (Load balancers do not send it here: the health check above says 503.)
+    astray = request_many(net.client, NODE1, 30082, 2, timeout=3)
+    assert not any(r.ok for r in astray), astray
+
     # Hairpin: pod-a reaching itself through its Service is masqueraded to node-1;
     # without that it would get a packet from its own address and drop it.
     got = seen(request_many(net.pod_a, SELF_VIP, 80, 2))
