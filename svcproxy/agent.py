@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from svcproxy import flags
 from svcproxy.diff import Exclusions
 from svcproxy.health import HealthCheckServers, HealthServer, HealthState
 from svcproxy.ipvs.backend import Backend, BackendError
@@ -65,7 +66,8 @@ class AgentConfig:
     cni_timeout: float = 30.0
     #: Node-namespace plumbing (sysctls, dummy device, nftables masquerade); None: off.
     plumbing: PlumbingConfig | None = None
-    #: --nodeport-addresses CIDRs: NodePorts on the node's local addresses within them.
+    #: --nodeport-addresses CIDRs: NodePorts on the node's local addresses within them;
+    #: ("primary",): on the node's primary IP of each family only.
     nodeport_addresses: tuple[str, ...] = ()
     watch_idle_timeout: float = 65.0
 
@@ -164,6 +166,7 @@ class Agent:
                 graceful_timeout=config.graceful_timeout,
                 dry_run=config.dry_run,
                 node_address_source=self._node_addresses(config),
+                primary_node_ips=config.nodeport_addresses == (flags.PRIMARY,),
                 wait_for_node=True,
             ),
             metrics=self.metrics,
@@ -188,7 +191,7 @@ class Agent:
 
     @staticmethod
     def _node_addresses(config: AgentConfig) -> NodeAddresses | None:
-        if not config.nodeport_addresses:
+        if not config.nodeport_addresses or config.nodeport_addresses == (flags.PRIMARY,):
             return None
         device = (config.plumbing or PlumbingConfig()).device
         return NodeAddresses(config.nodeport_addresses, exclude_devices=(device,))

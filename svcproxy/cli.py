@@ -154,9 +154,11 @@ def _run_parser(sub: Subparsers) -> _Parser:
     _podns_args(run)
     _run_podns_args(run)
     _plumbing_args(run, default_on=True)
-    run.add_argument("--nodeport-addresses", default="", metavar="CIDR,...", type=flags.cidrs,
+    run.add_argument("--nodeport-addresses", default="", metavar="CIDR,...|primary", type=flags.nodeport_addresses,
                      help="serve NodePorts on this node's local addresses within these ranges, re-read at "
-                          "every full sync (default: the Node object's addresses, or --node-ip)")
+                          "every full sync; or 'primary': only the node's primary IP of each family (the "
+                          "first InternalIP, else ExternalIP, of the Node object, or the first --node-ip) "
+                          "(default: the Node object's addresses, or --node-ip)")
     return run
 
 

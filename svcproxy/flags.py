@@ -94,6 +94,24 @@ def cidrs(text: str) -> str:
     return text
 
 
+#: kube-proxy's --nodeport-addresses keyword: the node's primary IP of each family.
+PRIMARY = "primary"
+
+
+def nodeport_addresses(text: str) -> str:
+    """CIDRs, or kube-proxy's keyword ``primary`` on its own (the node's primary IPs)."""
+    parts = split_csv([text])
+    if PRIMARY in parts:
+        if parts != (PRIMARY,):
+            raise argparse.ArgumentTypeError(f"{text!r}: {PRIMARY!r} cannot be combined with CIDRs "
+                                             f"(give either {PRIMARY!r} or CIDRs)")
+        return text
+    try:
+        return cidrs(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; or {PRIMARY!r} for the node's primary IPs") from None
+
+
 def bind(text: str) -> str:
     try:
         parse_bind(text)

@@ -350,3 +350,14 @@ def test_a_dry_run_starts_beside_an_agent_holding_the_health_port(tmp_path: Path
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def test_nodeport_addresses_primary_reaches_the_loop_without_reading_the_kernel() -> None:
+    """`primary` is a rule over the Node object, not a CIDR for rtnetlink."""
+    base = {"node_name": "node-a", "health_bind": "127.0.0.1:0", "healthcheck_bind_host": "127.0.0.1"}
+    agent = Agent(AgentConfig(**base, nodeport_addresses=("primary",)), MemoryBackend())
+    assert agent.proxier.config.primary_node_ips is True
+    assert agent.proxier.config.node_address_source is None
+    cidrs = Agent(AgentConfig(**base, nodeport_addresses=("10.0.0.0/8",)), MemoryBackend())
+    assert cidrs.proxier.config.primary_node_ips is False
+    assert cidrs.proxier.config.node_address_source is not None

@@ -311,6 +311,8 @@ class Untouchable(MemoryBackend):
     ("sync", "--exclude-cidrs", "10.0.0.0/8,10.0.0.0/33"),
     ("sync", "--cluster-cidr", "pods"),
     ("run", "--nodeport-addresses", "192.168.0.0/16,nope"),
+    ("run", "--nodeport-addresses", "primary,192.168.0.0/16"),
+    ("run", "--nodeport-addresses", "primry"),
     ("run", "--health-bind", "127.0.0.1:99999"),
     ("run", "--health-bind", "localhost:10256"),
     ("run", "--healthcheck-bind-host", "0.0.0"),

@@ -480,6 +480,21 @@ def test_nodeport_addresses_follow_the_node_and_are_reread_at_full_syncs(caplog:
     assert {k.address for k in backend.read().services if k.port == 30080} == {"192.168.0.10"}
 
 
+def test_nodeport_addresses_primary_serves_the_nodes_primary_ips_only() -> None:
+    backend = MemoryBackend()
+    p, _ = make(backend, primary_node_ips=True)
+    two = node("192.168.0.10")
+    two["status"]["addresses"].insert(1, {"type": "InternalIP", "address": "192.168.0.11"})
+    p.on_event(Kind.NODE, "ADDED", two)
+    svc = service("np", "10.96.0.30", ("http", 80, "TCP"), type="NodePort")
+    svc["spec"]["ports"][0]["nodePort"] = 30080
+    p.on_event(Kind.SERVICE, "ADDED", svc)
+    p.on_synced(Kind.SERVICE)
+    p.on_synced(Kind.ENDPOINT_SLICE)
+    p.sync()
+    assert {k.address for k in backend.read().services if k.port == 30080} == {"192.168.0.10"}
+
+
 def test_unavailable_backend_is_retried_with_backoff_not_in_a_hot_loop() -> None:
     class Counting(MemoryBackend):
         calls = 0

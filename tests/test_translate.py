@@ -813,6 +813,20 @@ def test_node_info_from_the_node_object() -> None:
     assert problems == []
 
 
+def test_node_info_primary_keeps_kube_proxys_primary_node_ips() -> None:
+    # --nodeport-addresses primary: the first address of each family, InternalIPs
+    # before ExternalIPs (kube-proxy's GetNodeHostIPs), loopback never.
+    n = node("node-a", external_ips=["198.51.100.2", "2001:db8::2"],
+             internal_ips=["127.0.0.1", "192.168.49.2", "192.168.49.3", "fd00::2"])
+    n["status"]["addresses"].insert(0, n["status"]["addresses"].pop(4))  # an ExternalIP listed first
+    info, problems = node_info("node-a", n, primary=True)
+    assert info.addresses == ("192.168.49.2", "fd00::2") and problems == []
+    only_external = node("node-a", internal_ips=[], external_ips=["2001:db8::2", "198.51.100.2"])
+    assert node_info("node-a", only_external, primary=True)[0].addresses == ("2001:db8::2", "198.51.100.2")
+    assert node_info("node-a", n, ["10.0.5.2", "10.0.5.3"], primary=True)[0].addresses == ("10.0.5.2",)
+    assert node_info("node-a", None, primary=True)[0].addresses == ()
+
+
 def test_node_info_override_ips_win() -> None:
     n = node("node-a", internal_ips=["192.168.49.2"])
     info, problems = node_info("node-a", n, ["10.0.5.2", "10.0.5.2", "bogus"])

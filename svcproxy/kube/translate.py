@@ -23,6 +23,7 @@ so that an incremental caller can recompute a single Service when only it change
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -190,13 +191,17 @@ def _skip_reason(labels: Mapping[str, Any], config: TranslateConfig) -> str | No
 
 
 def node_info(
-    name: str, node: Mapping[str, Any] | None, override_ips: Sequence[str] = ()
+    name: str, node: Mapping[str, Any] | None, override_ips: Sequence[str] = (), *,
+    primary: bool = False,
 ) -> tuple[NodeInfo, list[Problem]]:
     """The node's zone and NodePort addresses from its Node object.
 
     Addresses are the InternalIP and ExternalIP entries of ``status.addresses`` in
     their order, unless ``override_ips`` is given (an operator knows better, e.g. to
     serve NodePorts on one interface only). Missing Node: no zone, so no topology.
+    ``primary`` (``--nodeport-addresses primary``) keeps kube-proxy's primary node IPs
+    only: the first address of each family, InternalIPs before ExternalIPs, never a
+    loopback one.
     """
     problems: list[Problem] = []
     what = f"Node {name}"
@@ -212,7 +217,11 @@ def node_info(
         else:
             zone = _node_zone(node, what, problems)
             if not override_ips:
-                _add_status_addresses(node, what, addresses, problems)
+                typed: list[tuple[str, str]] = []
+                _add_status_addresses(node, what, typed, problems)
+                if primary:  # stable: InternalIPs first, each type in its order
+                    typed.sort(key=lambda pair: pair[0] != "InternalIP")
+                addresses = [address for _, address in typed]
         for text in override_ips or ():
             try:
                 addresses.append(canonical_address(text))
@@ -220,7 +229,18 @@ def node_info(
                 problems.append(Problem("invalid-ip", what, f"node IP override: {exc}"))
     except Exception as exc:  # last resort: a node we cannot read still gets a name
         problems.append(Problem("malformed-object", what, f"{type(exc).__name__}: {exc}"))
+    if primary:
+        addresses = _primary_ips(addresses)
     return NodeInfo(name, tuple(dict.fromkeys(addresses)), zone), problems
+
+
+def _primary_ips(addresses: Sequence[str]) -> list[str]:
+    """The first non-loopback address of each family, in the order they come."""
+    out: dict[bool, str] = {}
+    for text in addresses:
+        if not ipaddress.ip_address(text).is_loopback:
+            out.setdefault(":" in text, text)
+    return list(out.values())
 
 
 def _node_zone(node: Mapping[str, Any], what: str, problems: list[Problem]) -> str | None:
@@ -233,9 +253,10 @@ def _node_zone(node: Mapping[str, Any], what: str, problems: list[Problem]) -> s
 
 
 def _add_status_addresses(
-    node: Mapping[str, Any], what: str, addresses: list[str], problems: list[Problem]
+    node: Mapping[str, Any], what: str, addresses: list[tuple[str, str]], problems: list[Problem]
 ) -> None:
-    """Append the node's InternalIP and ExternalIP addresses (kept if a later one fails)."""
+    """Append the node's (type, address) InternalIP and ExternalIP pairs (kept if a
+    later one fails)."""
     status = _mapping(node.get("status")) or {}
     entries = status.get("addresses") or []
     if not isinstance(entries, list):
@@ -245,10 +266,11 @@ def _add_status_addresses(
         if not isinstance(entry, _MAPPING):
             problems.append(Problem("wrong-type", what, "status.addresses[] entry"))
             continue
-        if entry.get("type") not in _NODE_ADDRESS_TYPES:
+        kind = entry.get("type")
+        if kind not in _NODE_ADDRESS_TYPES:
             continue
         try:
-            addresses.append(canonical_address(entry.get("address")))
+            addresses.append((kind, canonical_address(entry.get("address"))))
         except ValueError as exc:
             problems.append(Problem("invalid-ip", what, f"node address: {exc}"))
 

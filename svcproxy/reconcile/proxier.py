@@ -68,6 +68,8 @@ class ProxierConfig:
     #: --nodeport-addresses: the node's local addresses for NodePorts, re-read at each
     #: full sync (None: the Node object's addresses, or node_ips_override).
     node_address_source: Callable[[], tuple[str, ...]] | None = None
+    #: --nodeport-addresses primary: NodePorts on the node's primary IP of each family.
+    primary_node_ips: bool = False
     #: Also wait for the Node object's first list before programming anything: without
     #: it, a restarted agent would translate NodePorts without the node's addresses and
     #: delete them until the Node arrives (the agent sets this; its sources list Nodes).
@@ -269,7 +271,8 @@ class Proxier:
         """Node labels and addresses feed translation (zone hints, NodePorts)."""
         override = (self.config.node_ips_override or self._discovered
                     or self.config.translate.node.addresses)
-        info, problems = node_info(self.state.node_name, self.state.node, override)
+        info, problems = node_info(self.state.node_name, self.state.node, override,
+                                   primary=self.config.primary_node_ips)
         self._count_problems(problems)
         self._translate_config = replace(self._translate_config, node=info)
         self.health.set_node_eligible(node_eligible(self.state.node))
