@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence, TextIO, TypeAlias
 
-from svcproxy import __version__, flags
+from svcproxy import __version__, flags, logformat
 from svcproxy.flags import split_csv
 from svcproxy.gcpause import paused_gc
 from svcproxy.config import ConfigError, config_tokens
@@ -67,9 +67,17 @@ def _source_args(p: argparse.ArgumentParser, *, file_required: bool = True) -> N
         p.add_argument("--current-file", type=Path, default=None,
                        help="compare with this `ipvsadm -Sn` dump instead of the live kernel")
     p.add_argument("--ipvsadm", default="ipvsadm", help="ipvsadm binary (default: from PATH)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _logging_args(p)
     p.add_argument("--config", type=Path, default=None,
                    help="YAML file with the same keys as these flags (flags given here win)")
+
+
+def _logging_args(p: argparse.ArgumentParser) -> None:
+    """How the log reads (svcproxy/logformat.py); every command has these."""
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--logging-format", choices=list(logformat.FORMATS), default="text",
+                   help="log lines as text (default) or JSON objects with time, level, logger, message "
+                        "and the Kubernetes object where there is one (kube-proxy's flag)")
 
 
 def _podns_args(p: argparse.ArgumentParser) -> None:
@@ -191,7 +199,7 @@ def _cleanup_parser(sub: Subparsers) -> _Parser:
     cleanup.add_argument("--dummy-device", default=DEVICE, help=f"the dummy device (default {DEVICE})")
     cleanup.add_argument("--nft", default="nft", help="nft binary (default: from PATH)")
     cleanup.add_argument("--ipvsadm", default="ipvsadm", help="ipvsadm binary (default: from PATH)")
-    cleanup.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _logging_args(cleanup)
     cleanup.add_argument("--config", type=Path, default=None, help="YAML file with the same keys as these flags")
     return cleanup
 
@@ -542,8 +550,7 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
             err.write(f"svcproxy: error: {exc}\n")
             return EXIT_ERROR
         args = parser.parse_args([*argv[:at + 1], *tokens, *argv[at + 1:]])
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=err,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logformat.setup(args.logging_format, verbose=args.verbose, stream=err)
     try:
         if backend is None:
             backend = make_backend(args)

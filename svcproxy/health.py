@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Mapping
 
 from svcproxy.flags import parse_bind
+from svcproxy.logformat import about
 from svcproxy.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("svcproxy.health")
@@ -305,13 +306,15 @@ class HealthCheckServers:
             self._endpoints = {(t.namespace, t.name): n for t, n in targets.items()}
             for target in [t for t in self._servers if t not in targets]:
                 self._servers.pop(target).stop()
-                log.info("stopped healthCheckNodePort %d for %s/%s", target.port, target.namespace, target.name)
+                log.info("stopped healthCheckNodePort %d for %s/%s", target.port, target.namespace, target.name,
+                         extra=about("Service", target.namespace, target.name))
             for target in targets:
                 if target in self._servers:
                     continue
                 try:
                     self._servers[target] = _ServiceHealthServer(self._bind_host, target, self)
-                    log.info("serving healthCheckNodePort %d for %s/%s", target.port, target.namespace, target.name)
+                    log.info("serving healthCheckNodePort %d for %s/%s", target.port, target.namespace,
+                             target.name, extra=about("Service", target.namespace, target.name))
                 except OSError as exc:
                     errors.append(f"healthCheckNodePort {target.port} for {target.namespace}/{target.name}: {exc}")
         return errors

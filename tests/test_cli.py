@@ -327,6 +327,8 @@ class Untouchable(MemoryBackend):
     ("run", "--cni-timeout", "1e12"),
     ("plan", "--node-ip", "fe80::1%eth0"),
     ("cleanup", "--exclude-cidrs", "x"),
+    ("plan", "--logging-format", "xml"),
+    ("cleanup", "--logging-format", "JSON"),
 ])
 def test_a_bad_flag_value_is_one_line_naming_it_and_exit_1_before_anything(
         command: str, flag: str, value: str, cluster: Path, capsys: pytest.CaptureFixture[str]) -> None:

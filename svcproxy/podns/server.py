@@ -52,6 +52,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
+from svcproxy.logformat import about
 from svcproxy.podns.netns import NamespaceGone, NodeNamespace
 
 from svcproxy.podns.cni import (
@@ -98,6 +99,11 @@ class PodInfo:
 
     def __str__(self) -> str:
         return f"Pod {self.namespace}/{self.name}" if self.name else "a Pod"
+
+
+def _about_pod(pod: PodInfo) -> dict[str, Any]:
+    """The Pod a log record is about, for JSON logs (nothing when the runtime sent none)."""
+    return about("Pod", pod.namespace, pod.name) if pod.name else {}
 
 
 class Attacher(Protocol):
@@ -171,7 +177,7 @@ class NamespacesAttacher:
         if result is AttachResult.REFUSED:
             return False
         log.info("CNI: %s network namespace %s (%s)", "serving" if result is AttachResult.ATTACHED
-                 else "kernel mode, nothing to attach for", netns, pod)
+                 else "kernel mode, nothing to attach for", netns, pod, extra=_about_pod(pod))
         return True
 
     def wait(self, netns: str, timeout: float) -> bool:
@@ -478,14 +484,15 @@ class CniServer:
         except NamespaceGone as exc:
             raise RequestError(f"network namespace {req.netns} is gone: {exc}", ERR_UNKNOWN_CONTAINER) from exc
         except Exception as exc:
-            log.error("cannot attach network namespace %s (%s): %s", name, req.pod, exc)
+            log.error("cannot attach network namespace %s (%s): %s", name, req.pod, exc, extra=_about_pod(req.pod))
             raise RequestError(f"cannot attach {req.netns}: {exc}", ERR_ATTACH_FAILED) from exc
         if not served:
             return {"ok": True, "served": False,
                     "message": "the agent does not serve Pod namespaces (--pod-netns-mode off)"}
         if self.attacher.wait(name, timeout):
             elapsed = self._monotonic() - start
-            log.info("network namespace %s (%s) programmed after %.3fs", name, req.pod, elapsed)
+            log.info("network namespace %s (%s) programmed after %.3fs", name, req.pod, elapsed,
+                     extra=_about_pod(req.pod))
             return {"ok": True, "elapsed": round(elapsed, 6)}
         state = self.attacher.state(name)
         if state == PROGRAMMED:  # just made it

@@ -31,6 +31,7 @@ from svcproxy.ipvs.backend import Backend, BackendError
 from svcproxy.kube.objects import NamespacedName
 from svcproxy.kube.store import Event, Kind
 from svcproxy.kube.translate import Problem, TranslateConfig, node_info, translate, translate_service
+from svcproxy.logformat import about_display_name
 from svcproxy.metrics import Metrics
 from svcproxy.model import Family, Operation, ServiceKey, Table
 from svcproxy.node.nat import ServiceNat
@@ -284,7 +285,7 @@ class Proxier:
                 continue
             self._reported.add(p)
             self.metrics.input_problems.labels(p.kind).inc()
-            (log.warning if p.severity == "warning" else log.error)("%s", p)
+            (log.warning if p.severity == "warning" else log.error)("%s", p, extra=about_display_name(p.obj))
 
     def _translate(self, snapshot: Snapshot, *, everything: bool) -> tuple[set[ServiceKey], list[Problem], int]:
         """Translate the snapshot's Services into the desired state; returns the keys

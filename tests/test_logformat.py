@@ -1,0 +1,101 @@
+"""--logging-format: text lines as before, or JSON lines with the object a record is about."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from svcproxy.logformat import JsonFormatter, about, about_display_name
+
+ROOT = Path(__file__).resolve().parent.parent
+TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def record(msg: str, *args: object, extra: dict[str, object] | None = None,
+           exc: BaseException | None = None) -> logging.LogRecord:
+    logger = logging.getLogger("svcproxy.test")
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, args, exc_info, extra=extra)
+
+
+def test_a_json_line_has_time_level_logger_message_and_the_object() -> None:
+    line = JsonFormatter().format(record("stopped %s\nnext line", "héllo", extra=about("Service", "shop", "web")))
+    assert "\n" not in line
+    doc = json.loads(line)
+    assert TIME.match(doc.pop("time")), line
+    assert doc == {"level": "warning", "logger": "svcproxy.test", "message": "stopped héllo\nnext line",
+                   "object": "shop/web", "kind": "Service"}
+
+
+def test_no_object_no_object_field_and_a_traceback_goes_under_error() -> None:
+    try:
+        raise OSError("netlink: no buffer space")
+    except OSError as exc:
+        doc = json.loads(JsonFormatter().format(record("sync failed", exc=exc)))
+    assert "object" not in doc and "kind" not in doc
+    assert doc["error"].startswith("Traceback") and "OSError: netlink: no buffer space" in doc["error"]
+
+
+@pytest.mark.parametrize("text, extra", [
+    ("Service shop/web", {"k8s_object": "shop/web", "k8s_kind": "Service"}),
+    ("EndpointSlice default/web-abc12", {"k8s_object": "default/web-abc12", "k8s_kind": "EndpointSlice"}),
+    ("Node node-a", {"k8s_object": "node-a", "k8s_kind": "Node"}),
+    ("Service <unnamed>", {}),
+    ("Services", {}),
+    ("EndpointSlices", {}),
+    ("Service default/<unnamed>", {}),
+])
+def test_problems_name_their_object_by_display_name(text: str, extra: dict[str, str]) -> None:
+    assert about_display_name(text) == extra
+
+
+def test_the_agent_logs_json_lines_naming_the_broken_object(tmp_path: Path) -> None:
+    """The real process: every stderr line is one JSON object; the problem in the
+    file carries the EndpointSlice it was found in."""
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n"
+        "spec: {clusterIP: 10.96.0.50, ports: [{name: http, port: 80}]}\n---\n"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n"
+        "metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n"
+        "addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.1.300]}]\n")
+    cmd = [sys.executable, "-m", "svcproxy", "run", "-f", str(cluster), "--dry-run", "--node-plumbing", "off",
+           "--cni-socket", "", "--node", "node-a", "--pod-netns-mode", "off", "--logging-format", "json"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if '"ready: ' in line:
+                break
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=30)[1]
+    docs = [json.loads(line) for line in lines + rest.splitlines(keepends=True) if line.strip()]
+    assert docs and all({"time", "level", "logger", "message"} <= set(d) for d in docs), lines
+    bad = [d for d in docs if "[invalid-ip]" in d["message"]]
+    assert len(bad) == 1 and bad[0]["object"] == "shop/web-1" and bad[0]["kind"] == "EndpointSlice", docs
+    assert bad[0]["level"] == "error" and bad[0]["logger"] == "svcproxy.reconcile"
+    assert any(d["message"].startswith("ready: ") for d in docs), docs
+
+
+def test_text_stays_the_default_format_for_every_command() -> None:
+    from svcproxy.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["plan", "-f", "x"], ["sync", "-f", "x"], ["run"], ["cleanup"]):
+        assert parser.parse_args(argv).logging_format == "text"
+    assert parser.parse_args(["run", "--logging-format", "json"]).logging_format == "json"
