@@ -545,7 +545,8 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
             others = {opt[2:] for name in ("plan", "sync", "run", "cleanup") if name != args.command
                       for action in _subparser(parser, name)._actions for opt in action.option_strings
                       if opt.startswith("--")}
-            tokens = config_tokens(_subparser(parser, args.command), args.config, argv[at + 1:], others)
+            tokens = config_tokens(_subparser(parser, args.command), args.config, argv[at + 1:], others,
+                                   warn=lambda message: err.write(f"svcproxy: warning: {message}\n"))
         except ConfigError as exc:
             err.write(f"svcproxy: error: {exc}\n")
             return EXIT_ERROR

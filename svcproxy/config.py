@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
-from svcproxy import safe_yaml
+from svcproxy import kubeproxy_config, safe_yaml
 
 
 class ConfigError(ValueError):
@@ -32,11 +32,13 @@ def _options(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def config_tokens(sub: argparse.ArgumentParser, path: str | Path, given: Sequence[str],
-                  other_keys: Collection[str] = ()) -> list[str]:
+                  other_keys: Collection[str] = (), warn: Callable[[str], object] | None = None) -> list[str]:
     """Flag tokens for the settings in ``path``, skipping those given on the command line.
 
     Keys in ``other_keys`` (flags of the other subcommands) are skipped, so the agent's
     file also serves ``plan``/``sync --config``; anything else unknown is an error.
+    A kube-proxy KubeProxyConfiguration is read as the settings it maps to
+    (svcproxy/kubeproxy_config.py); ``warn`` gets the one line naming what it ignores.
     """
     try:
         data = safe_yaml.load(Path(path).read_text(encoding="utf-8"))
@@ -47,6 +49,8 @@ def config_tokens(sub: argparse.ArgumentParser, path: str | Path, given: Sequenc
     if not isinstance(data, dict):
         raise ConfigError(f"configuration file {path}: expected a mapping of settings, got {type(data).__name__}")
     options = _options(sub)
+    if kubeproxy_config.is_kube_proxy_config(data):
+        data = _from_kube_proxy(data, path, set(options) | set(other_keys), warn)
     explicit = {tok.split("=", 1)[0][2:] for tok in given if tok.startswith("--")}
     tokens: list[str] = []
     unknown = []
@@ -86,6 +90,18 @@ def config_tokens(sub: argparse.ArgumentParser, path: str | Path, given: Sequenc
             f"known: {', '.join(sorted(k for k in options if k not in ('config', 'help')))}"
         )
     return tokens
+
+
+def _from_kube_proxy(data: dict[str, Any], path: str | Path, known: Collection[str],
+                     warn: Callable[[str], object] | None) -> dict[str, Any]:
+    try:
+        translated = kubeproxy_config.translate(data, known)
+    except kubeproxy_config.KubeProxyConfigError as exc:
+        raise ConfigError(f"configuration file {path}: {kubeproxy_config.KIND}: {exc}") from None
+    message = kubeproxy_config.warning(translated.ignored)
+    if message is not None and warn is not None:
+        warn(message)
+    return dict(translated.settings)
 
 
 def _scalar(value: Any) -> str:
