@@ -18,7 +18,9 @@ def test_select_filters_by_cidr_device_and_scope() -> None:
              ("eth0", "2001:db8::5"), ("lo", "127.0.0.1"), ("eth0", "192.168.1.5")]
     assert select(pairs, parse_cidrs(["192.168.0.0/16", "2001:db8::/32"])) == ("192.168.1.5", "2001:db8::5")
     everything = parse_cidrs(["0.0.0.0/0", "::/0"])
-    assert select(pairs, everything) == ("192.168.1.5", "10.0.0.7", "2001:db8::5", "127.0.0.1")
+    # Loopback never: kube-proxy's IPVS mode skips it (IPVS cannot serve NodePorts there).
+    assert select(pairs, everything) == ("192.168.1.5", "10.0.0.7", "2001:db8::5")
+    assert select([("lo", "127.0.0.1"), ("lo", "::1")], everything, exclude_devices=()) == ()
     assert select(pairs, everything, exclude_devices=("lo", "kube-ipvs0", "eth1")) == ("192.168.1.5", "2001:db8::5")
 
 

@@ -572,9 +572,26 @@ def test_service_info() -> None:
         internal_policy_local=False,
         local_endpoints=1,  # one dual-stack Pod; the terminating one does not count
         cluster_ips=("10.96.12.34", "fd00:10:96::1234"),
-        local_endpoint_ips=("10.244.0.10", "fd00:10:244::10"),
+        # Hairpin, as kube-proxy's loopback set: every local endpoint, terminating too
+        # (it may still serve, when it is all there is).
+        local_endpoint_ips=("10.244.0.10", "10.244.0.12", "fd00:10:244::10"),
     )
     assert len(info.keys) == 4
+
+
+@pytest.mark.parametrize("how", ["flag", "annotation"])
+def test_mh_virtual_services_hash_the_source_port_like_kube_proxy(how: str) -> None:
+    # kube-proxy sets FlagSourceHash (IP_VS_SVC_F_SCHED2: ipvsadm's "mh-port") with mh.
+    svc = web(type="NodePort", ports=[svc_port("http", 80, node_port=31080)])
+    config = CONFIG
+    if how == "flag":
+        config = TranslateConfig(node=NODE_A, scheduler="mh")
+    else:
+        svc["metadata"]["annotations"] = {"svcproxy.io/scheduler": "mh"}
+    t = translate([svc], [web_slice()], config)
+    assert {(vs.scheduler, vs.flags) for vs in t.table.services.values()} == {("mh", frozenset({"mh-port"}))}
+    plain = translate([web()], [web_slice()], TranslateConfig(node=NODE_A, scheduler="sh"))
+    assert {vs.flags for vs in plain.table.services.values()} == {frozenset()}
 
 
 def test_missing_health_check_node_port_is_reported() -> None:

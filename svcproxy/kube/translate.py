@@ -77,6 +77,9 @@ __all__ = [
 #: For isinstance: plain dicts first (what clients and YAML give), cheap to check.
 _MAPPING = (dict, Mapping)
 _NO_FLAGS: frozenset[str] = frozenset()
+#: kube-proxy sets its FlagSourceHash (IP_VS_SVC_F_SCHED2, "mh-port") on every mh
+#: virtual service, so that mh hashes the client's port as well as its address.
+_MH_FLAGS: frozenset[str] = frozenset({"mh-port"})
 _MASQ = Forward.MASQ
 _NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
 
@@ -120,8 +123,8 @@ class ServiceInfo:
     #: its keys is an external/LoadBalancer address or a node address (NodePort).
     #: Node plumbing tells them apart for masquerading.
     cluster_ips: tuple[str, ...] = ()
-    #: Addresses of this node's ready endpoints: a Pod reaching itself through the
-    #: Service (hairpin) must be masqueraded, or it would answer itself directly.
+    #: Addresses of this node's endpoints: a Pod reaching itself through the Service
+    #: (hairpin) must be masqueraded, or it would answer itself directly.
     local_endpoint_ips: tuple[str, ...] = ()
     #: Families in which a virtual service under a Local policy found no endpoint on
     #: this node while the cluster has some: kube-proxy's
@@ -364,6 +367,7 @@ def _virtual_services(
     families where a Local policy found nothing local (see ``_no_local``).
     """
     scheduler, persistence = spec.scheduler, spec.persistence
+    flags = _MH_FLAGS if scheduler == "mh" else _NO_FLAGS
     vss: list[VirtualService] = []
     seen: set[tuple[Protocol, str, int]] = set()  # tuples: hashed in C, keys in Python
 
@@ -378,7 +382,7 @@ def _virtual_services(
             return
         seen.add((protocol, address, port))
         vss.append(VirtualService(ServiceKey(protocol, address, port), scheduler, persistence,
-                                  _NO_FLAGS, dests))
+                                  flags, dests))
 
     internal_local, external_local = spec.internal_local, spec.external_local
     want_local = internal_local or external_local
@@ -453,12 +457,17 @@ def _service_info(
     vss: list[VirtualService],
     no_local: _NoLocal,
 ) -> ServiceInfo:
-    # Count Pods, not addresses: a dual-stack Pod has one address per family.
+    # Count Pods, not addresses: a dual-stack Pod has one address per family. Hairpin
+    # covers every local endpoint (a terminating one may still be a real server), as
+    # kube-proxy's loopback set does; health counts the ready ones.
     local_ips: dict[Family, set[str]] = {}
+    hairpin: set[str] = set()
     for (family, _, _), eps in groups.items():
         for ep in eps:
-            if ep.local and ep.ready:
-                local_ips.setdefault(family, set()).add(ep.address)
+            if ep.local:
+                hairpin.add(ep.address)
+                if ep.ready:
+                    local_ips.setdefault(family, set()).add(ep.address)
     return ServiceInfo(
         namespace=nn[0],
         name=nn[1],
@@ -468,7 +477,7 @@ def _service_info(
         internal_policy_local=spec.internal_local,
         local_endpoints=max((len(ips) for ips in local_ips.values()), default=0),
         cluster_ips=tuple(family.cluster_ip for family in spec.addresses),
-        local_endpoint_ips=tuple(sorted(set().union(*local_ips.values()))),
+        local_endpoint_ips=tuple(sorted(hairpin)),
         no_local_internal=frozenset(no_local[0]),
         no_local_external=frozenset(no_local[1]),
     )

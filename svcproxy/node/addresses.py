@@ -39,8 +39,8 @@ def select(addresses: Iterable[tuple[str, str]], cidrs: Sequence[ipaddress.IPv4N
         if device in excluded:
             continue
         ip = ipaddress.ip_address(text)
-        if ip.is_link_local or ip.is_multicast:
-            continue
+        if ip.is_link_local or ip.is_multicast or ip.is_loopback:
+            continue  # loopback: kube-proxy's IPVS mode skips it too (IPVS cannot serve it)
         if any(ip in net for net in cidrs):
             out[str(ip)] = None
     return tuple(out)
