@@ -539,6 +539,7 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    warnings: list[str] = []  # logged once the log is set up (--logging-format may come from the file)
     if args.config is not None:
         try:
             at = argv.index(args.command)
@@ -546,12 +547,14 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
                       for action in _subparser(parser, name)._actions for opt in action.option_strings
                       if opt.startswith("--")}
             tokens = config_tokens(_subparser(parser, args.command), args.config, argv[at + 1:], others,
-                                   warn=lambda message: err.write(f"svcproxy: warning: {message}\n"))
+                                   warn=warnings.append)
         except ConfigError as exc:
             err.write(f"svcproxy: error: {exc}\n")
             return EXIT_ERROR
         args = parser.parse_args([*argv[:at + 1], *tokens, *argv[at + 1:]])
     logformat.setup(args.logging_format, verbose=args.verbose, stream=err)
+    for message in warnings:
+        log.warning("%s", message)
     try:
         if backend is None:
             backend = make_backend(args)
