@@ -356,15 +356,11 @@ def _virtual_services(
     """Per port and family: the ClusterIP, external and node-address virtual services
     (and, into ``origins`` when given, what each one is for).
 
-    ClusterIP traffic follows the internal traffic policy, the rest the external one;
-    each policy picks the cluster-wide or this node's endpoints of the port. An
-    external virtual service under policy Local on a node without a local endpoint
-    gets the cluster-wide ones, as in kube-proxy's IPVS mode: Pods on this node still
-    reach the Service, while a client outside the node gets no answer (its traffic is
-    not masqueraded, so the remote endpoint's reply never comes back through here).
-    The ClusterIP under internalTrafficPolicy Local gets no such fallback: the API
-    promises node-local endpoints only (docs/parity.md). ``no_local`` collects the
-    families where a Local policy found nothing local (see ``_no_local``).
+    ClusterIP traffic follows the internal traffic policy, the rest the external one.
+    Under Local with no endpoint here, the external ones fall back to the cluster-wide
+    endpoints as in kube-proxy's IPVS mode (Pods on this node keep the Service; outside
+    clients, not masqueraded, get no reply back through here), the ClusterIP does not
+    (the API promises node-local only): docs/parity.md. ``no_local``: see ``_no_local``.
     """
     scheduler, persistence = spec.scheduler, spec.persistence
     flags = _MH_FLAGS if scheduler == "mh" else _NO_FLAGS
