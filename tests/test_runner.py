@@ -68,14 +68,18 @@ def test_requests_coalesce_into_one_sync_per_min_interval() -> None:
     deadline = time.monotonic() + 5
     while not syncs and time.monotonic() < deadline:
         time.sleep(0.01)
+    burst_start = time.monotonic()
     for _ in range(50):
         runner.request()
         time.sleep(0.01)
+    burst = time.monotonic() - burst_start
     time.sleep(0.5)
     stop.set()
     thread.join(5)
     assert not thread.is_alive()
-    assert 2 <= len(syncs) <= 4, syncs  # the first, then bursts coalesced 0.3 s apart
+    # The first sync, then the burst coalesced to one sync per 0.3 s. The bound follows the
+    # burst's real length, which a loaded machine stretches well past its 0.5 s.
+    assert 2 <= len(syncs) <= 3 + int(burst / 0.3), (burst, syncs)
     assert all(b - a >= 0.29 for a, b in zip(syncs, syncs[1:]))
 
 
