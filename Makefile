@@ -49,3 +49,26 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .hypothesis
+
+# --- the CNI plugin: a static executable, so that nodes need nothing to run it ---------
+# musl-gcc (Debian's musl-tools) links statically by design and has no NSS to pull in;
+# jsmn (libjsmn-dev) is the header-only JSON tokenizer it uses. Both are installed
+# here when missing (as root), like every other dependency of `make test`.
+CNI_CC     ?= musl-gcc
+CNI_CFLAGS ?= -std=c11 -O2 -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wconversion -Wno-sign-conversion \
+              -fstack-protector-strong
+CNI_PLUGIN := build/svcproxy-cni
+
+.PHONY: cni-plugin cni-deps
+cni-plugin: $(CNI_PLUGIN)
+
+cni-deps:
+	@command -v $(CNI_CC) >/dev/null && [ -f /usr/include/jsmn.h ] || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends musl-tools libjsmn-dev >/dev/null)
+
+# musl-gcc sees only musl's headers: jsmn.h is offered from a directory of its own.
+$(CNI_PLUGIN): cni/svcproxy-cni.c | cni-deps
+	@mkdir -p build/include
+	@ln -sf /usr/include/jsmn.h build/include/jsmn.h
+	$(CNI_CC) $(CNI_CFLAGS) -Ibuild/include -static -s -o $@.tmp $<
+	@mv $@.tmp $@

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from cni_build import is_static, static_plugin
 from k8s_objects import endpoint, endpoint_slice, service, slice_port, svc_port
 from svcproxy.ipvs.backend import MemoryBackend
 from svcproxy.kube.store import Kind
@@ -98,8 +99,14 @@ def write_plugin(directory: Path) -> Path:
     return exe
 
 
-@pytest.fixture(scope="module")
-def plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["python", "static"])
+def plugin(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both plugins: the Python one, and the static executable (cni/svcproxy-cni.c)
+    that forwards the whole invocation to the agent, which runs the same logic."""
+    if request.param == "static":
+        d = tmp_path_factory.mktemp("cnistatic")
+        shutil.copy2(static_plugin(), d / "svcproxy-cni")
+        return d / "svcproxy-cni"
     return write_plugin(tmp_path_factory.mktemp("cnibin"))
 
 
@@ -357,7 +364,10 @@ def test_selector_by_annotation(plugin: Path, agent: Agent) -> None:
         out = cni(plugin, "ADD", conf(agent.sock, annotations=annotations, selector=selector))
         assert out.rc == 0 and out.doc == PREV_RESULT, out
     out = cni(plugin, "ADD", conf("/nonexistent/cni.sock", annotations={}, selector=selector))
-    assert out.rc == 0 and out.doc == PREV_RESULT, out
+    if is_static(plugin):  # the selector is the agent's to apply: no agent, no ADD
+        assert out.error(11)
+    else:
+        assert out.rc == 0 and out.doc == PREV_RESULT, out
     assert cni(plugin, "CHECK", conf(agent.sock, annotations={}, selector=selector)).rc == 0
     assert agent.attacher.calls == []
     # selected

@@ -58,7 +58,11 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Mapping, NoReturn, TextIO
+    from typing import Any, Callable, Mapping, NoReturn, TextIO
+
+    #: How a command reaches the agent: ``call_agent`` over the socket, or (inside the
+    #: agent, for the static plugin's forwarded requests) the server's own handler.
+    Caller = Callable[[str, Mapping[str, Any], float], dict[str, Any]]
 
 PLUGIN = "svcproxy-cni"
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -110,8 +114,8 @@ class CniError(Exception):
         return doc
 
 
-def log(msg: str) -> None:
-    sys.stderr.write(f"{PLUGIN}: {msg}\n")
+def log(msg: str, stream: TextIO | None = None) -> None:
+    (stream or sys.stderr).write(f"{PLUGIN}: {msg}\n")
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -352,13 +356,13 @@ def require_prev_result(config: Config) -> None:
                        "prevResult is missing: put svcproxy-cni after the plugin that sets up the Pod's interface")
 
 
-def cmd_add(env: Mapping[str, str], config: Config) -> dict[str, Any]:
+def cmd_add(env: Mapping[str, str], config: Config, call: Caller = call_agent) -> dict[str, Any]:
     require_prev_result(config)
     if not selected(config):
         return passthrough(config)
     request = pod_request("attach", env, config, config.timeout)
     try:
-        answer = call_agent(config.socket, request, config.timeout)
+        answer = call(config.socket, request, config.timeout)
     except Unreachable as exc:
         raise CniError(ERR_TRY_AGAIN_LATER, f"svcproxy agent unavailable: {exc}",
                        f"the Services of {_pod_name(env)} cannot be programmed in {env['CNI_NETNS']} yet") from None
@@ -371,28 +375,29 @@ def cmd_add(env: Mapping[str, str], config: Config) -> dict[str, Any]:
     return passthrough(config)
 
 
-def cmd_del(env: Mapping[str, str], config: Config) -> None:
+def cmd_del(env: Mapping[str, str], config: Config, call: Caller = call_agent,
+            stderr: TextIO | None = None) -> None:
     if not env.get("CNI_NETNS") and not env.get("CNI_CONTAINERID"):
         return
     timeout = min(config.timeout, DEL_TIMEOUT)
     try:
-        answer = call_agent(config.socket, pod_request("detach", env, config, timeout), timeout)
+        answer = call(config.socket, pod_request("detach", env, config, timeout), timeout)
     except Unreachable as exc:
         # The agent's periodic scan forgets namespaces that vanished: nothing is lost.
-        log(f"DEL {_pod_name(env)}: {exc}; the agent will forget the namespace when it is gone")
+        log(f"DEL {_pod_name(env)}: {exc}; the agent will forget the namespace when it is gone", stderr)
         return
     if not answer["ok"]:
-        log(f"DEL {_pod_name(env)}: the agent answered: {answer.get('error')}")
+        log(f"DEL {_pod_name(env)}: the agent answered: {answer.get('error')}", stderr)
 
 
-def cmd_check(env: Mapping[str, str], config: Config) -> None:
+def cmd_check(env: Mapping[str, str], config: Config, call: Caller = call_agent) -> None:
     if not config.at_least("0.4.0"):
         raise CniError(ERR_INCOMPATIBLE_VERSION, "config version does not allow CHECK", config.version)
     require_prev_result(config)
     if not selected(config):
         return
     try:
-        answer = call_agent(config.socket, pod_request("status", env, config, config.timeout), config.timeout)
+        answer = call(config.socket, pod_request("status", env, config, config.timeout), config.timeout)
     except Unreachable as exc:
         raise CniError(ERR_TRY_AGAIN_LATER, f"svcproxy agent unavailable: {exc}") from None
     if not answer["ok"]:
@@ -400,18 +405,18 @@ def cmd_check(env: Mapping[str, str], config: Config) -> None:
                        f"{_pod_name(env)}, network namespace {env['CNI_NETNS']}")
 
 
-def cmd_status(config: Config) -> None:
+def cmd_status(config: Config, call: Caller = call_agent, stderr: TextIO | None = None) -> None:
     if not config.at_least("1.1.0"):
         raise CniError(ERR_INCOMPATIBLE_VERSION, "config version does not allow STATUS", config.version)
     timeout = min(config.timeout, DEL_TIMEOUT)
     try:
-        answer = call_agent(config.socket, {"op": "status"}, timeout)
+        answer = call(config.socket, {"op": "status"}, timeout)
     except Unreachable as exc:
         raise CniError(ERR_NOT_AVAILABLE, f"plugin not available: svcproxy agent unreachable: {exc}") from None
     if not answer["ok"]:
         raise CniError(ERR_NOT_AVAILABLE, f"plugin not available: svcproxy agent: {answer.get('error')}")
     if answer.get("initialized") is False:
-        log("the agent is up but has not listed Services yet: ADD will wait for its first sync")
+        log("the agent is up but has not listed Services yet: ADD will wait for its first sync", stderr)
 
 
 def cmd_gc(config: Config) -> None:
@@ -431,8 +436,10 @@ def cmd_version(stdin: TextIO) -> dict[str, Any]:
     return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
-def run(env: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
-    """One plugin invocation; returns the exit status."""
+def run(env: Mapping[str, str], stdin: TextIO, stdout: TextIO, *, call: Caller = call_agent,
+        stderr: TextIO | None = None) -> int:
+    """One plugin invocation; returns the exit status. The agent runs this too, with
+    its own handler as ``call``, for the requests the static plugin forwards."""
     version = LATEST
     try:
         command = env.get("CNI_COMMAND", "")
@@ -448,21 +455,21 @@ def run(env: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
         config = read_config(stdin)
         version = config.version
         if command == "ADD":
-            json.dump(cmd_add(env, config), stdout)
+            json.dump(cmd_add(env, config, call), stdout)
             stdout.write("\n")
         elif command == "DEL":
-            cmd_del(env, config)
+            cmd_del(env, config, call, stderr)
         elif command == "CHECK":
-            cmd_check(env, config)
+            cmd_check(env, config, call)
         elif command == "STATUS":
-            cmd_status(config)
+            cmd_status(config, call, stderr)
         else:
             cmd_gc(config)
         return 0
     except CniError as exc:
         json.dump(exc.json(exc.version or version), stdout)
         stdout.write("\n")
-        log(f"{env.get('CNI_COMMAND', '?')} failed: {exc.msg}{': ' + exc.details if exc.details else ''}")
+        log(f"{env.get('CNI_COMMAND', '?')} failed: {exc.msg}{': ' + exc.details if exc.details else ''}", stderr)
         return 1
 
 

@@ -15,6 +15,14 @@ by one line. Requests::
     {"op": "detach", "netns": PATH or "", "containerId": ID, "ifname": NAME}
     {"op": "status"}                    # the agent itself
     {"op": "status", "netns": PATH}     # one namespace
+    {"op": "cni", "env": {"CNI_COMMAND": .., ...}, "stdin": CONFIG}
+
+The last is what the static plugin (``cni/svcproxy-cni.c``) sends: the whole CNI
+invocation, its ``CNI_*`` variables and the network configuration it read on stdin.
+The agent runs the plugin's logic (``svcproxy.podns.cni.run``) on it, with its own
+handler in place of the socket, and answers ``{"ok": true, "rc": N, "stdout": TEXT,
+"stderr": TEXT}``: what the plugin prints and its exit status. So the executable on
+the host holds no logic but what it needs when the agent does not answer.
 
 Answers: ``{"ok": true, ...}`` or ``{"ok": false, "error": MESSAGE, "code": N}``
 where N is the CNI error code the plugin reports (11: try again later, 3: the
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import logging
 import os
@@ -55,6 +64,7 @@ from typing import Any, Callable, Mapping, Protocol
 from svcproxy.logformat import about
 from svcproxy.podns.netns import NamespaceGone, NodeNamespace
 
+from svcproxy.podns import cni
 from svcproxy.podns.cni import (
     DEFAULT_SOCKET,
     ERR_ATTACH_FAILED,
@@ -78,6 +88,8 @@ CLONE_NEWNET = 0x40000000
 PROGRAMMED, PENDING, WAITING_FIRST_SYNC, ABSENT = "programmed", "pending", "waiting-first-sync", "absent"
 #: --pod-netns-mode off: the agent does not serve Pod namespaces (ADD and CHECK pass).
 NOT_SERVED = "not-served"
+#: The variables a forwarded CNI invocation may carry (the plugin sends those it has).
+CNI_ENV = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
 
 
 class ServerError(OSError):
@@ -456,6 +468,12 @@ class CniServer:
             doc = json.loads(line)
         except ValueError:
             return {"ok": False, "error": "request is not JSON", "code": ERR_INVALID_ENV}
+        if isinstance(doc, dict) and doc.get("op") == "cni":
+            return self._invocation(doc)
+        return self.handle_doc(doc)
+
+    def handle_doc(self, doc: Any) -> dict[str, Any]:
+        """One request, already decoded."""
         try:
             req = Request.parse(doc)
             if req.op == "attach":
@@ -468,6 +486,33 @@ class CniServer:
         except Exception as exc:  # the agent's own failure: answer, log, keep serving
             log.exception("CNI request %s failed", doc.get("op") if isinstance(doc, dict) else "?")
             return {"ok": False, "error": f"internal error: {exc}", "code": ERR_ATTACH_FAILED}
+
+    def _invocation(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """A whole CNI invocation forwarded by the static plugin: run the plugin's
+        logic here, its calls to the agent answered by this server directly."""
+        env, stdin = doc.get("env"), doc.get("stdin")
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            return {"ok": False, "error": "env must map names to strings", "code": ERR_INVALID_ENV}
+        if not isinstance(stdin, str):
+            return {"ok": False, "error": "stdin must be a string", "code": ERR_INVALID_ENV}
+        unknown = sorted(set(env) - set(CNI_ENV))
+        if unknown:
+            return {"ok": False, "error": f"unexpected variables in env: {', '.join(unknown[:5])}",
+                    "code": ERR_INVALID_ENV}
+        out, err = io.StringIO(), io.StringIO()
+
+        def call(path: str, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+            return self.handle_doc(dict(request))
+
+        try:
+            rc = cni.run(env, io.StringIO(stdin), out, call=call, stderr=err)
+        except Exception as exc:  # never leave the runtime without a CNI error
+            log.exception("CNI %s failed", env.get("CNI_COMMAND", "?"))
+            return {"ok": False, "error": f"internal error: {exc}", "code": ERR_ATTACH_FAILED}
+        if rc != 0 or err.getvalue():
+            log.info("CNI %s for %s: exit %d %s", env.get("CNI_COMMAND", "?"), env.get("CNI_NETNS") or
+                     env.get("CNI_CONTAINERID", "?"), rc, err.getvalue().strip())
+        return {"ok": True, "rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}
 
     def _attach(self, req: Request) -> dict[str, Any]:
         start = self._monotonic()
