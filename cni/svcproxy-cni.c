@@ -343,8 +343,18 @@ static int hexval(const char *s, unsigned int *out)
     return 0;
 }
 
-/* Decode string token i into out (NUL-terminated): 0, or -1 if not a valid string. */
+static int json_string_raw(const struct json *j, int i, struct buf *out);
+
+/* Decode string token i into out (NUL-terminated): 0, or -1 unless it is a valid
+ * string of UTF-8 text (what is decoded may be printed: it must stay text). */
 static int json_string(const struct json *j, int i, struct buf *out)
+{
+    if (json_string_raw(j, i, out) < 0 || !utf8_valid((const unsigned char *)out->p, out->len))
+        return -1;
+    return 0;
+}
+
+static int json_string_raw(const struct json *j, int i, struct buf *out)
 {
     if (i < 0 || j->tok[i].type != JSMN_STRING)
         return -1;
@@ -622,7 +632,13 @@ __attribute__((noreturn)) static void relay(const struct command *cmd, struct ag
     exit((int)rc);
 malformed:
     buf_fmt(&a->reason, "the agent's answer on %s is malformed: ", a->socket);
-    buf_add(&a->reason, line->p, len < 200 ? len : 200);
+    for (size_t i = 0; i < len && i < 200; i++) { /* printable ASCII, else \xNN: always UTF-8 */
+        unsigned char c = (unsigned char)line->p[i];
+        if (c >= 0x20 && c < 0x7f)
+            buf_add(&a->reason, line->p + i, 1);
+        else
+            buf_fmt(&a->reason, "\\x%02x", c);
+    }
     unreachable(cmd, a->reason.p);
 }
 
@@ -731,6 +747,7 @@ int main(void)
     }
     if (!cmd) {
         version_answer(in.p, in.len);
+        free(in.p);
         return 0;
     }
 

@@ -7,14 +7,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cni_build import static_plugin
 from svcproxy.podns import install as inst
 from svcproxy.podns.cni import DEFAULT_SOCKET, SUPPORTED_VERSIONS
 
@@ -55,7 +58,10 @@ class Node:
         return json.loads((self.conf / name).read_text())
 
     def run(self, *args: str) -> tuple[int, str, str]:
+        """The installer; the static plugin is the one `make cni-plugin` builds."""
         out, err = io.StringIO(), io.StringIO()
+        if not {"--python", "--plugin", "--uninstall"} & set(args):
+            args = ("--plugin", str(static_plugin()), *args)
         rc = inst.main(["--bin-dir", str(self.bin), "--conf-dir", str(self.conf), *args], out=out, err=err)
         return rc, out.getvalue(), err.getvalue()
 
@@ -92,10 +98,7 @@ def test_installs_the_binary_and_appends_the_plugin_last(node: Node) -> None:
     assert {k: v for k, v in doc.items() if k != "plugins"} == {"cniVersion": "1.0.0", "name": "eni-net"}
     exe = node.bin / PLUGIN
     assert stat.S_IMODE(exe.stat().st_mode) == 0o755
-    lines = exe.read_text().splitlines()
-    assert lines[0] == "#!/usr/bin/env python3" and lines[1] == inst.MARKER
-    # the rest is svcproxy/podns/cni.py itself
-    assert "\n".join(lines[2:]) + "\n" == (REPO / "svcproxy" / "podns" / "cni.py").read_text()
+    assert exe.read_bytes() == static_plugin().read_bytes()  # the static plugin, as built
     assert (node.bin / "host-device").read_bytes() == b"\x7fELF not really\n"
     assert sorted(p.name for p in node.conf.iterdir()) == ["10-eni.conflist"]  # no temporary file left
 
@@ -308,6 +311,48 @@ def test_bad_python_is_refused(node: Node) -> None:
     assert node.listing() == before
 
 
+def test_the_python_plugin_can_still_be_installed(node: Node) -> None:
+    node.write("10-eni.conflist", eni_conflist())
+    rc, _, err = node.run("--python", "/usr/bin/env python3")
+    assert rc == 0, err
+    lines = (node.bin / PLUGIN).read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env python3" and lines[1] == inst.MARKER
+    # the rest is svcproxy/podns/cni.py itself
+    assert "\n".join(lines[2:]) + "\n" == (REPO / "svcproxy" / "podns" / "cni.py").read_text()
+    # and the static one replaces it (an installer-written file)
+    assert node.run()[0] == 0
+    assert (node.bin / PLUGIN).read_bytes() == static_plugin().read_bytes()
+
+
+def test_a_plugin_that_does_not_answer_version_is_not_installed(node: Node, tmp_path: Path) -> None:
+    """The file is run (VERSION) before it replaces the installed one: a broken build
+    (here: ours, truncated) leaves the working plugin and the conflist as they were."""
+    node.write("10-eni.conflist", eni_conflist())
+    assert node.run()[0] == 0
+    before = node.listing()
+    broken = tmp_path / "svcproxy-cni"
+    data = static_plugin().read_bytes()
+    broken.write_bytes(data[:64] + inst.STATIC_MARKER)  # an ELF header and our marker, nothing that runs
+    broken.chmod(0o755)
+    rc, _, err = node.run("--plugin", str(broken))
+    assert rc == 1 and ("does not run" in err or "does not answer VERSION" in err), err
+    assert node.listing() == before
+    assert sorted(p.name for p in node.bin.iterdir()) == ["host-device", PLUGIN]  # no temporary file left
+    # a file that is not ours at all is refused before anything runs
+    rc, _, err = node.run("--plugin", "/bin/true")
+    assert rc == 1 and "not the svcproxy-cni static plugin" in err
+
+
+def test_an_up_to_date_plugin_is_still_checked(node: Node) -> None:
+    node.write("10-eni.conflist", eni_conflist())
+    assert node.run()[0] == 0
+    (node.bin / PLUGIN).chmod(0o644)  # the same bytes, no longer executable: rewritten
+    rc, out, err = node.run()
+    assert rc == 0 and f"installed {node.bin / PLUGIN}" in out, err
+    rc, out, err = node.run()
+    assert rc == 0 and "is up to date" in out, err
+
+
 # --- uninstall ------------------------------------------------------------------------
 
 
@@ -390,3 +435,99 @@ def test_runs_as_a_module() -> None:
     assert done.returncode == 0
     for flag in ("--bin-dir", "--conf-dir", "--conflist", "--socket", "--uninstall", "--wait", "--missing-ok"):
         assert flag in done.stdout
+
+
+# --- --watch: the entry kept when the primary CNI rewrites the conflist ----------------
+
+
+def keeper(node: Node, lines: list[str], **kw: Any) -> Any:
+    from svcproxy.podns.keeper import ConflistKeeper
+
+    return ConflistKeeper(node.conf, None, DEFAULT_SOCKET, say=lines.append, warn=lambda s: lines.append("W " + s),
+                          **kw)
+
+
+def rewrite(node: Node, name: str, doc: Any) -> None:
+    """As a primary CNI's installer writes its conflist: a new file renamed over the old."""
+    tmp = node.conf / f".{name}.tmp"
+    tmp.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    os.replace(tmp, node.conf / name)
+
+
+def sample(k: Any, name: str, **labels: str) -> float:
+    value = k.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else float(value)
+
+
+def test_keeper_puts_the_entry_back_after_a_rewrite(node: Node) -> None:
+    node.write("10-eni.conflist", eni_conflist())
+    assert node.run("--select-annotation", "svcproxy.io/share-ns=true")[0] == 0
+    installed = node.read("10-eni.conflist")
+    lines: list[str] = []
+    k = keeper(node, lines)
+    assert k.check_once() == "ok" and lines == []
+    assert sample(k, "svcproxy_cni_conflist_entry_present") == 1
+    rewrite(node, "10-eni.conflist", eni_conflist())  # the primary CNI restarts: our entry gone
+    assert k.check_once() == "repaired"
+    assert node.read("10-eni.conflist") == installed  # back, with its selector, last
+    assert sample(k, "svcproxy_cni_conflist_repairs_total") == 1
+    assert "put svcproxy-cni back" in lines[-1]
+    assert k.check_once() == "ok"  # idempotent: nothing rewritten
+    mtime = (node.conf / "10-eni.conflist").stat().st_mtime_ns
+    assert k.check_once() == "ok" and (node.conf / "10-eni.conflist").stat().st_mtime_ns == mtime
+    # a rewrite that copied our entry twice, and not last: one entry, last
+    doc = eni_conflist()
+    doc["plugins"] = [installed["plugins"][-1], *doc["plugins"], installed["plugins"][-1]]
+    rewrite(node, "10-eni.conflist", doc)
+    assert k.check_once() == "repaired"
+    assert node.read("10-eni.conflist") == installed
+    assert sample(k, "svcproxy_cni_conflist_repairs_total") == 2
+
+
+def test_keeper_leaves_a_bad_or_missing_conflist_alone_and_says_so(node: Node) -> None:
+    node.write("10-eni.conflist", eni_conflist())
+    assert node.run()[0] == 0
+    lines: list[str] = []
+    k = keeper(node, lines)
+    assert k.check_once() == "ok"
+    rewrite(node, "10-eni.conflist", '{"cniVersion": "1.0.0", "plugins": [')  # caught mid-write, say
+    raw = (node.conf / "10-eni.conflist").read_bytes()
+    assert k.check_once() == "invalid" and k.check_once() == "invalid"
+    assert (node.conf / "10-eni.conflist").read_bytes() == raw  # never "repaired" into something else
+    assert sample(k, "svcproxy_cni_conflist_problems_total", reason="invalid") == 2
+    assert sample(k, "svcproxy_cni_conflist_entry_present") == 0
+    assert [line for line in lines if line.startswith("W ")] == [lines[0]]  # logged once, not every look
+    assert "is not valid JSON" in lines[0] and "left untouched" in lines[0]
+    (node.conf / "10-eni.conflist").unlink()
+    assert k.check_once() == "missing"
+    assert "no conflist" in lines[-1]
+    rewrite(node, "10-eni.conflist", eni_conflist())  # the primary CNI writes it again
+    assert k.check_once() == "repaired"
+    assert types(node.read("10-eni.conflist")) == ["host-device", "tuning", PLUGIN]
+    assert sample(k, "svcproxy_cni_conflist_entry_present") == 1
+    assert any("usable again" in line for line in lines)
+    assert sorted(p.name for p in node.conf.iterdir()) == ["10-eni.conflist"]  # no temporary file left
+
+
+def test_watch_runs_until_sigterm(node: Node) -> None:
+    """`--watch` as the DaemonSet runs it: a process that installs, keeps the entry
+    through a rewrite, and exits 0 on SIGTERM."""
+    node.write("10-eni.conflist", eni_conflist())
+    proc = subprocess.Popen([sys.executable, "-m", "svcproxy.podns.install", "--bin-dir", str(node.bin),
+                             "--conf-dir", str(node.conf), "--plugin", str(static_plugin()), "--watch",
+                             "--watch-interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and types(node.read("10-eni.conflist"))[-1] != PLUGIN:
+            time.sleep(0.05)
+        assert types(node.read("10-eni.conflist")) == ["host-device", "tuning", PLUGIN]
+        rewrite(node, "10-eni.conflist", eni_conflist())
+        while time.monotonic() < deadline and types(node.read("10-eni.conflist"))[-1] != PLUGIN:
+            time.sleep(0.05)
+        assert types(node.read("10-eni.conflist")) == ["host-device", "tuning", PLUGIN]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "put svcproxy-cni back" in out, out

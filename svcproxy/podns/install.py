@@ -3,11 +3,17 @@
 The DaemonSet's ``install-cni`` init container runs this with the node's CNI
 directories mounted from the host. It does two things, in this order:
 
-1. Copies the plugin into the CNI binary directory (``/opt/cni/bin``). The plugin
-   (``svcproxy/podns/cni.py``) needs nothing but the standard library, because the
-   container runtime runs it on the host, outside the agent's image: the module file
-   itself, behind a ``#!/usr/bin/env python3`` line (``--python``), *is* the
-   executable. The node needs a ``python3`` (3.7 or later).
+1. Copies the plugin into the CNI binary directory (``/opt/cni/bin``). The container
+   runtime runs it on the host, outside the agent's image, so by default it is the
+   static executable built from ``cni/svcproxy-cni.c`` (``make cni-plugin``; the
+   image carries it as ``/usr/lib/svcproxy/svcproxy-cni``, ``--plugin`` names
+   another): it needs nothing on the node, forwards each invocation to the agent's
+   socket and relays the answer. ``--python INTERPRETER`` installs the Python plugin
+   instead (``svcproxy/podns/cni.py`` behind a ``#!`` line; the node then needs a
+   python3, 3.7 or later). The file is checked before it replaces the installed one
+   and once more in place: it must answer CNI ``VERSION`` with the conflist's
+   ``cniVersion`` among its supported versions, or nothing else is changed and the
+   exit status is 1.
 2. Appends an entry ``{"type": "svcproxy-cni", "socket": ...}`` as the **last**
    plugin of the node's conflist (``/etc/cni/net.d``): the plugin is chained after
    the plugin that gives the Pod its network, and passes that plugin's result
@@ -34,6 +40,11 @@ Design decisions:
   existing ``svcproxy-cni`` entry is merged with the flags (keys given by flags win,
   others, such as a hand-written ``selector``, are kept) and moved to the end;
   duplicates collapse into one.
+- ``--watch`` keeps the entry there: primary CNIs (Calico's, Cilium's installers)
+  rewrite their conflist when they restart or reconfigure, dropping plugins they did
+  not write. The installer then keeps running, polls the conflist and puts the entry
+  back (the same atomic, checked edit), logging one line per repair or problem and
+  counting them in metrics (``--metrics-bind``).
 - Binary before conflist on install, conflist before binary on ``--uninstall``: a
   conflist never names a plugin that is not there. Install checks the conflist before
   it writes the binary, so a run that fails changes nothing. Uninstall removes our
@@ -51,6 +62,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,6 +92,13 @@ PLUGIN = cni.PLUGIN
 DEFAULT_BIN_DIR = "/opt/cni/bin"
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
 DEFAULT_PYTHON = "/usr/bin/env python3"
+#: Where the image carries the static plugin (``make cni-plugin`` builds it as
+#: build/svcproxy-cni in a source tree, which is used when this path is missing).
+DEFAULT_PLUGIN = "/usr/lib/svcproxy/svcproxy-cni"
+#: Bytes the static plugin carries (cni/svcproxy-cni.c): what ``--uninstall`` looks for.
+STATIC_MARKER = b"svcproxy-cni static plugin, installed by svcproxy.podns.install"
+#: How long the installed plugin may take to answer VERSION.
+VERIFY_TIMEOUT = 10.0
 #: The second line of an installed plugin: what ``--uninstall`` looks for before it
 #: deletes a file named svcproxy-cni.
 MARKER = "# svcproxy-cni, installed by svcproxy.podns.install: do not edit (rewritten at every install)"
@@ -114,30 +133,77 @@ def plugin_bytes(python: str = DEFAULT_PYTHON) -> bytes:
     return f"#!{python}\n{MARKER}\n{source}".encode()
 
 
-def install_binary(bin_dir: Path, python: str = DEFAULT_PYTHON) -> bool:
-    """Write ``bin_dir/svcproxy-cni``; False when it already had these bytes."""
-    data = plugin_bytes(python)
+def default_plugin() -> Path:
+    """The static plugin: the image's, else this source tree's build/svcproxy-cni."""
+    candidates = [Path(DEFAULT_PLUGIN), Path(cni.__file__).resolve().parents[2] / "build" / PLUGIN]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise InstallError(f"no static svcproxy-cni at {' or '.join(map(str, candidates))}: build it with "
+                       "`make cni-plugin`, or name it with --plugin")
+
+
+def static_plugin_bytes(path: Path) -> bytes:
+    """The static plugin's bytes, refused unless they are an executable of ours."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InstallError(f"cannot read the plugin {path}: {exc.strerror or exc}") from None
+    if not data.startswith(b"\x7fELF") or STATIC_MARKER not in data:
+        raise InstallError(f"{path} is not the svcproxy-cni static plugin (built by `make cni-plugin`)")
+    return data
+
+
+def verify_plugin(path: Path, version: str) -> None:
+    """Run ``path`` as a runtime runs it for VERSION; raise InstallError unless it
+    answers with ``version`` among its supported versions."""
+    try:
+        done = subprocess.run([str(path)], input=json.dumps({"cniVersion": version}).encode(),
+                              env={"CNI_COMMAND": "VERSION", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                              capture_output=True, timeout=VERIFY_TIMEOUT, cwd="/")
+    except subprocess.TimeoutExpired:
+        raise InstallError(f"{path} did not answer VERSION within {VERIFY_TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise InstallError(f"{path} does not run: {exc.strerror or exc}") from None
+    answer = done.stdout.decode(errors="replace").strip()
+    try:
+        supported = json.loads(answer)["supportedVersions"]
+    except (ValueError, KeyError, TypeError):
+        supported = None
+    if done.returncode != 0 or not isinstance(supported, list) or version not in supported:
+        why = done.stderr.decode(errors="replace").strip()[-300:] or answer[:300] or "no output"
+        raise InstallError(f"{path} does not answer VERSION with {version} among its versions "
+                           f"(exit {done.returncode}): {why}")
+
+
+def install_binary(bin_dir: Path, data: bytes, version: str = cni.LATEST) -> bool:
+    """Write ``bin_dir/svcproxy-cni``, checked with VERSION before it replaces the
+    installed file and after; False when it already had these bytes (checked too)."""
     if not bin_dir.is_dir():
         raise InstallError(f"CNI binary directory {bin_dir} does not exist")
     target = bin_dir / PLUGIN
     try:
         if target.is_file() and not target.is_symlink() and target.read_bytes() == data \
                 and os.stat(target).st_mode & 0o777 == 0o755:
+            verify_plugin(target, version)
             return False
     except OSError:
         pass
-    _write_atomic(target, data, 0o755)
+    _write_atomic(target, data, 0o755, verify=lambda tmp: verify_plugin(tmp, version))
+    verify_plugin(target, version)
     return True
 
 
 def ours(path: Path) -> bool:
-    """Whether ``path`` is a plugin file this installer wrote."""
+    """Whether ``path`` is a plugin file this installer wrote (static or Python)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4096)
+            data = f.read(8 << 20)
     except OSError:
         return False
-    lines = head.split(b"\n", 2)
+    if data.startswith(b"\x7fELF"):
+        return STATIC_MARKER in data
+    lines = data[:4096].split(b"\n", 2)
     return len(lines) > 1 and lines[0].startswith(b"#!") and lines[1] == MARKER.encode()
 
 
@@ -264,9 +330,11 @@ def render(doc: dict[str, Any]) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int, *, owner: tuple[int, int] | None = None,
-                  check: Callable[[], None] | None = None) -> None:
-    """Write through a temporary file in the same directory and a rename. ``check``
-    runs just before the rename and may raise to abandon the write."""
+                  check: Callable[[], None] | None = None,
+                  verify: Callable[[Path], None] | None = None) -> None:
+    """Write through a temporary file in the same directory and a rename. ``verify``
+    (given the temporary file) and ``check`` run just before the rename and may
+    raise to abandon the write."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -279,6 +347,8 @@ def _write_atomic(path: Path, data: bytes, mode: int, *, owner: tuple[int, int] 
                 except PermissionError:
                     pass  # not root: the file is ours, with the original's permissions
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(Path(tmp))
         if check is not None:
             check()
         os.replace(tmp, path)
@@ -385,13 +455,16 @@ def wait_for_conflist(conf_dir: Path, name: str | None, wait: float, *,
 
 
 def install(bin_dir: Path, conf_dir: Path, *, conflist: str | None = None, socket: str = cni.DEFAULT_SOCKET,
-            timeout: float | None = None, selector: Selector | None = None, python: str = DEFAULT_PYTHON,
-            wait: float = 0.0, missing_ok: bool = False,
+            timeout: float | None = None, selector: Selector | None = None, python: str | None = None,
+            plugin: Path | None = None, wait: float = 0.0, missing_ok: bool = False,
             sleep: Callable[[float], None] = time.sleep) -> Report:
+    """Install the static plugin (``plugin``, else the default one) or, with
+    ``python``, the Python plugin; then add its entry to the conflist."""
     report = Report()
     # Check everything that can be checked before writing anything.
     _entry(None, socket, timeout, selector)
-    plugin_bytes(python)
+    data = plugin_bytes(python) if python is not None else static_plugin_bytes(plugin or default_plugin())
+    version = cni.LATEST
     try:
         path: Path | None = wait_for_conflist(conf_dir, conflist, wait, sleep=sleep)
     except NoConflist as exc:
@@ -405,8 +478,10 @@ def install(bin_dir: Path, conf_dir: Path, *, conflist: str | None = None, socke
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise InstallError(f"cannot read {path}: {exc}") from None
-        with_plugin(parse_conflist(path, text), socket, timeout, selector)
-    if install_binary(bin_dir, python):
+        doc = parse_conflist(path, text)
+        with_plugin(doc, socket, timeout, selector)
+        version = doc["cniVersion"]
+    if install_binary(bin_dir, data, version):
         report.say(f"installed {bin_dir / PLUGIN}")
     else:
         report.say(f"{bin_dir / PLUGIN} is up to date")
@@ -493,8 +568,20 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--select-annotation", dest="selector", type=Selector.annotation, metavar="KEY[=VALUE]",
                         help="only Pods with this annotation (equal to VALUE, when given); declares the "
                              f"{cni.ANNOTATIONS_CAPABILITY} capability (default: keep the entry's selector)")
-    p.add_argument("--python", default=DEFAULT_PYTHON, metavar="INTERPRETER",
-                   help=f"the plugin's #! line: the host's Python 3.7+ (default '{DEFAULT_PYTHON}')")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--plugin", type=Path, default=None, metavar="PATH",
+                      help=f"the static plugin to install (default {DEFAULT_PLUGIN}, else build/{PLUGIN} "
+                           "in a source tree)")
+    kind.add_argument("--python", default=None, metavar="INTERPRETER",
+                      help="install the Python plugin instead, with this #! line: the host's Python 3.7+ "
+                           f"(e.g. '{DEFAULT_PYTHON}')")
+    p.add_argument("--watch", action="store_true",
+                   help="after installing, keep running: put the entry back whenever the conflist is rewritten "
+                        "without it")
+    p.add_argument("--watch-interval", type=_seconds, default=2.0, metavar="SECONDS",
+                   help="how often --watch looks at the conflist (default 2)")
+    p.add_argument("--metrics-bind", default=None, metavar="HOST:PORT",
+                   help="with --watch: serve its Prometheus metrics here (default: none)")
     p.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
                    help="wait up to this long for a conflist to appear (default 0)")
     p.add_argument("--missing-ok", action="store_true",
@@ -515,7 +602,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         else:
             report = install(args.bin_dir, args.conf_dir, conflist=args.conflist, socket=args.socket,
                              timeout=args.plugin_timeout, selector=args.selector, python=args.python,
-                             wait=args.wait, missing_ok=args.missing_ok)
+                             plugin=args.plugin, wait=args.wait, missing_ok=args.missing_ok)
     except InstallError as exc:
         err.write(f"{prog}: error: {exc}\n")
         return 1
@@ -528,7 +615,45 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         err.write(f"{prog}: warning: {line}\n")
     for line in report.errors:
         err.write(f"{prog}: error: {line}\n")
-    return 1 if report.errors else 0
+    if report.errors or not args.watch or args.uninstall:
+        return 1 if report.errors else 0
+    return watch(args, out, err)
+
+
+def watch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """--watch: keep the entry in the conflist until SIGTERM or SIGINT."""
+    import signal
+    import threading
+
+    from svcproxy.podns.keeper import ConflistKeeper
+
+    prog = "svcproxy-install-cni"
+
+    def say(line: str) -> None:
+        out.write(f"{prog}: {line}\n")
+        out.flush()
+
+    def warn(line: str) -> None:
+        err.write(f"{prog}: warning: {line}\n")
+        err.flush()
+
+    keeper = ConflistKeeper(args.conf_dir, args.conflist, args.socket, args.plugin_timeout, args.selector,
+                            say=say, warn=warn)
+    if args.metrics_bind:
+        from prometheus_client import start_http_server
+
+        host, _, port = args.metrics_bind.rpartition(":")
+        try:
+            start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=keeper.registry)
+        except (ValueError, OSError) as exc:
+            err.write(f"{prog}: error: --metrics-bind {args.metrics_bind}: {exc}\n")
+            return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    say(f"watching {args.conflist or args.conf_dir} every {args.watch_interval:g}s")
+    keeper.run(stop, max(args.watch_interval, 0.05))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The CNI chain as a container runtime runs it, with Debian's reference plugins and
-``svcproxy-cni`` against a running ``svcproxy run`` agent, in the VM.
+``svcproxy-cni`` (the static executable) against a running ``svcproxy run`` agent, in
+the VM.
 
 Topology (every piece a namespace of its own; the VM's root namespace is untouched)::
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +40,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from cni_build import is_static, static_plugin
 from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
 
 from .netns import Lab, ip_batch, ipvsadm, ns_cmd, request, run, sysctl, wait_until
@@ -175,18 +178,11 @@ class Runtime:
 
 
 def plugin_dir(tmp_path: Path) -> Path:
-    """A CNI_PATH directory with ``svcproxy-cni``: the venv's console script if it has
-    been (re)installed since the entry point was added, else the same thing written
-    here (import ``svcproxy.podns.cni`` and call ``main``, with the venv's Python)."""
+    """A CNI_PATH directory with ``svcproxy-cni``: the static executable the installer
+    puts on nodes (``make cni-plugin``), which forwards each invocation to the agent."""
     d = tmp_path / "cnibin"
     d.mkdir()
-    installed = Path(sys.executable).parent / "svcproxy-cni"
-    if installed.exists():
-        (d / "svcproxy-cni").symlink_to(installed)
-    else:
-        exe = d / "svcproxy-cni"
-        exe.write_text(f"#!{sys.executable}\nfrom svcproxy.podns.cni import main\nmain()\n")
-        exe.chmod(0o755)
+    shutil.copy2(static_plugin(), d / "svcproxy-cni")
     return d
 
 
@@ -319,6 +315,7 @@ def test_chain_add_check_del_with_the_agent(node_env: Node, agents: list[AgentPr
     rt, pod_ns, eni = node_env.pod("10.0.2.10")
     versions = rt.version()
     assert "1.0.0" in versions["host-device"] and "1.0.0" in versions["svcproxy-cni"]
+    assert is_static(rt.find("svcproxy-cni"))
     assert node_env.status(rt).rc == 0  # STATUS: the agent is up
 
     t0 = time.monotonic()
