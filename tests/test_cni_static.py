@@ -305,7 +305,8 @@ def test_huge_stdin_is_refused(plugin: Path, scripted: Any) -> None:
 
 def test_quick_fuzz_never_crashes(plugin: Path, scripted: Any) -> None:
     """Seeded random damage to the configuration and to the agent's answer: the
-    plugin always exits 0 or 1 (never a signal), and on 1 prints one CNI error."""
+    plugin never dies of a signal, prints only text, and on a damaged configuration
+    exits 0 or 1, with one CNI error on 1."""
     rng = random.Random(19)
     good_answer = ok_answer(0, '{"cniVersion": "1.0.0"}\n')
     answers: list[bytes] = []
@@ -327,15 +328,17 @@ def test_quick_fuzz_never_crashes(plugin: Path, scripted: Any) -> None:
         return bytes(b)
 
     outcomes = {0: 0, 1: 0}
-    for n in range(300):
+    for n in range(int(os.environ.get("SVCPROXY_CNI_FUZZ_RUNS", "300"))):  # more: a longer run by hand
         damaged_config = n % 2 == 1
         answers.clear()
         stdin = damage(base.encode()) if damaged_config else base.encode()
         if not damaged_config:
             answers.append(damage(good_answer))
         done = run(plugin, stdin, command=rng.choice(["ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION"]))
-        assert done.returncode in (0, 1), (stdin, done)
-        outcomes[done.returncode] += 1
+        assert done.returncode >= 0, (stdin, done)  # never killed by a signal
+        # a damaged answer may carry another exit status, which is relayed as it is
+        assert done.returncode in (0, 1) or not damaged_config, (stdin, done)
+        outcomes[min(done.returncode, 1)] += 1
         done.stdout.decode(), done.stderr.decode()  # always text
         if done.returncode == 1 and damaged_config:  # the agent was fine: the error is the plugin's own
             doc = json.loads(done.stdout)

@@ -11,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cni_build import static_plugin
 from svcproxy.cli import build_parser
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
@@ -87,12 +88,12 @@ def test_install_cni_init_container(tmp_path: Path) -> None:
 
     ds = next(d for d in documents() if d["kind"] == "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
-    agent = pod["containers"][0]
+    agent = next(c for c in pod["containers"] if c["name"] == "svcproxy")
     (init,) = pod["initContainers"]
     assert init["name"] == "install-cni"
     # An init container (not a native sidecar): it runs to completion before the agent.
     assert "restartPolicy" not in init
-    assert [c["name"] for c in pod["containers"]] == ["svcproxy"]
+    assert sorted(c["name"] for c in pod["containers"]) == ["cni-keeper", "svcproxy"]
     assert init["image"] == agent["image"]
     assert init["securityContext"]["runAsUser"] == 0 and not init["securityContext"].get("privileged")
     # hostPath mounts for the CNI directories, in the init container only.
@@ -126,7 +127,29 @@ def test_install_cni_init_container(tmp_path: Path) -> None:
     example["plugins"] = example["plugins"][:1]
     (root / "etc/cni/net.d/10-eni.conflist").write_text(json.dumps(example))
     local = [str(root / a[len("/host/"):]) if a.startswith("/host/") else a for a in command[3:]]
+    static_plugin()  # what the image carries; here: build/svcproxy-cni, the installer's fallback
     assert install.main(local) == 0
     written = json.loads((root / "etc/cni/net.d/10-eni.conflist").read_text())
     assert [p["type"] for p in written["plugins"]] == ["host-device", "svcproxy-cni"]
     assert (root / "opt/cni/bin/svcproxy-cni").stat().st_mode & 0o111
+
+
+def test_cni_keeper_container() -> None:
+    """The container that keeps the entry in the conflist: the installer with --watch,
+    the same directories, socket and security context as install-cni, and its own mounts
+    of the CNI directories (the agent has none)."""
+    from svcproxy.podns import install
+
+    pod = next(d for d in documents() if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    keeper = next(c for c in pod["containers"] if c["name"] == "cni-keeper")
+    assert keeper["image"] == init["image"]
+    assert keeper["command"][:3] == ["python", "-m", "svcproxy.podns.install"]
+    args = install.build_parser().parse_args(keeper["command"][3:])
+    init_args = install.build_parser().parse_args(init["command"][3:])
+    assert args.watch and args.missing_ok and not args.uninstall
+    assert (args.bin_dir, args.conf_dir, args.socket, args.conflist) == (
+        init_args.bin_dir, init_args.conf_dir, init_args.socket, init_args.conflist)
+    assert keeper["volumeMounts"] == init["volumeMounts"]
+    assert keeper["securityContext"] == init["securityContext"]
+    assert keeper["resources"]["limits"]["memory"]
