@@ -1,0 +1,80 @@
+"""Pictures of bench/churn.py's results (``bench/churn.py --plot RESULTS...``).
+
+Kept apart so that matplotlib (the ``bench`` extra in setup.cfg) is only imported
+when drawing; the benchmark itself needs nothing beyond the agent's dependencies.
+
+* docs/churn-latency.png: the distribution (CDF) of network programming latency,
+  one panel per rate, one line per count of Pod namespaces;
+* docs/churn-memory.png: the agent's resident memory over the soak (when a results
+  file has one), with the changes waiting to be programmed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _phases(results: Sequence[dict[str, Any]]) -> dict[float, dict[int, list[float]]]:
+    """rate -> Pod namespace count -> latencies (soak and fault runs left out)."""
+    out: dict[float, dict[int, list[float]]] = {}
+    for res in results:
+        for run in res["runs"]:
+            if not run["label"].startswith("ns"):
+                continue
+            for phase in run["phases"]:
+                if phase["label"].startswith("soak"):
+                    continue
+                out.setdefault(phase["rate"], {})[run["namespaces"]] = phase["latencies"]
+    return out
+
+
+def plot(paths: Sequence[str], outdir: Path) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    phases = _phases(results)
+    if phases:
+        fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 4), sharey=True, squeeze=False)
+        for ax, rate in zip(axes[0], sorted(phases)):
+            for count, lat in sorted(phases[rate].items()):
+                if not lat:
+                    continue
+                ys = [(i + 1) / len(lat) for i in range(len(lat))]
+                ax.plot(sorted(lat), ys, label=f"{count} Pod namespaces" if count else "node only")
+            ax.axhline(0.99, color="grey", linewidth=0.5, linestyle=":")
+            ax.set_xscale("log")
+            ax.set_title(f"{rate:g} changes/s")
+            ax.set_xlabel("API server write -> table acknowledged (s)")
+            ax.grid(True, which="both", linewidth=0.3)
+            ax.legend(fontsize=8)
+        axes[0][0].set_ylabel("fraction of changes programmed")
+        fig.suptitle("svcproxy network programming latency under churn (10,000 Services, simulated kernel)")
+        fig.tight_layout()
+        fig.savefig(outdir / "churn-latency.png", dpi=100)
+        print(f"wrote {outdir / 'churn-latency.png'}")
+    soaks = [run["soak"] for res in results for run in res["runs"] if run.get("soak")]
+    if soaks:
+        samples = soaks[0]["samples"]
+        t0 = samples[0][0]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot([(s[0] - t0) / 60 for s in samples], [s[1] for s in samples], label="resident memory (MB)")
+        ax.set_xlabel("minutes of churn")
+        ax.set_ylabel("MB")
+        ax.set_ylim(bottom=0)
+        ax2 = ax.twinx()
+        ax2.plot([(s[0] - t0) / 60 for s in samples], [s[3] for s in samples], color="tab:orange",
+                 linewidth=0.7, label="changes waiting")
+        ax2.set_ylabel("changes waiting to be programmed")
+        ax2.set_ylim(bottom=0)
+        fig.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"svcproxy agent under {results[0]['args'].get('soak_rate', 100):g} changes/s "
+                     "(10,000 Services, simulated kernel)")
+        fig.tight_layout()
+        fig.savefig(outdir / "churn-memory.png", dpi=100)
+        print(f"wrote {outdir / 'churn-memory.png'}")
+    return 0
