@@ -165,6 +165,27 @@ def test_graceful_termination_drains_tcp_then_deletes() -> None:
     assert p.draining == []
 
 
+def test_draining_makes_full_syncs_no_more_frequent_than_every_30_s() -> None:
+    """Under steady endpoint churn something always drains, and each full sync reads
+    and compares the whole table: at the default --sync-period (30 s) a drain does not
+    bring the next full sync forward; with a longer period drains are still checked
+    every 30 s."""
+    for sync_period, first_full in ((30.0, 30), (300.0, 30)):
+        backend = MemoryBackend()
+        p, clock = make(backend, sync_period=sync_period)
+        load(p)
+        assert p.sync().full
+        set_conns(backend, WEB, "10.244.1.2", active=3)
+        clock.t += 2
+        p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("web", ["10.244.1.1"], ("http", 8080, "TCP")))
+        assert not p.sync().full and p.draining
+        clock.t = 1000.0 + 15  # a full sync here would only find the same connections
+        p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("web", ["10.244.1.1", "10.244.1.3"], ("http", 8080, "TCP")))
+        assert not p.sync().full
+        clock.t = 1000.0 + first_full
+        assert p.sync().full
+
+
 def test_graceful_timeout_deletes_busy_server() -> None:
     backend = MemoryBackend()
     p, clock = make(backend, graceful_timeout=100)

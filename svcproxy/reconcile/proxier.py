@@ -63,8 +63,11 @@ class ProxierConfig:
     min_sync_period: float = 1.0
     sync_period: float = 30.0
     graceful_timeout: float = 900.0
-    #: While real servers drain, full syncs (which read connection counts) run this often.
-    drain_check_period: float = 10.0
+    #: While real servers drain, full syncs (which read connection counts) run at least
+    #: this often. Not shorter by default: under steady endpoint churn something always
+    #: drains, and each full sync reads and compares the whole table (kube-proxy checks
+    #: its drains once a minute).
+    drain_check_period: float = 30.0
     dry_run: bool = False
     #: --nodeport-addresses: the node's local addresses for NodePorts, re-read at each
     #: full sync (None: the Node object's addresses, or node_ips_override).
