@@ -51,9 +51,11 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -257,6 +259,8 @@ def child(args: argparse.Namespace) -> int:
                          min_sync_period=args.min_sync_period, health_bind="127.0.0.1:0",
                          healthcheck_bind_host="127.0.0.1", watch_idle_timeout=args.watch_idle_timeout)
     agent = Agent(config, node)
+    if args.drain_check_period:  # what full syncs ran at while real servers drain, before it was changed
+        agent.proxier.config = replace(agent.proxier.config, drain_check_period=float(args.drain_check_period))
     pods = {}
     for i in range(int(args.pod_tables)):
         name = f"pod-{i}"
@@ -484,7 +488,8 @@ def _agent_child() -> type:
 class AgentProcess(_agent_child()):  # type: ignore[misc]
     """The agent in a child process, its health/metrics port, CPU and memory."""
 
-    def __init__(self, args: argparse.Namespace, kubeconfig: str, workdir: Path, namespaces: int, label: str) -> None:
+    def __init__(self, args: argparse.Namespace, kubeconfig: str, workdir: Path, namespaces: int, label: str,
+                 variant: "Variant") -> None:
         self.ack_log = workdir / f"{label}.acks"
         self.ack_log.write_text("")
         self.dump = workdir / f"{label}.tables.json"
@@ -493,17 +498,48 @@ class AgentProcess(_agent_child()):  # type: ignore[misc]
         self.log = workdir / f"{label}.log"
         cmd = [sys.executable, __file__, "--child", "--kubeconfig", kubeconfig, "--ack-log", str(self.ack_log),
                "--dump", str(self.dump), "--ns-dir", str(self.ns_dir), "--pod-tables", str(namespaces),
-               "--sync-period", str(args.sync_period), "--min-sync-period", str(args.min_sync_period),
+               "--sync-period", str(args.sync_period), "--min-sync-period", str(variant.min_sync_period),
                "--watch-idle-timeout", str(args.watch_idle_timeout)]
+        if variant.drain_check_period is not None:
+            cmd += ["--drain-check-period", str(variant.drain_check_period)]
         self.started = time.monotonic()
         self.port = 0
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
         self.pid = self.proc.pid
 
     def wait_ready(self, timeout: float = 1800) -> float:
+        """Like bench/agent.py's, but patient: on a busy machine the health server may
+        take longer than a plain request's timeout to answer."""
         self.wait_port()
-        ready: float = super().wait_ready(timeout)
-        return ready
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._get("/readyz", quiet=True)[0] == 200:
+                return time.monotonic() - self.started
+            if self.proc.poll() is not None:
+                raise SystemExit(f"agent exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        raise SystemExit("agent not ready in time")
+
+    def _get(self, path: str, quiet: bool = False) -> tuple[int, str]:
+        for attempt in range(10):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=60) as resp:
+                    return resp.status, resp.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, ""
+            except OSError:
+                if quiet:
+                    return 0, ""
+                time.sleep(1 + attempt)
+        raise SystemExit(f"the agent's {path} did not answer")
+
+    def metrics(self) -> str:
+        return self._get("/metrics")[1]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def cpu(self) -> float:
         from agent import proc_cpu
@@ -673,14 +709,32 @@ def print_phase(r: dict[str, Any]) -> None:
     caught = "never" if r["catch_up"] is None else f"{r['catch_up']:.1f} s"
     print(f"      syncs {r['syncs_per_s']:.2f}/s ({r['full_syncs']:.0f} full), node plans applied {r['batches']}: "
           f"{r['ops_p50']:.0f} operations p50 / {r['ops_max']} max, {r['services_p50']:.0f} / {r['services_max']} "
-          f"virtual services; agent CPU {100 * r['cpu']:.0f}% of a core; RSS {r['rss_start']:.0f} -> "
+          f"virtual services; agent CPU {100 * r['cpu']:.0f}% of a core "
+          f"({r['cpu'] * r['seconds'] / max(1, r['changes']) * 1000:.2f} s per 1,000 changes); RSS {r['rss_start']:.0f} -> "
           f"{r['rss_end']:.0f} MB; backlog at the end {r['backlog_at_end']} changes, caught up in {caught}; "
           f"load {r['load_start']:.1f} -> {r['load_end']:.1f}", flush=True)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How one agent is run: its --min-sync-period, and the drain check period
+    patched in (None: the agent's own)."""
+
+    min_sync_period: float
+    drain_check_period: float | None = None
+
+    @property
+    def name(self) -> str:
+        text = f"--min-sync-period {self.min_sync_period:g}"
+        if self.drain_check_period is not None:
+            text += f", drain checks every {self.drain_check_period:g} s"
+        return text
+
+
 def start_run(args: argparse.Namespace, server: Any, cluster: Cluster, kubeconfig: str, workdir: Path,
-              namespaces: int, label: str) -> tuple[Run, float]:
-    agent = AgentProcess(args, kubeconfig, workdir, namespaces, label)
+              namespaces: int, label: str, variant: "Variant") -> tuple[Run, float]:
+    agent = AgentProcess(args, kubeconfig, workdir, namespaces, label, variant)
+    AGENTS.append(agent)
     tracker = Tracker()
     reader = AckReader(agent.ack_log, tracker)
     reader.start()
@@ -690,7 +744,7 @@ def start_run(args: argparse.Namespace, server: Any, cluster: Cluster, kubeconfi
     sampler.start()
     targets = ["node"] + [f"pod-{i}" for i in range(namespaces)]
     run = Run(args, server, cluster, agent, tracker, reader, sampler, targets)
-    print(f"  agent with {namespaces} Pod namespaces: ready after {ready:.1f} s ({agent.cpu():.1f} s CPU), "
+    print(f"  agent with {namespaces} Pod namespaces ({variant.name}): ready after {ready:.1f} s ({agent.cpu():.1f} s CPU), "
           f"RSS {agent.rss():.0f} MB; load {os.getloadavg()[0]:.1f}", flush=True)
     time.sleep(args.settle)
     return run, ready
@@ -822,7 +876,19 @@ def soak(run: Run, seconds: float) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- main
 
 
+#: Every agent started, killed if this process ends early.
+AGENTS: list[AgentProcess] = []
+
+
 def parent(args: argparse.Namespace) -> int:
+    try:
+        return _parent(args)
+    finally:
+        for agent in AGENTS:
+            agent.kill()
+
+
+def _parent(args: argparse.Namespace) -> int:
     from fakeapi import FakeApiServer
 
     server = FakeApiServer(history_limit=args.history, bookmark_interval=60).start()
@@ -836,7 +902,7 @@ def parent(args: argparse.Namespace) -> int:
                   "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.10"}]}})
     print(f"churn benchmark: {args.services} Services x {args.endpoints} endpoints on the fake API server "
           f"({time.monotonic() - t:.1f} s to load); rates {args.rates} changes/s for {args.duration:g} s each; "
-          f"Pod namespaces {args.namespaces}; --min-sync-period {args.min_sync_period:g} --sync-period "
+          f"Pod namespaces {args.namespaces}; --min-sync-period {args.min_sync_periods} --sync-period "
           f"{args.sync_period:g}; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "plot"}, "runs": []}
     failed = False
@@ -844,17 +910,22 @@ def parent(args: argparse.Namespace) -> int:
         workdir = Path(args.keep or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         kubeconfig = server.write_kubeconfig(workdir / "kubeconfig")
-        runs: list[tuple[str, int]] = [(f"ns{k}", k) for k in args.namespaces]
+        variants = [Variant(msp, dcp) for msp in args.min_sync_periods for dcp in args.drain_check_periods]
+        several = len(variants) > 1
+        runs: list[tuple[str, int, Variant]] = [(f"ns{k}" + (f"-{v.name}" if several else ""), k, v)
+                                                for v in variants for k in args.namespaces]
         if args.faults:
-            runs.append(("faults", args.fault_namespaces))
-        for label, k in runs:
-            run, ready = start_run(args, server, cluster, kubeconfig, workdir, k, label)
-            entry: dict[str, Any] = {"label": label, "namespaces": k, "ready": ready, "phases": run.phases}
+            runs.append(("faults", args.fault_namespaces, variants[0]))
+        for label, k, variant in runs:
+            run, ready = start_run(args, server, cluster, kubeconfig, workdir, k, label, variant)
+            entry: dict[str, Any] = {"label": label, "namespaces": k, "variant": variant.name, "ready": ready,
+                                     "phases": run.phases}
             if label == "faults":
                 entry["faults"] = faults(run)
             else:
                 for rate in args.rates:
-                    run.phase(f"{k} Pod namespaces, {rate:g} changes/s", rate, args.duration)
+                    run.phase(f"{k} Pod namespaces, {rate:g} changes/s"
+                              + (f", {variant.name}" if several else ""), rate, args.duration)
                 if args.soak and k == args.namespaces[0]:
                     entry["soak"] = soak(run, args.soak)
             entry["problems"] = finish(run)
@@ -877,11 +948,23 @@ def _rounded(value: Any) -> Any:
 
 def print_ratios(results: dict[str, Any]) -> None:
     """Each namespace count against node only, rate by rate, from this run."""
+    print()
     runs = [r for r in results["runs"] if r["label"].startswith("ns")]
+    names = list(dict.fromkeys(r["variant"] for r in runs))
+    for name in names:
+        _ratios([r for r in runs if r["variant"] == name])
+    for first in (r for r in runs if r["variant"] == names[0]):
+        for other in (r for r in runs if r["variant"] != names[0] and r["namespaces"] == first["namespaces"]):
+            for phase, match in zip(first["phases"], other["phases"]):
+                print(f"  {phase['rate']:g} changes/s, {first['namespaces']} Pod namespaces: {other['variant']} "
+                      f"p50/p99 {match['p50']:.3f}/{match['p99']:.3f} s, agent CPU {100 * match['cpu']:.0f}% of a core "
+                      f"vs {first['variant']} {phase['p50']:.3f}/{phase['p99']:.3f} s, {100 * phase['cpu']:.0f}%")
+
+
+def _ratios(runs: list[dict[str, Any]]) -> None:
     base = next((r for r in runs if r["namespaces"] == 0), None)
     if base is None:
         return
-    print()
     for phase in base["phases"]:
         for other in runs:
             if other is base:
@@ -916,7 +999,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--soak", type=float, default=0.0, help="seconds of soak after the first count's rates")
     parser.add_argument("--soak-rate", type=float, default=100.0)
     parser.add_argument("--sync-period", type=float, default=30.0)
-    parser.add_argument("--min-sync-period", type=float, default=1.0)
+    parser.add_argument("--min-sync-period", type=rates, default=None, dest="min_sync_periods",
+                        help="the agent's (default 1); several, e.g. 1,0.5: one agent each, in this order")
+    parser.add_argument("--drain-check-period", type=rates, default=None, dest="drain_check_periods",
+                        help="patched into the agent (default: the agent's own); several: one agent each")
     parser.add_argument("--watch-idle-timeout", type=float, default=65.0, help="the agent's (its default)")
     parser.add_argument("--catch-up", type=float, default=120.0, help="seconds the loop may take to catch up")
     parser.add_argument("--settle", type=float, default=3.0)
@@ -931,7 +1017,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
+        args.min_sync_period = args.min_sync_periods[0]
+        args.drain_check_period = (args.drain_check_periods or [None])[0]
         return child(args)
+    args.min_sync_periods = args.min_sync_periods or [1.0]
+    args.drain_check_periods = args.drain_check_periods or [None]
     if args.plot:
         from churn_plot import plot  # bench/churn_plot.py: matplotlib only there
 
