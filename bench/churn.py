@@ -881,6 +881,7 @@ AGENTS: list[AgentProcess] = []
 
 
 def parent(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the agents are killed too
     try:
         return _parent(args)
     finally:
@@ -932,6 +933,8 @@ def _parent(args: argparse.Namespace) -> int:
             entry["samples"] = run.sampler.samples
             failed = failed or bool(entry["problems"])
             results["runs"].append(entry)
+            if args.out:  # after each agent: a run cut short still leaves what it measured
+                Path(args.out).write_text(json.dumps(results))
     server.stop()
     print_ratios(results)
     if args.out:
