@@ -5,6 +5,11 @@ made through it is removed after the test.  A session-wide check deletes any
 namespace with the helpers' prefix that is left at the end and reports it as an
 error, so a leak cannot go unnoticed.
 
+Every kernel test also fails (an error at its teardown) if the kernel logged a
+warning, BUG, oops, call trace or leak report while it ran, its fixtures included
+(kmsg.py says what counts). A test that provokes such a line on purpose names it:
+``@pytest.mark.kmsg_allow(REGEX, ...)``.
+
 In the VM every test (its fixtures included) has a time budget,
 SVCPROXY_TEST_TIMEOUT seconds (default 1500; 0 = none): a test that hangs fails
 with TestTimeout instead of eating the whole run's timeout.
@@ -19,9 +24,34 @@ from typing import Iterator
 
 import pytest
 
+from . import kmsg
 from .netns import DEFAULT_PREFIX, Lab, netns_delete, netns_list
 
 IN_VM = os.environ.get("SVCPROXY_IN_VM") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "kmsg_allow(*regex): kernel log lines this test provokes on "
+                                       "purpose; the kernel-log check ignores lines matching one")
+
+
+# First of the function-scoped autouse fixtures, so its teardown runs last and the
+# other fixtures' teardown (namespaces deleted, modules unloaded) is inside its window.
+@pytest.fixture(autouse=True)
+def _kernel_log_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    if not IN_VM:
+        yield
+        return
+    cursor = kmsg.KmsgCursor()
+    try:
+        yield
+        lines = cursor.new_lines()
+    finally:
+        cursor.close()
+    allow = [a for m in request.node.iter_markers("kmsg_allow") for a in m.args]
+    failure = kmsg.report(lines, allow)
+    if failure:
+        pytest.fail(failure, pytrace=False)
 
 
 class TestTimeout(BaseException):
