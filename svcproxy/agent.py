@@ -27,7 +27,7 @@ from svcproxy.model import Family, Operation, OperationResult, Table
 from svcproxy.node.addresses import NodeAddresses
 from svcproxy.node.plumbing import NodePlumbing, PlumbingConfig
 from svcproxy.podns.attach import PodNamespaces, factory_like
-from svcproxy.podns.mode import IP_VS_MODE_PARAM, decide
+from svcproxy.podns.mode import IP_VS_MODE_PARAM, decide_loaded
 from svcproxy.podns.scan import NetnsScanner
 from svcproxy.reconcile import Proxier, ProxierConfig
 from svcproxy.signals import StopOnSignal
@@ -181,8 +181,8 @@ class Agent:
             self.metrics.registry.register(_PlumbingStats(self.plumbing))
         # Pod namespaces: decided before anything runs (ModeError for an unavailable
         # `kernel` mode stops the agent with a clear message).
-        self.pod_namespaces = PodNamespaces(self.proxier, decide(config.pod_netns_mode, config.ip_vs_mode_param),
-                                   backend_factory=pod_backends)
+        decision = decide_loaded(config.pod_netns_mode, config.ip_vs_mode_param, backend.read)
+        self.pod_namespaces = PodNamespaces(self.proxier, decision, backend_factory=pod_backends)
         self.scanner = (NetnsScanner(config.pod_netns_dir, self.pod_namespaces, config.pod_netns_scan_period)
                         if config.pod_netns_dir and self.pod_namespaces.decision.replicate else None)
         self.sources: list[Any] = []

@@ -30,7 +30,7 @@ from svcproxy.kube.translate import Problem, TranslateConfig, Translation, node_
 from svcproxy.model import Family, OpKind, Operation, Table
 from svcproxy.node.dummy import DEVICE
 from svcproxy.podns.visible import pod_visible
-from svcproxy.podns.mode import IP_VS_MODE_PARAM, Mode, ModeDecision, ModeError, decide
+from svcproxy.podns.mode import IP_VS_MODE_PARAM, Mode, ModeDecision, ModeError, decide_loaded
 from svcproxy.podns.cni import DEFAULT_SOCKET as DEFAULT_CNI_SOCKET
 from svcproxy.render import plan_json, plan_json_text, plan_text
 
@@ -298,10 +298,10 @@ def _use_color(choice: str, out: TextIO) -> bool:
     return out.isatty()
 
 
-def pod_netns_decision(args: argparse.Namespace, err: TextIO) -> ModeDecision:
+def pod_netns_decision(args: argparse.Namespace, backend: Backend, err: TextIO) -> ModeDecision:
     """The mode in force; ModeError (exit 1, nothing changed) if `kernel` was asked
-    for and the kernel is not in share-namespace mode."""
-    decision = decide(args.pod_netns_mode, args.ip_vs_mode_param)
+    for and the kernel is not in share-namespace mode (or `replicate` and it is)."""
+    decision = decide_loaded(args.pod_netns_mode, args.ip_vs_mode_param, backend.read)
     if args.pod_netns or decision.requested is not Mode.AUTO:
         err.write(f"svcproxy: notice: {decision.describe()}\n")
     return decision
@@ -322,7 +322,7 @@ def pod_namespaces(args: argparse.Namespace, planned: Planned, backend: Backend,
 
 
 def run_plan(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextIO) -> int:
-    decision = pod_netns_decision(args, err)
+    decision = pod_netns_decision(args, backend, err)
     planned = make_plan(args, backend, err)
     reports = pod_namespaces(args, planned, backend, decision, apply=False)
     if args.output == "json":
@@ -356,7 +356,7 @@ def run_sync(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextI
     if args.current_file is not None:
         err.write("svcproxy: error: sync applies to the live kernel; --current-file is for plan only\n")
         return EXIT_ERROR
-    decision = pod_netns_decision(args, err)
+    decision = pod_netns_decision(args, backend, err)
     planned = make_plan(args, backend, err)
     plumbing_failed = sync_plumbing(args, planned)
     failed = backend.apply(planned.operations) if planned.operations else []

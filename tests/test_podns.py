@@ -47,7 +47,7 @@ from svcproxy.podns.attach import (
     sync_namespace,
     vips_of,
 )
-from svcproxy.podns.mode import Mode, ModeError, decide, read_kernel_share
+from svcproxy.podns.mode import Mode, ModeError, decide, decide_loaded, read_kernel_share
 from svcproxy.podns.scan import NetnsScanner
 from svcproxy.podns import netns
 from svcproxy.podns.netns import NamespaceGone, NodeNamespace
@@ -90,7 +90,7 @@ def test_kernel_share_mode_is_read_from_the_module_parameter(param: Callable[[st
 
 @pytest.mark.parametrize("value,requested,effective", [
     (None, "auto", Mode.REPLICATE), ("0", "auto", Mode.REPLICATE), ("1", "auto", Mode.REPLICATE),
-    ("2", "auto", Mode.KERNEL), ("2", "kernel", Mode.KERNEL), ("2", "replicate", Mode.REPLICATE),
+    ("2", "auto", Mode.KERNEL), ("2", "kernel", Mode.KERNEL),
     (None, "replicate", Mode.REPLICATE), (None, "off", Mode.OFF), ("2", "off", Mode.OFF),
 ])
 def test_decide(param: Callable[[str | None], Path], value: str | None, requested: str, effective: Mode) -> None:
@@ -105,6 +105,13 @@ def test_kernel_mode_is_refused_when_the_kernel_does_not_share(param: Callable[[
                                                                value: str | None) -> None:
     with pytest.raises(ModeError, match="needs the share-namespace ip_vs"):
         decide("kernel", param(value))
+
+
+def test_replicate_mode_is_refused_when_the_kernel_shares(param: Callable[[str | None], Path]) -> None:
+    """A Pod namespace has no table of its own under mode=2: "syncing" it would act on
+    the node's table (or be refused), so replicate stops before anything changes."""
+    with pytest.raises(ModeError, match="--pod-netns-mode replicate cannot work here: .* reads '2'"):
+        decide("replicate", param("2\n"))
 
 
 def test_unknown_mode_is_rejected() -> None:
@@ -793,3 +800,26 @@ def test_the_nodes_own_namespace_is_refused_on_every_attach_path(tmp_path: Path,
     assert report.status == "error" and "node's own network namespace" in report.error
     proxier.sync()
     assert proxier.pod_targets == []
+
+
+def test_the_mode_is_read_after_the_first_ipvs_request_loaded_the_module(tmp_path: Path) -> None:
+    """Where ip_vs is not loaded yet, the first IPVS request loads it with the node's
+    options: a decision taken before would see no share-namespace mode that then exists."""
+    param = tmp_path / "module" / "ip_vs" / "parameters" / "mode"
+    loads: list[int] = []
+
+    def load() -> None:  # what the kernel's module autoload does on the first request
+        loads.append(1)
+        param.parent.mkdir(parents=True)
+        param.write_text("2\n")
+
+    assert decide_loaded("auto", param, load).effective is Mode.KERNEL
+    assert loads == [1]
+    assert decide_loaded("auto", param, load).effective is Mode.KERNEL  # loaded: no second request
+    assert loads == [1]
+
+    def broken() -> None:
+        raise OSError("no IPVS in this kernel")
+
+    assert decide_loaded("auto", tmp_path / "none" / "ip_vs" / "parameters" / "mode", broken).effective \
+        is Mode.REPLICATE

@@ -1,16 +1,21 @@
 """``--pod-netns-mode``: how Services reach Pods that own a network interface.
 
-Why a mode at all: on the TencentOS kernel the ``ip_vs`` module can be loaded with
-``mode=2`` ("share namespace"), and then every network namespace uses the node's
-IPVS table; programming Pod namespaces there would be wasted work at best. A stock
-kernel has one IPVS table per namespace, so the Pod-visible part of the table must
-be replicated into each Pod's namespace. ``auto`` picks whichever the running kernel
-supports, so one DaemonSet manifest fits both kinds of node.
+Why a mode at all: a share-namespace ``ip_vs`` (svcproxy's own module, built from
+kernel/ by tools/build-ipvs-module for a stock kernel, or the TencentOS kernel's) can
+be loaded with ``mode=2``, and then every network namespace uses the node's IPVS
+table. A stock kernel has one IPVS table per namespace, so the Pod-visible part of
+the table must be replicated into each Pod's namespace. ``auto`` picks whichever the
+running kernel supports, so one DaemonSet manifest fits both kinds of node.
+
+Replicate mode is refused on a share-namespace ``ip_vs``: a Pod namespace has no
+table of its own there, so "its" table would be the node's (or requests from it are
+refused), and syncing the Pod-visible table into it would delete the node's NodePorts.
 
 The module parameter is read-only after load and has no sysctl, so reading
-``/sys/module/ip_vs/parameters/mode`` once at start is enough. The path is a
-parameter everywhere so tests can point it at a file of their own (the patched
-kernel is not available to test against).
+``/sys/module/ip_vs/parameters/mode`` once at start is enough, once ``ip_vs`` is
+loaded: where it is not yet, the first IPVS request loads it (with the node's
+modprobe options, mode=2 among them), so ``decide_loaded`` makes that request first. The path is a
+parameter everywhere so host tests can point it at a file of their own.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import enum
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 __all__ = [
     "IP_VS_MODE_PARAM",
@@ -28,14 +34,15 @@ __all__ = [
     "ModeError",
     "SHARE_NS_MODE",
     "decide",
+    "decide_loaded",
     "read_kernel_share",
 ]
 
 log = logging.getLogger("svcproxy.podns")
 
-#: Where the TencentOS ``ip_vs`` module shows its ``mode`` parameter.
+#: Where a share-namespace ``ip_vs`` module shows its ``mode`` parameter.
 IP_VS_MODE_PARAM = "/sys/module/ip_vs/parameters/mode"
-#: ``mode`` value of the share-namespace kernel (0 = original IPVS, 1 = eBPF variant).
+#: ``mode`` value of share-namespace IPVS (0 = stock behaviour; TencentOS also has 1, an eBPF variant).
 SHARE_NS_MODE = "2"
 
 
@@ -49,7 +56,8 @@ class Mode(str, enum.Enum):
 
 
 class ModeError(RuntimeError):
-    """``kernel`` was asked for and the running kernel does not share IPVS tables."""
+    """``kernel`` was asked for and the running kernel does not share IPVS tables, or
+    ``replicate`` was asked for and it does."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,8 @@ def decide(requested: Mode | str, param: str | Path = IP_VS_MODE_PARAM) -> ModeD
     """Resolve the requested mode against the running kernel.
 
     Raises ModeError for ``kernel`` on a kernel without share-namespace IPVS: running
-    on would leave every Pod with its own NIC without Services, silently.
+    on would leave every Pod with its own NIC without Services, silently. Raises it
+    for ``replicate`` on one with it: see the module docstring.
     """
     mode = Mode(requested)
     if mode is Mode.OFF:
@@ -117,12 +126,29 @@ def decide(requested: Mode | str, param: str | Path = IP_VS_MODE_PARAM) -> ModeD
     state = read_kernel_share(param)
     if mode is Mode.KERNEL:
         if not state.available:
-            raise ModeError(f"--pod-netns-mode kernel needs the share-namespace ip_vs (TencentOS, "
-                            f"mode={SHARE_NS_MODE}), but {state.detail}")
+            raise ModeError(f"--pod-netns-mode kernel needs the share-namespace ip_vs loaded with "
+                            f"mode={SHARE_NS_MODE} (svcproxy's module: kernel/, tools/build-ipvs-module; "
+                            f"or the TencentOS kernel's), but {state.detail}")
         return ModeDecision(mode, Mode.KERNEL, state.detail)
     if mode is Mode.REPLICATE:
-        return ModeDecision(mode, Mode.REPLICATE, "requested" + ("" if not state.available else
-                                                               f" (note: {state.detail})"))
+        if state.available:
+            raise ModeError(f"--pod-netns-mode replicate cannot work here: {state.detail}, so Pod "
+                            "namespaces have no IPVS table of their own (use kernel or auto)")
+        return ModeDecision(mode, Mode.REPLICATE, "requested")
     if state.available:
         return ModeDecision(mode, Mode.KERNEL, state.detail)
     return ModeDecision(mode, Mode.REPLICATE, state.detail)
+
+
+def decide_loaded(requested: Mode | str, param: str | Path, load: Callable[[], object]) -> ModeDecision:
+    """``decide``, after ``load()`` (a read of the node's IPVS table) where the module
+    whose parameter ``param`` is has not been loaded yet: deciding before would take a
+    share-namespace ip_vs that is about to be loaded for a stock one. ``load``'s errors
+    are left to the sync that follows to report."""
+    module = Path(param).parent.parent
+    if requested != Mode.OFF and not module.exists():
+        try:
+            load()
+        except Exception as exc:  # noqa: BLE001 - the first sync reports it properly
+            log.debug("reading the IPVS table to load %s: %s", module.name, exc)
+    return decide(requested, param)
