@@ -423,7 +423,7 @@ def test_kernel_mode_is_refused_on_a_stock_kernel_and_plans_no_pod_tables(vpc: V
     assert "10.96.0.40" not in ipvsadm(vpc.node, "-Sn")  # refused before changing anything
 
     param = tmp_path / "mode"
-    param.write_text("2\n")  # what /sys/module/ip_vs/parameters/mode reads on TencentOS with mode=2
+    param.write_text("2\n")  # what /sys/module/ip_vs/parameters/mode reads where ip_vs runs with mode=2
     out = sync(vpc, cluster, c, extra=("--pod-netns-mode", "auto", "--ip-vs-mode-param", str(param)))
     assert f"sync netns {c.path}: shares the node's table (kernel mode), nothing to program" in out, out
     assert "10.96.0.40:80" in ipvsadm(vpc.node, "-Sn")
