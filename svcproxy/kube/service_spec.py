@@ -9,6 +9,8 @@ field keeps each rule, and the ``Problem`` it reports, next to the field it is a
 
 from __future__ import annotations
 
+import ipaddress
+
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, TypeGuard
 
@@ -65,6 +67,9 @@ class ServiceSpec(NamedTuple):
     health_check_node_port: int | None
     #: Which external addresses are ``spec.externalIPs`` (the others: LoadBalancer ingress).
     external_ips: frozenset[str]
+    #: ``spec.loadBalancerSourceRanges`` of a LoadBalancer Service, as networks
+    #: (``10.0.0.0/8``); invalid entries are reported and left out, as kube-proxy does.
+    source_ranges: tuple[str, ...]
 
 
 def valid_port(value: object) -> TypeGuard[int]:
@@ -123,8 +128,33 @@ def read_service(
         if svc_type == "LoadBalancer" and external_local
         else None
     )
+    ranges = _source_ranges(spec, what, problems) if svc_type == "LoadBalancer" else ()
     return _new(ServiceSpec, (families, addresses, ports, scheduler, persistence,
-                              internal_local, external_local, health_port, external_ips))
+                              internal_local, external_local, health_port, external_ips, ranges))
+
+
+def _source_ranges(spec: Mapping[str, Any], what: str, problems: list[Problem]) -> tuple[str, ...]:
+    """``spec.loadBalancerSourceRanges`` as canonical networks (host bits dropped, as
+    kube-proxy's sloppy parse does). A bad entry is one problem and is skipped; the
+    rest of the Service, and its other ranges, are kept."""
+    values = spec.get("loadBalancerSourceRanges")
+    if values is None:
+        return ()
+    if not isinstance(values, list):
+        problems.append(Problem("wrong-type", what, "spec.loadBalancerSourceRanges is not a list"))
+        return ()
+    out: list[str] = []
+    for value in values:
+        try:
+            if not isinstance(value, str) or "/" not in value:
+                raise ValueError(f"{value!r} is not a CIDR")
+            net = ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError as exc:
+            problems.append(Problem("invalid-cidr", what, f"spec.loadBalancerSourceRanges: {exc} (entry ignored)"))
+            continue
+        if str(net) not in out:
+            out.append(str(net))
+    return tuple(out)
 
 
 def _service_type(spec: Mapping[str, Any], what: str, problems: list[Problem]) -> str | None:

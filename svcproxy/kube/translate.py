@@ -131,6 +131,10 @@ class ServiceInfo:
     #: sync_proxy_rules_no_local_endpoints_total, ``internal`` and ``external``.
     no_local_internal: frozenset[Family] = frozenset()
     no_local_external: frozenset[Family] = frozenset()
+    #: loadBalancerSourceRanges, and the LoadBalancer ingress addresses they guard
+    #: (empty when the Service has no valid range: every source may connect).
+    source_ranges: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -476,6 +480,9 @@ def _service_info(
         local_endpoint_ips=tuple(sorted(hairpin)),
         no_local_internal=frozenset(no_local[0]),
         no_local_external=frozenset(no_local[1]),
+        source_ranges=spec.source_ranges,
+        load_balancer_ips=tuple(a for f in spec.addresses for a in f.external if a not in spec.external_ips)
+        if spec.source_ranges else (),
     )
 
 

@@ -48,7 +48,15 @@ SET_TYPES: Mapping[str, str] = {
     "cluster6": "ipv6_addr . inet_proto . inet_service",
     "hairpin4": "ipv4_addr . ipv4_addr",
     "hairpin6": "ipv6_addr . ipv6_addr",
+    # loadBalancerSourceRanges: the LoadBalancer addresses (and protocol, port) they
+    # guard, and the source networks allowed for each.
+    "lbfw4": "ipv4_addr . inet_proto . inet_service",
+    "lbfw6": "ipv6_addr . inet_proto . inet_service",
+    "lbsrc4": "ipv4_addr . inet_proto . inet_service . ipv4_addr",
+    "lbsrc6": "ipv6_addr . inet_proto . inet_service . ipv6_addr",
 }
+#: Set name -> nftables set flags (sets of networks hold intervals).
+SET_FLAGS: Mapping[str, str] = {"lbsrc4": "interval", "lbsrc6": "interval"}
 
 #: One element of a set: (address, protocol, port) or (address, address).
 Element = tuple[Any, ...]
@@ -89,6 +97,9 @@ class ServiceNat:
     cluster_ips: tuple[str, ...]
     external_policy_local: bool
     local_endpoint_ips: tuple[str, ...] = ()
+    #: loadBalancerSourceRanges (networks) and the LoadBalancer addresses they guard.
+    source_ranges: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
 
 
 def _v6(address: str) -> bool:
@@ -119,7 +130,33 @@ def service_elements(svc: ServiceNat, node_addresses: frozenset[str]) -> dict[st
             sets.setdefault("external" + suffix, set()).add(_element(key))
     for ip in svc.local_endpoint_ips:
         sets.setdefault("hairpin" + ("6" if _v6(ip) else "4"), set()).add((ip, ip))
+    if svc.source_ranges and svc.load_balancer_ips:
+        _firewall_elements(svc, node_addresses, sets)
     return {k: frozenset(v) for k, v in sets.items()}
+
+
+def _firewall_elements(svc: ServiceNat, node_addresses: frozenset[str], sets: dict[str, set[Element]]) -> None:
+    """kube-proxy's load balancer firewall: each guarded (LB address, protocol, port)
+    in ``lbfw``, with the allowed source networks in ``lbsrc``. When a range holds
+    one of the node's addresses, the node's own connections to the LB address (whose
+    source is that address itself, bound to the dummy device) are allowed too.
+    Ranges of the other family do not guard this one, as in kube-proxy. Networks
+    are collapsed: an interval set refuses overlapping elements."""
+    guarded = frozenset(svc.load_balancer_ips)
+    for key in svc.keys:
+        if key.address not in guarded:
+            continue
+        v6 = _v6(key.address)
+        nets = [ipaddress.ip_network(r) for r in svc.source_ranges if _v6(r) == v6]
+        if not nets:
+            continue
+        if any(n.version == (6 if v6 else 4) and ipaddress.ip_address(a) in n
+               for n in nets for a in node_addresses if _v6(a) == v6):
+            nets.append(ipaddress.ip_network(key.address))
+        suffix = "6" if v6 else "4"
+        sets.setdefault("lbfw" + suffix, set()).add(_element(key))
+        for net in ipaddress.collapse_addresses(nets):  # type: ignore[type-var]
+            sets.setdefault("lbsrc" + suffix, set()).add((*_element(key), str(net)))
 
 
 def nat_elements(desired: Table, services: Iterable[ServiceNat],
@@ -236,6 +273,11 @@ def _rules(config: NatConfig) -> list[tuple[str, str, str]]:
     rules.append(("postrouting", f"meta mark & {mark} == {mark} {clear} masquerade", "postrouting-marked"))
     rules.append(("postrouting", "ip saddr . ip daddr @hairpin4 masquerade", "postrouting-hairpin4"))
     rules.append(("postrouting", "ip6 saddr . ip6 daddr @hairpin6 masquerade", "postrouting-hairpin6"))
+    for chain in ("firewall-in", "firewall-out"):
+        for fam, proto in (("4", "ip"), ("6", "ip6")):
+            match = f"{proto} daddr . meta l4proto . th dport"
+            rules.append((chain, f"{match} . {proto} saddr @lbsrc{fam} accept", f"{chain}-allowed{fam}"))
+            rules.append((chain, f"{match} @lbfw{fam} drop", f"{chain}-drop{fam}"))
     return rules
 
 
@@ -243,13 +285,17 @@ _CHAINS = {
     "prerouting": "type nat hook prerouting priority dstnat; policy accept;",
     "output": "type nat hook output priority -100; policy accept;",
     "postrouting": "type nat hook postrouting priority srcnat; policy accept;",
+    # Before IPVS sees the packet: it takes incoming connections at LOCAL_IN (priority
+    # 98) and the node's own at LOCAL_OUT (-98), rewriting their destination.
+    "firewall-in": "type filter hook input priority filter; policy accept;",
+    "firewall-out": "type filter hook output priority -110; policy accept;",
 }
 
 
 def structure_tag(config: NatConfig) -> str:
     """A digest of the table's structure, kept in every rule's comment: a table left by
     another version or configuration (or with a rule missing) is rebuilt, not patched."""
-    text = json.dumps([_rules(config), SET_TYPES, _CHAINS], sort_keys=True)
+    text = json.dumps([_rules(config), SET_TYPES, SET_FLAGS, _CHAINS], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -265,7 +311,7 @@ def render_table(config: NatConfig, elements: NatElements) -> str:
     lines = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}", f"table {FAMILY} {TABLE} {{"]
     for name, typ in SET_TYPES.items():
         elems = sorted(elements.get(name), key=_sort_key)
-        body = f"type {typ};"
+        body = f"type {typ};" + (f" flags {SET_FLAGS[name]};" if name in SET_FLAGS else "")
         if elems:
             body += " elements = { " + ", ".join(_format_element(e) for e in elems) + " }"
         lines.append(f"\tset {name} {{ {body} }}")
@@ -306,7 +352,7 @@ class Listing:
 
 
 def _json_value(value: Any) -> Any:
-    if isinstance(value, dict) and "prefix" in value:  # never in our sets; keep as text
+    if isinstance(value, dict) and "prefix" in value:  # a network (lbsrc sets)
         return f'{value["prefix"]["addr"]}/{value["prefix"]["len"]}'
     if isinstance(value, str) and ":" in value:
         return str(ipaddress.ip_address(value))
@@ -334,8 +380,11 @@ def parse_listing(text: str) -> Listing:
                     raw = raw["elem"]["val"]
                 parts = raw["concat"] if isinstance(raw, dict) and "concat" in raw else [raw]
                 values = [_json_value(p) for p in parts]
-                values = [_PROTO_NUMBERS.get(v, v) if i == 1 and len(values) == 3 and isinstance(v, int) else v
+                values = [_PROTO_NUMBERS.get(v, v) if i == 1 and len(values) in (3, 4) and isinstance(v, int) else v
                           for i, v in enumerate(values)]
+                if s["name"].startswith("lbsrc") and len(values) == 4:
+                    # A /32 (/128) network is listed as a plain address.
+                    values[3] = str(ipaddress.ip_network(str(values[3]), strict=False))
                 elems.add(tuple(values))
             sets[s["name"]] = elems
     return Listing(frozenset(comments), NatElements({k: frozenset(v) for k, v in sets.items() if v}))
@@ -345,7 +394,14 @@ def canonical(elements: NatElements) -> NatElements:
     """Addresses in Python's canonical text (as ``parse_listing`` returns them)."""
     out: dict[str, frozenset[Element]] = {}
     for name, elems in elements.sets.items():
-        out[name] = frozenset(tuple(str(ipaddress.ip_address(p)) if isinstance(p, str) and ":" in p else p
-                                    for p in e) for e in elems)
+        out[name] = frozenset(tuple(_canonical_part(p) for p in e) for e in elems)
     return NatElements({k: v for k, v in out.items() if v})
 
+
+
+def _canonical_part(part: Any) -> Any:
+    if isinstance(part, str) and "/" in part:
+        return str(ipaddress.ip_network(part, strict=False))
+    if isinstance(part, str) and ":" in part:
+        return str(ipaddress.ip_address(part))
+    return part

@@ -21,7 +21,8 @@ from svcproxy.node.nat import ServiceNat
 
 def nat_view(info: ServiceInfo, keys: tuple[ServiceKey, ...]) -> ServiceNat:
     """Node plumbing's view of one Service; ``keys``: those that made it into the table."""
-    return ServiceNat(keys, info.cluster_ips, info.external_policy_local, info.local_endpoint_ips)
+    return ServiceNat(keys, info.cluster_ips, info.external_policy_local, info.local_endpoint_ips,
+                      info.source_ranges, info.load_balancer_ips)
 
 
 class DesiredState:
