@@ -20,11 +20,13 @@ from svcproxy import flags
 from svcproxy.diff import Exclusions
 from svcproxy.health import HealthCheckServers, HealthServer, HealthState
 from svcproxy.ipvs.backend import Backend, BackendError
+from svcproxy.ipvs.timeouts import Timeouts
 from svcproxy.kube.store import Kind
 from svcproxy.kube.translate import NodeInfo, TranslateConfig
 from svcproxy.metrics import Metrics
 from svcproxy.model import Family, Operation, OperationResult, Table
 from svcproxy.node.addresses import NodeAddresses
+from svcproxy.node.conntrack import KernelConntrack
 from svcproxy.node.plumbing import NodePlumbing, PlumbingConfig
 from svcproxy.podns.attach import PodNamespaces, factory_like
 from svcproxy.podns.mode import IP_VS_MODE_PARAM, decide_loaded
@@ -70,6 +72,8 @@ class AgentConfig:
     #: ("primary",): on the node's primary IP of each family only.
     nodeport_addresses: tuple[str, ...] = ()
     watch_idle_timeout: float = 65.0
+    #: --ipvs-*-timeout, for the node and each replicated Pod namespace (None: left alone).
+    ipvs_timeouts: Timeouts | None = None
 
 
 class _SourceStats(Collector):
@@ -136,6 +140,26 @@ class PreviewBackend:
     def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
         raise BackendError("a dry run applies nothing")
 
+    def read_timeouts(self) -> Timeouts:
+        read = getattr(self._backend, "read_timeouts", None)
+        if read is None:
+            raise BackendError(f"{self._backend!r} cannot read IPVS timeouts")
+        found: Timeouts = read()
+        return found
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        raise BackendError("a dry run changes no IPVS timeouts")
+
+
+def kernel_backend(backend: Backend) -> bool:
+    """A backend that programs this kernel (not a test double): its namespace has a
+    conntrack table worth cleaning."""
+    from svcproxy.ipvs.ipvsadm import IpvsadmBackend
+    from svcproxy.ipvs.netlink import NetlinkBackend
+
+    inner = backend._backend if isinstance(backend, PreviewBackend) else backend
+    return isinstance(inner, (IpvsadmBackend, NetlinkBackend))
+
 
 class Agent:
     def __init__(self, config: AgentConfig, backend: Backend) -> None:
@@ -168,6 +192,7 @@ class Agent:
                 node_address_source=self._node_addresses(config),
                 primary_node_ips=config.nodeport_addresses == (flags.PRIMARY,),
                 wait_for_node=True,
+                ipvs_timeouts=config.ipvs_timeouts,
             ),
             metrics=self.metrics,
             health=self.health,
@@ -175,6 +200,8 @@ class Agent:
             # does (kube-proxy), and must not take its ports or answer for it.
             health_checks=None if config.dry_run else self.health_checks,
             node_hook=self.plumbing,
+            # Stale UDP flows are cleared in the node's conntrack table (a dry run only logs them).
+            node_conntrack=KernelConntrack() if kernel_backend(backend) else None,
         )
         self.server = HealthServer(config.health_bind, self.health, self.metrics)
         if self.plumbing is not None:

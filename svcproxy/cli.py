@@ -25,6 +25,7 @@ from svcproxy.config import ConfigError, config_tokens
 from svcproxy.diff import Exclusions, diff, summarize
 from svcproxy.ipvs.backend import Backend, BackendError
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend, ParseError, parse_save
+from svcproxy.ipvs.timeouts import Timeouts
 from svcproxy.kube.files import ObjectFileError, load_objects
 from svcproxy.kube.translate import Problem, TranslateConfig, Translation, node_info, translate
 from svcproxy.model import Family, OpKind, Operation, Table
@@ -138,6 +139,7 @@ def _sync_parser(sub: Subparsers) -> _Parser:
     _output_args(sync)
     _podns_args(sync)
     _plumbing_args(sync, default_on=False)
+    _ipvs_timeout_args(sync)
     return sync
 
 
@@ -162,6 +164,7 @@ def _run_parser(sub: Subparsers) -> _Parser:
     _podns_args(run)
     _run_podns_args(run)
     _plumbing_args(run, default_on=True)
+    _ipvs_timeout_args(run)
     run.add_argument("--nodeport-addresses", default="", metavar="CIDR,...|primary", type=flags.nodeport_addresses,
                      help="serve NodePorts on this node's local addresses within these ranges, re-read at "
                           "every full sync; or 'primary': only the node's primary IP of each family (the "
@@ -218,6 +221,52 @@ def _plumbing_args(p: argparse.ArgumentParser, *, default_on: bool) -> None:
     p.add_argument("--strict-arp", action=argparse.BooleanOptionalAction, default=False,
                    help="arp_ignore=1 and arp_announce=2 (needed by some LoadBalancer implementations)")
     p.add_argument("--nft", default="nft", help="nft binary (default: from PATH)")
+
+
+def _ipvs_timeout_args(p: argparse.ArgumentParser) -> None:
+    """kube-proxy's IPVS timeout flags: durations, 0 (the default) keeps the kernel's value."""
+    for name, what in (("tcp", "idle established TCP connections"), ("tcpfin", "TCP connections after FIN"),
+                       ("udp", "UDP flows")):
+        p.add_argument(f"--ipvs-{name}-timeout", type=flags.ipvs_timeout, default=0, metavar="DURATION",
+                       help=f"IPVS timeout for {what} (like 900s or 15m), set on the node and in each "
+                            "replicated Pod namespace; 0 (default) leaves the kernel's value")
+
+
+def ipvs_timeouts(args: argparse.Namespace) -> Timeouts | None:
+    """The --ipvs-*-timeout flags as one value; None when all are 0 (nothing to set)."""
+    t = Timeouts(args.ipvs_tcp_timeout, args.ipvs_tcpfin_timeout, args.ipvs_udp_timeout)
+    return t if t else None
+
+
+def sync_timeouts(backend: Backend, timeouts: Timeouts | None, where: str, out: TextIO) -> bool:
+    """`sync`: set the IPVS timeouts once through ``backend``; True if it failed."""
+    if timeouts is None:
+        return False
+    try:
+        backend.set_timeouts(timeouts)  # type: ignore[attr-defined]
+    except (BackendError, OSError, AttributeError) as exc:
+        out.write(f"FAILED  IPVS timeouts {timeouts.describe()}{where}: {exc}\n")
+        return True
+    out.write(f"IPVS timeouts set{where}: {timeouts.describe()}\n")
+    return False
+
+
+def sync_conntrack(backend: Backend, desired: Table, out: TextIO) -> bool:
+    """`sync`: delete the node's stale UDP conntrack entries (only where the backend
+    is the kernel's: a test double's table has no conntrack). True if it failed."""
+    from svcproxy.agent import kernel_backend
+    from svcproxy.node.conntrack import ConntrackError, KernelConntrack, clean_stale_flows
+
+    if not kernel_backend(backend):
+        return False
+    try:
+        found, deleted = clean_stale_flows(KernelConntrack(), desired, None, dry_run=False)
+    except ConntrackError as exc:
+        out.write(f"FAILED  UDP conntrack cleanup: {exc}\n")
+        return True
+    if found:
+        out.write(f"cleared {deleted} stale UDP conntrack entries\n")
+    return False
 
 
 def plumbing_config(args: argparse.Namespace) -> PlumbingConfig | None:
@@ -308,7 +357,7 @@ def pod_netns_decision(args: argparse.Namespace, backend: Backend, err: TextIO) 
 
 
 def pod_namespaces(args: argparse.Namespace, planned: Planned, backend: Backend, decision: ModeDecision, *,
-                   apply: bool) -> list[NamespaceReport]:
+                   apply: bool, timeouts: Timeouts | None = None) -> list[NamespaceReport]:
     """--pod-netns: each namespace's Pod-visible table, planned or synced."""
     if not args.pod_netns:
         return []
@@ -317,7 +366,8 @@ def pod_namespaces(args: argparse.Namespace, planned: Planned, backend: Backend,
     desired = pod_visible(planned.translation.table, planned.node_addresses)
     exclusions = Exclusions.parse(args.exclude_cidrs.split(","))
     factory = factory_like(backend)
-    return [sync_namespace(path, desired, decision, exclusions=exclusions, backend_factory=factory, apply=apply)
+    return [sync_namespace(path, desired, decision, exclusions=exclusions, backend_factory=factory, apply=apply,
+                           timeouts=timeouts)
             for path in args.pod_netns]
 
 
@@ -360,9 +410,13 @@ def run_sync(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextI
     planned = make_plan(args, backend, err)
     plumbing_failed = sync_plumbing(args, planned)
     failed = backend.apply(planned.operations) if planned.operations else []
+    timeouts = ipvs_timeouts(args)
+    notes = out if args.output == "text" else err
+    timeouts_failed = sync_timeouts(backend, timeouts, "", notes)
+    conntrack_failed = sync_conntrack(backend, planned.translation.table, notes)
     failed_ops = {id(f.operation) for f in failed}
     applied = [op for op in planned.operations if id(op) not in failed_ops]
-    reports = pod_namespaces(args, planned, backend, decision, apply=True)
+    reports = pod_namespaces(args, planned, backend, decision, apply=True, timeouts=timeouts)
     if args.output == "json":
         doc: dict[str, Any] = {"applied": len(applied),
                                "failed": [{"operation": str(f.operation), "error": f.error} for f in failed]}
@@ -387,8 +441,14 @@ def run_sync(args: argparse.Namespace, backend: Backend, out: TextIO, err: TextI
         for r in reports:
             for f in r.failed:
                 out.write(f"FAILED  {f.operation} in {r.path}: {f.error}\n")
+            if r.timeouts_error:
+                out.write(f"FAILED  IPVS timeouts in {r.path}: {r.timeouts_error}\n")
+            if r.conntrack_error:
+                out.write(f"FAILED  UDP conntrack cleanup in {r.path}: {r.conntrack_error}\n")
             out.write(f"sync netns {r.path}: {r.summary()}\n")
-    return EXIT_ERROR if failed or plumbing_failed or not all(r.ok for r in reports) else EXIT_CLEAN
+    if failed or plumbing_failed or timeouts_failed or conntrack_failed or not all(r.ok for r in reports):
+        return EXIT_ERROR
+    return EXIT_CLEAN
 
 
 def sync_plumbing(args: argparse.Namespace, planned: Planned) -> bool:
@@ -507,6 +567,7 @@ def run_agent(args: argparse.Namespace, backend: Backend) -> int:
                      ip_vs_mode_param=args.ip_vs_mode_param, plumbing=plumbing_config(args),
                      nodeport_addresses=split_csv([args.nodeport_addresses]),
                      watch_idle_timeout=args.watch_idle_timeout)
+    config = replace(config, ipvs_timeouts=ipvs_timeouts(args))
     agent = Agent(config, backend)
     agent.install_signal_handlers()
     return agent.run()

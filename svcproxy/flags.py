@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+import re
 from typing import Sequence
 
 from svcproxy.model import Family, canonical_ip
@@ -118,3 +119,33 @@ def bind(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|ms|s|m|h)")
+
+
+def go_duration(text: str) -> float:
+    """A duration as kube-proxy writes it (Go's ``900s``, ``15m``, ``1h30m``, ``0``),
+    or a plain number of seconds; in seconds. Negative durations are refused."""
+    body = text.strip()
+    if body.startswith("-"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must not be negative")
+    if re.fullmatch(r"\d+(\.\d*)?", body):
+        return float(body)
+    if not body or not re.fullmatch(f"(?:{_GO_PART.pattern})+", body):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 900s, 15m, 1h30m or 0)")
+    return sum(float(n) * _GO_UNITS[u] for n, u in _GO_PART.findall(body))
+
+
+def ipvs_timeout(text: str) -> int:
+    """An IPVS timeout: a duration in whole seconds (fractions are dropped, as
+    kube-proxy does); 0 leaves the kernel's value."""
+    from svcproxy.ipvs.timeouts import MAX_SECONDS
+
+    value = go_duration(text)
+    if 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: IPVS timeouts are whole seconds; use 0 to keep the kernel's")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {MAX_SECONDS}s")
+    return int(value)

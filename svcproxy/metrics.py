@@ -66,11 +66,25 @@ class Metrics:
             p + "proxy_healthz_total", "Cumulative proxy healthz HTTP status", ["code"], registry=r)
         self.livez = Counter(
             p + "proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"], registry=r)
+        self._datapath_metrics(r, p)
         for policy in ("internal", "external"):
             for family in ("IPv4", "IPv6"):
                 self.no_local_endpoints.labels(policy, family).set(0)
         for mode in ("full", "partial"):
             self.syncs.labels(mode)
+
+    def _datapath_metrics(self, r: CollectorRegistry, p: str) -> None:
+        """The data path around the table: IPVS timeouts, conntrack cleanup."""
+        self.ipvs_timeout_errors = Counter(
+            p + "ipvs_timeout_errors_total", "Failures reading or setting IPVS timeouts (retried at full syncs)",
+            registry=r)
+        self.conntrack_deleted = Counter(
+            p + "conntrack_entries_deleted_total",
+            "Stale UDP conntrack entries deleted (flows to a removed endpoint, or from before the first one)",
+            registry=r)
+        self.conntrack_errors = Counter(
+            p + "conntrack_cleanup_errors_total", "UDP conntrack cleanups that failed (retried at full syncs)",
+            registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,6 +31,7 @@ PURE = {
     "svcproxy.podns.visible",
     "svcproxy.reconcile.draining",
     "svcproxy.reconcile.desired",
+    "svcproxy.node.stale_flows",
 }
 STDLIB_PURE = {
     "__future__", "collections", "collections.abc", "dataclasses", "enum", "functools", "hashlib",

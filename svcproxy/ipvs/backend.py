@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 
 from svcproxy.diff import apply_ops
+from svcproxy.ipvs.timeouts import Timeouts
 from svcproxy.model import Operation, OperationResult, Table
 
 
@@ -36,12 +37,34 @@ class Backend(Protocol):
         ...
 
 
+class TimeoutControl(Protocol):
+    """What a backend offers for the namespace's IPVS timeouts (both real ones do)."""
+
+    def read_timeouts(self) -> Timeouts: ...
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        """Set the non-zero values; zeros leave the kernel's."""
+        ...
+
+
+#: A new namespace's timeouts (the kernel's defaults: tcp 900, tcpfin 120, udp 300).
+KERNEL_DEFAULT_TIMEOUTS = Timeouts(900, 120, 300)
+
+
 class MemoryBackend:
     """A map-backed table that rejects what the kernel would reject."""
 
     def __init__(self, table: Table | None = None) -> None:
         self.table = table if table is not None else Table()
         self.applied: list[Operation] = []
+        self.timeouts = KERNEL_DEFAULT_TIMEOUTS
+
+    def read_timeouts(self) -> Timeouts:
+        return self.timeouts
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        self.timeouts = Timeouts(timeouts.tcp or self.timeouts.tcp, timeouts.tcpfin or self.timeouts.tcpfin,
+                                 timeouts.udp or self.timeouts.udp)
 
     def read(self, counts: bool | None = None) -> Table:
         """The table; it carries whatever counts were put in it."""

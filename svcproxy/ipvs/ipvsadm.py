@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 from svcproxy.ipvs.backend import BackendError
 from svcproxy.ipvs.ipvsadm_parse import DEFAULT_PERSISTENCE, DEFAULT_SCHEDULER, ParseError, parse_list, parse_save
 from svcproxy.ipvs.ipvsadm_render import render, render_line
+from svcproxy.ipvs.timeouts import Timeouts, ipvsadm_args, parse_ipvsadm
 from svcproxy.ipvs.rules import MAX_PERSISTENCE, MAX_WEIGHT, NETMASK_PREFIX, OPS_FLAG, PE_PREFIX
 from svcproxy.model import DestKey, Destination, OpKind, Operation, OperationResult, ServiceKey, Table
 
@@ -219,6 +220,24 @@ class IpvsadmBackend:
             return parse_list(proc.stdout) if counts else parse_save(proc.stdout)
         except ParseError as exc:
             raise BackendError(f"cannot parse ipvsadm output: {exc}") from exc
+
+    def read_timeouts(self) -> Timeouts:
+        """``ipvsadm -L --timeout``."""
+        proc = self._run("-L", "--timeout")
+        if proc.returncode != 0:
+            raise BackendError(f"ipvsadm -L --timeout failed (exit status {proc.returncode}): {proc.stderr.strip()}")
+        try:
+            return parse_ipvsadm(proc.stdout)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from exc
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        """``ipvsadm --set TCP TCPFIN UDP`` (zeros leave the kernel's values)."""
+        args = ipvsadm_args(timeouts)
+        proc = self._run(*args)
+        if proc.returncode != 0 or proc.stderr.strip():
+            raise BackendError(f"ipvsadm {' '.join(args)} failed (exit status {proc.returncode}): "
+                               f"{proc.stderr.strip()}")
 
     def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
         """Apply in order; return the operations that did not take effect, each with

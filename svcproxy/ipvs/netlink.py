@@ -61,6 +61,7 @@ from svcproxy.ipvs.nldecode import (
 )
 from svcproxy.ipvs.nlencode import GET_SERVICE_BODY, Encoder, family_request, frame, get_dests_request
 from svcproxy.ipvs.nlerrors import describe_error
+from svcproxy.ipvs.timeouts import GET_CONFIG_BODY, Timeouts, decode_config, set_config_body
 from svcproxy.model import Destination, Operation, OperationResult, ServiceKey, Table, VirtualService
 
 __all__ = ["NetlinkBackend", "NetlinkSocket"]
@@ -223,6 +224,25 @@ class _Channel:
                 return dests
             if state > 0:
                 raise _KernelError(state, "")
+
+    def command(self, body: bytes) -> bytes | None:
+        """One request that is not a dump, acknowledged: the payload of its reply
+        message (None when it has none, as for a SET)."""
+        seq = self.next_seq()
+        self.send(frame(self.family, NLM_F_REQUEST | NLM_F_ACK, seq, body))
+        reply: bytes | None = None
+        while True:
+            data = self.recv()
+            for msg in walk(data):
+                if msg.seq != seq:
+                    continue
+                if msg.type == self.family:
+                    reply = data[msg.start:msg.end]
+                elif msg.type == NLMSG_ERROR:
+                    code, text = decode_error(data, msg)
+                    if code:
+                        raise _KernelError(code, text)
+                    return reply
 
     def dump(self, body: bytes) -> Iterator[tuple[bytes, Message]]:
         """The family messages of one dump request, in order."""
@@ -526,6 +546,28 @@ class NetlinkBackend:
         self._proc_warned = True
         log.log(level, "reading real servers over netlink, one dump per service (slower): %s: %s",
                 procfs.PATH, why)
+
+    def read_timeouts(self) -> Timeouts:
+        """The namespace's IPVS timeouts (IPVS_CMD_GET_CONFIG)."""
+        with self._channel() as channel:
+            try:
+                payload = channel.command(GET_CONFIG_BODY)
+            except _KernelError as exc:
+                raise BackendError(f"reading the IPVS timeouts failed: {exc}") from exc
+        if payload is None:
+            raise BackendError("the kernel sent no IPVS configuration")
+        try:
+            return decode_config(payload)
+        except ValueError as exc:
+            raise BackendError(f"cannot decode the IPVS configuration: {exc}") from exc
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        """Set the non-zero timeouts (IPVS_CMD_SET_CONFIG; zeros leave the kernel's)."""
+        with self._channel() as channel:
+            try:
+                channel.command(set_config_body(timeouts))
+            except _KernelError as exc:
+                raise BackendError(f"setting the IPVS timeouts ({timeouts.describe()}) failed: {exc}") from exc
 
     def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
         """Apply in order; return the operations the kernel (or the encoder) refused,

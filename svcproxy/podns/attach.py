@@ -46,9 +46,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
-from svcproxy.ipvs.backend import Backend, BackendError
+from svcproxy.ipvs.backend import Backend, BackendError, TimeoutControl
+from svcproxy.ipvs.timeouts import Timeouts
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend
 from svcproxy.model import Family, Operation, OperationResult, Table
+from svcproxy.node.conntrack import ConntrackError, KernelConntrack, clean_stale_flows
 from svcproxy.podns.mode import Mode, ModeDecision
 from svcproxy.node.sysctls import kube_proxy_sysctls
 from svcproxy.podns.netns import NamespaceGone, NetnsId, NodeNamespace, PodNamespace, netns_id, pod_netns_id
@@ -158,6 +160,19 @@ class PinnedBackend:
     def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
         failed: list[OperationResult] = self._call(lambda b: b.apply(ops))
         return failed
+
+    def read_timeouts(self) -> Timeouts:
+        found: Timeouts = self._call(lambda b: _timeout_control(b).read_timeouts())
+        return found
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        self._call(lambda b: _timeout_control(b).set_timeouts(timeouts))
+
+
+def _timeout_control(backend: Backend) -> TimeoutControl:
+    if not hasattr(backend, "set_timeouts"):
+        raise BackendError(f"{backend!r} cannot set IPVS timeouts")
+    return backend  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------
@@ -544,7 +559,18 @@ def pod_target(path: str, backend_factory: BackendFactory | None = None, *, runn
     factory = backend_factory if backend_factory is not None else ipvsadm_factory(runner=runner)
     preparer = Preparer(ns, runner=runner, kernel_release=kernel_release, recheck_period=recheck_period,
                         clock=clock, sysctl_dir=sysctl_dir)
-    return Target(path, PinnedBackend(ns, factory), pod=True, prepare=preparer)
+    return Target(path, PinnedBackend(ns, factory), pod=True, prepare=preparer, conntrack=namespace_conntrack(ns))
+
+
+def namespace_conntrack(ns: PodNamespace) -> KernelConntrack:
+    """The Pod namespace's own conntrack table (read and changed from a thread that
+    joined it, like its sysctls)."""
+
+    def run(fn: Callable[[], _T]) -> _T:
+        with ns.entered() as (_path, fd):
+            return in_namespace(fd, fn)
+
+    return KernelConntrack(run)
 
 
 # --------------------------------------------------------------------------------------
@@ -653,6 +679,11 @@ class NamespaceReport:
     operations: list[Operation] = field(default_factory=list)
     failed: list[OperationResult] = field(default_factory=list)
     error: str = ""
+    #: --ipvs-*-timeout could not be set there ("" : set, or not asked).
+    timeouts_error: str = ""
+    #: Stale UDP conntrack entries deleted there, or why that failed.
+    conntrack_cleared: int = 0
+    conntrack_error: str = ""
 
     @property
     def applied(self) -> list[Operation]:
@@ -662,11 +693,12 @@ class NamespaceReport:
     @property
     def ok(self) -> bool:
         """Gone, shared and refused are fine outcomes; failures and errors are not."""
-        return self.status != "error" and not self.failed
+        return self.status != "error" and not self.failed and not self.timeouts_error
 
     def summary(self) -> str:
         if self.status == "synced":
-            return f"{len(self.applied)} operations applied, {len(self.failed)} failed"
+            cleared = f", {self.conntrack_cleared} stale UDP conntrack entries cleared" if self.conntrack_cleared else ""
+            return f"{len(self.applied)} operations applied, {len(self.failed)} failed{cleared}"
         if self.status == "planned":
             return f"{len(self.operations)} operations planned" + (f" ({self.error})" if self.error else "")
         if self.status == "gone":
@@ -680,7 +712,7 @@ class NamespaceReport:
 
 def sync_namespace(path: str, desired: Table, decision: ModeDecision, *, exclusions: Any = None,
                    backend_factory: BackendFactory | None = None, apply: bool = True,
-                   make_target: TargetMaker | None = None) -> NamespaceReport:
+                   make_target: TargetMaker | None = None, timeouts: Timeouts | None = None) -> NamespaceReport:
     """Program (or with ``apply=False`` only plan) one namespace's Pod-visible table.
 
     ``desired`` is already the Pod-visible part. A namespace that is gone, or goes
@@ -708,7 +740,18 @@ def sync_namespace(path: str, desired: Table, decision: ModeDecision, *, exclusi
         if target.prepare is not None:
             target.prepare(desired)
         failed = target.backend.apply(ops) if ops else []
-        return NamespaceReport(path, "synced", desired, actual, ops, failed)
+        report = NamespaceReport(path, "synced", desired, actual, ops, failed)
+        if target.conntrack is not None:
+            try:
+                report.conntrack_cleared = clean_stale_flows(target.conntrack, desired, None, dry_run=False)[1]
+            except ConntrackError as exc:
+                report.conntrack_error = str(exc)
+        if timeouts is not None:
+            try:
+                _timeout_control(target.backend).set_timeouts(timeouts)
+            except BackendError as exc:
+                report.timeouts_error = str(exc)
+        return report
     except NamespaceGone as exc:
         return NamespaceReport(path, "gone", desired, error=str(exc))
     except NodeNamespace as exc:

@@ -28,12 +28,14 @@ from svcproxy.diff import Exclusions
 from svcproxy.gcpause import paused_gc
 from svcproxy.health import HealthCheckServers, HealthCheckTarget, HealthState, node_eligible
 from svcproxy.ipvs.backend import Backend, BackendError
+from svcproxy.ipvs.timeouts import Timeouts
 from svcproxy.kube.objects import NamespacedName
 from svcproxy.kube.store import Event, Kind
 from svcproxy.kube.translate import Problem, TranslateConfig, node_info, translate, translate_service
 from svcproxy.logformat import about_display_name
 from svcproxy.metrics import Metrics
 from svcproxy.model import Family, Operation, ServiceKey, Table
+from svcproxy.node.conntrack import ConntrackTable
 from svcproxy.node.nat import ServiceNat
 from svcproxy.podns.netns import NamespaceGone
 from svcproxy.podns.visible import visible_in_pods
@@ -81,6 +83,8 @@ class ProxierConfig:
     #: A sync that could not run at all (backend unavailable) is retried after this
     #: many seconds, doubling up to sync_period: never a hot loop.
     retry_backoff: float = 1.0
+    #: --ipvs-tcp-timeout and friends (None: the kernel's timeouts are left alone).
+    ipvs_timeouts: Timeouts | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class Proxier:
         health: HealthState | None = None,
         health_checks: HealthCheckServers | None = None,
         node_hook: NodeHook | None = None,
+        node_conntrack: ConntrackTable | None = None,
         clock: Clock = time.time,
         monotonic: Clock = time.monotonic,
     ) -> None:
@@ -123,10 +128,12 @@ class Proxier:
                                      retry_backoff=config.retry_backoff, max_backoff=config.sync_period)
         self.runner = SyncRunner(self.schedule, lambda: self.sync(), ready=lambda: self.initialized,
                                  retrying=self._retrying, monotonic=monotonic)
-        self.applier = Applier(config.exclusions, config.dry_run, config.graceful_timeout, self.metrics)
+        self.applier = Applier(config.exclusions, config.dry_run, config.graceful_timeout, self.metrics,
+                               timeouts=config.ipvs_timeouts)
         self._translate_config = config.translate
         self._desired = DesiredState()
-        self.node_target = Target("node", backend, prepare=self._node_prepare(node_hook), prepare_in_dry_run=True)
+        self.node_target = Target("node", backend, prepare=self._node_prepare(node_hook), prepare_in_dry_run=True,
+                                  conntrack=node_conntrack)
         self._targets: dict[str, Target] = {"node": self.node_target}
         self._reported: set[Problem] = set()
         self._discovered: tuple[str, ...] = ()

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from svcproxy.diff import Exclusions, apply_ops, diff
-from svcproxy.ipvs.backend import Backend
+from svcproxy.ipvs.backend import Backend, BackendError, TimeoutControl
+from svcproxy.ipvs.timeouts import Timeouts, changes
 from svcproxy.metrics import Metrics
 from svcproxy.model import Operation, ServiceKey, Table
+from svcproxy.node.conntrack import ConntrackError, ConntrackTable, clean_stale_flows
 from svcproxy.reconcile.draining import Marker, drain
 from svcproxy.render import plan_text
 
@@ -45,6 +47,8 @@ class Target:
     next_try: float = float("-inf")
     #: Set once the target's table was programmed (what the CNI plugin waits for).
     synced: threading.Event = field(default_factory=threading.Event)
+    #: The namespace's conntrack table, for the UDP cleanup (None: not cleaned).
+    conntrack: ConntrackTable | None = None
 
     def failed(self, now: float) -> None:
         """A Pod namespace that could not be synced: read it afresh, later."""
@@ -61,6 +65,8 @@ class Applier:
     dry_run: bool
     graceful_timeout: float
     metrics: Metrics
+    #: --ipvs-*-timeout: checked at every full sync of every target (None: left alone).
+    timeouts: Timeouts | None = None
 
     def sync(self, target: Target, desired: Table, *, scope: set[ServiceKey] | None,
              now: float) -> tuple[list[Operation], int]:
@@ -76,7 +82,55 @@ class Applier:
             ops = diff(desired, actual, self.exclusions, only=scope)
         if target.prepare is not None and (target.prepare_in_dry_run or not self.dry_run):
             target.prepare(desired)
-        return self._execute(target, desired, ops, actual, scope, now)
+        if scope is None and self.timeouts:
+            self._ensure_timeouts(target, self.timeouts)
+        result = self._execute(target, desired, ops, actual, scope, now)
+        if target.conntrack is not None:
+            self._clean_conntrack(target, target.conntrack, desired, scope)
+        return result
+
+    def _clean_conntrack(self, target: Target, table: ConntrackTable, desired: Table,
+                         scope: set[ServiceKey] | None) -> None:
+        """After the operations: delete the UDP conntrack entries that keep clients on a
+        real server that is gone or in the black hole of a service that had none
+        (svcproxy/node/stale_flows.py). Errors are logged and counted; the next
+        full sync looks again."""
+        where = "" if not target.pod else f" in Pod namespace {target.name}"
+        try:
+            found, deleted = clean_stale_flows(table, desired, scope, dry_run=self.dry_run)
+        except ConntrackError as exc:
+            self.metrics.conntrack_errors.inc()
+            log.error("UDP conntrack cleanup failed%s (will retry at the next full sync): %s", where, exc)
+            return
+        if not found:
+            return
+        shown = "; ".join(str(f) for f in found[:10]) + (f"; ... ({len(found)} in all)" if len(found) > 10 else "")
+        if self.dry_run:
+            log.info("dry run: would clear %d stale UDP conntrack entries%s: %s", len(found), where, shown)
+            return
+        self.metrics.conntrack_deleted.inc(deleted)
+        log.info("cleared %d stale UDP conntrack entries%s: %s", deleted, where, shown)
+
+    def _ensure_timeouts(self, target: Target, wanted: Timeouts) -> None:
+        """The target's IPVS timeouts as asked. A failure is logged and counted and
+        retried at the next full sync: it never stops the table's sync."""
+        where = "" if not target.pod else f" in Pod namespace {target.name}"
+        try:
+            control: TimeoutControl = target.backend  # type: ignore[assignment]
+            current = control.read_timeouts()
+            todo = changes(current, wanted)
+            if todo is None:
+                return
+            if self.dry_run:
+                log.info("dry run: would set IPVS timeouts%s: %s (now tcp=%d tcpfin=%d udp=%d)", where,
+                         todo.describe(), current.tcp, current.tcpfin, current.udp)
+                return
+            control.set_timeouts(todo)
+        except (BackendError, OSError, AttributeError) as exc:
+            self.metrics.ipvs_timeout_errors.inc()
+            log.error("cannot set IPVS timeouts%s (will retry at the next full sync): %s", where, exc)
+            return
+        log.info("IPVS timeouts set%s: %s", where, todo.describe())
 
     def _execute(self, target: Target, desired: Table, ops: list[Operation], actual: Table,
                  scope: set[ServiceKey] | None, now: float) -> tuple[list[Operation], int]:
