@@ -1,4 +1,4 @@
-"""The kernel's conntrack table over ctnetlink (pyroute2): UDP flows read and deleted.
+"""The kernel's conntrack table over ctnetlink: UDP flows read and deleted.
 
 Used for the UDP cleanup (svcproxy.node.stale_flows says which flows are stale)
 in the node's namespace and in each replicated Pod namespace: every network
@@ -13,13 +13,13 @@ namespace by default, or in a thread that joined a Pod's namespace.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Protocol, TypeVar
 
+from svcproxy.node.ctnetlink import Ctnetlink, Tuple
 from svcproxy.node.stale_flows import Backends, Flow, stale, udp_backends
 from svcproxy.model import ServiceKey, Table
 
@@ -56,7 +56,7 @@ def _canonical(text: str) -> str:
 
 
 class KernelConntrack:
-    """ConntrackTable over pyroute2's ctnetlink socket, in the namespace ``run`` picks."""
+    """ConntrackTable over a ctnetlink socket, in the namespace ``run`` picks."""
 
     def __init__(self, run: Callable[[Callable[[], Any]], Any] = _here) -> None:
         self._run = run
@@ -75,58 +75,33 @@ class KernelConntrack:
             return result
         except ConntrackError:
             raise
-        except (OSError, ImportError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             raise ConntrackError(f"conntrack: {exc}") from exc
-        except Exception as exc:  # pyroute2's NetlinkError and friends
-            raise ConntrackError(f"conntrack: {type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _flows_here(keys: Sequence[tuple[str, int]] | None) -> list[Flow]:
-        from pyroute2 import Conntrack  # type: ignore[import-untyped]
-        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple  # type: ignore[import-untyped]
-
-        filters: list[Any] = []
-        if keys is not None and len(keys) <= _PER_KEY_DUMPS:
-            for addr, port in keys:
-                fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-                filters.append((fam, NFCTAttrTuple(family=fam, daddr=addr, proto=socket.IPPROTO_UDP, dport=port)))
-        else:
-            filters = [(fam, NFCTAttrTuple(family=fam, proto=socket.IPPROTO_UDP))
-                       for fam in (socket.AF_INET, socket.AF_INET6)]
         out: list[Flow] = []
-        for fam, tuple_orig in filters:
-            with Conntrack(nfgen_family=fam) as ct:
-                for e in ct.dump_entries(tuple_orig=tuple_orig):
-                    o, r = e.tuple_orig, e.tuple_reply
-                    if o.proto != socket.IPPROTO_UDP or o.saddr is None or o.daddr is None or r.saddr is None:
-                        continue
-                    out.append(Flow(_canonical(o.saddr), _canonical(o.daddr), int(o.sport), int(o.dport),
-                                    _canonical(r.saddr)))
+        with Ctnetlink() as ct:
+            if keys is not None and len(keys) <= _PER_KEY_DUMPS:
+                found = [e for addr, port in keys for e in ct.entries(_family(addr), socket.IPPROTO_UDP, (addr, port))]
+            else:
+                found = [e for fam in (socket.AF_INET, socket.AF_INET6) for e in ct.entries(fam, socket.IPPROTO_UDP)]
+        for o, r in found:
+            out.append(Flow(_canonical(o.src), _canonical(o.dst), o.sport, o.dport, _canonical(r.src)))
         return out
 
     @staticmethod
     def _delete_here(flows: Sequence[Flow]) -> int:
-        from pyroute2 import Conntrack
-        from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
-        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
         deleted = 0
-        for fam in (socket.AF_INET, socket.AF_INET6):
-            mine = [f for f in flows if f.v6 == (fam == socket.AF_INET6)]
-            if not mine:
-                continue
-            with Conntrack(nfgen_family=fam) as ct:
-                for f in mine:
-                    orig = NFCTAttrTuple(family=fam, saddr=f.orig_src, daddr=f.orig_dst, proto=socket.IPPROTO_UDP,
-                                         sport=f.sport, dport=f.dport)
-                    try:
-                        ct.entry("del", tuple_orig=orig)
-                    except NetlinkError as exc:
-                        if exc.code != errno.ENOENT:  # gone already: the client stopped, or it expired
-                            raise
-                        continue
-                    deleted += 1
+        with Ctnetlink() as ct:
+            for f in flows:
+                deleted += ct.delete(_family(f.orig_dst), Tuple(f.orig_src, f.orig_dst, socket.IPPROTO_UDP,
+                                                                  f.sport, f.dport))
         return deleted
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
 def clean_stale_flows(table: ConntrackTable, desired: Table, scope: Iterable[ServiceKey] | None, *,
