@@ -97,7 +97,7 @@ def test_structure_depends_on_configuration() -> None:
     # The node's own traffic to ClusterIPs (output) always; forwarded traffic as configured.
     assert render_table(plain, NatElements()).count("@cluster4") == 1
     assert render_table(every, NatElements()).count("@cluster4") == 2
-    assert len(rule_comments(cidr)) == 11
+    assert len(rule_comments(cidr)) == 11 + 8  # 8: the LoadBalancer firewall (two chains, two families)
 
 
 @pytest.mark.parametrize("mark", [0, 3, 1 << 32])
