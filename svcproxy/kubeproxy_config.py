@@ -216,9 +216,9 @@ FIELDS: Mapping[str, Any] = {
         "minSyncPeriod": _seconds("min-sync-period", flags.seconds),
         "scheduler": _text("scheduler", _scheduler), "strictARP": _flag("strict-arp"),
         "syncPeriod": _seconds("sync-period", flags.positive_seconds),
-        "tcpFinTimeout": _seconds("ipvs-tcpfin-timeout", flags.seconds),
-        "tcpTimeout": _seconds("ipvs-tcp-timeout", flags.seconds),
-        "udpTimeout": _seconds("ipvs-udp-timeout", flags.seconds),
+        "tcpFinTimeout": _seconds("ipvs-tcpfin-timeout", flags.ipvs_timeout),
+        "tcpTimeout": _seconds("ipvs-tcp-timeout", flags.ipvs_timeout),
+        "udpTimeout": _seconds("ipvs-udp-timeout", flags.ipvs_timeout),
     },
     "logging": {
         "format": _text("logging-format", _logging_format),
