@@ -157,3 +157,34 @@ def test_kernel_conntrack_reads_and_deletes_real_entries_in_a_namespace() -> Non
             os.close(fd)
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_ctnetlink_messages_round_trip_through_the_decoder() -> None:
+    """The delete request carries the tuple the decoder reads back (the layout an
+    IPCTNL_MSG_CT_NEW answer uses for its tuples), and a dump request asks the kernel
+    to filter by protocol, or by protocol, destination address and port."""
+    import socket
+    import struct
+
+    from svcproxy.node.ctnetlink import (CTA_FILTER, FILTER_IP_DST, FILTER_PROTO_DST_PORT, FILTER_PROTO_NUM, Tuple,
+                                         decode_entry, delete_request, dump_request)
+
+    orig = Tuple("10.244.5.5", "10.96.0.10", socket.IPPROTO_UDP, 40000, 53)
+    msg = delete_request(7, socket.AF_INET, orig)
+    length, mtype, flags, seq, _ = struct.unpack_from("=IHHII", msg)
+    assert length == len(msg) and mtype == (1 << 8) | 2 and flags == 0x5 and seq == 7
+    # An answer has the original and the reply tuple: build one from two requests' bodies.
+    reply = Tuple("10.244.1.1", "10.244.5.5", socket.IPPROTO_UDP, 53, 40000)
+    body_orig = delete_request(1, socket.AF_INET, orig)[16 + 4:]
+    body_reply = bytearray(delete_request(1, socket.AF_INET, reply)[16 + 4:])
+    struct.pack_into("=H", body_reply, 2, 2 | 0x8000)  # CTA_TUPLE_REPLY
+    answer = struct.pack("=BBH", socket.AF_INET, 0, 0) + body_orig + bytes(body_reply)
+    assert decode_entry(answer, 0, len(answer)) == (orig, reply)
+    v6 = Tuple("fd00::5", "fd00:96::a", socket.IPPROTO_UDP, 40000, 53)
+    body6 = delete_request(1, socket.AF_INET6, v6)[16:]
+    assert decode_entry(body6, 0, len(body6)) is None  # no reply tuple: skipped
+    for dst, want in ((None, FILTER_PROTO_NUM), (("10.96.0.10", 53),
+                                                 FILTER_PROTO_NUM | FILTER_IP_DST | FILTER_PROTO_DST_PORT)):
+        req = dump_request(3, socket.AF_INET, socket.IPPROTO_UDP, dst)
+        at = req.index(struct.pack("=HH", 12, CTA_FILTER | 0x8000))
+        assert struct.unpack_from("=I", req, at + 8)[0] == want
