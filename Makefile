@@ -35,6 +35,9 @@ test: test-host test-kernel
 host-deps:
 	@command -v nft >/dev/null && command -v ip >/dev/null || [ "$$(id -u)" != 0 ] || \
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends nftables iproute2 >/dev/null) || true
+	@# valgrind for tests/test_cni_static.py's run of the CNI plugin under memcheck.
+	@command -v valgrind >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends valgrind >/dev/null) || true
 
 test-host: $(STAMP) host-deps
 	$(PY) -m mypy --strict svcproxy
