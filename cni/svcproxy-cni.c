@@ -455,10 +455,9 @@ struct agent {
     struct buf reason; /* why it could not be asked */
 };
 
-/* Connect, send the request, read one line: 0, or -1 with a->reason set. */
-static int agent_exchange(struct agent *a, const struct buf *req, struct buf *answer)
+/* A connected socket, or -1 with a->reason set. */
+static int agent_connect(struct agent *a, double deadline)
 {
-    double deadline = now() + a->timeout;
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(a->socket) >= sizeof addr.sun_path) {
         buf_fmt(&a->reason, "cannot connect to the agent socket %.200s...: path too long", a->socket);
@@ -470,17 +469,17 @@ static int agent_exchange(struct agent *a, const struct buf *req, struct buf *an
         buf_fmt(&a->reason, "cannot create a socket: %s", strerror(errno));
         return -1;
     }
-    int rc = -1, r;
+    int r;
     while ((r = connect(fd, (struct sockaddr *)&addr, sizeof addr)) < 0 && (errno == EAGAIN || errno == EINTR)) {
         if (now() >= deadline)
             break; /* its backlog stayed full */
         usleep(10000);
     }
-    if (r < 0 && (errno == EAGAIN || errno == EINTR)) {
+    if (r == 0)
+        return fd;
+    if (errno == EAGAIN || errno == EINTR) {
         buf_fmt(&a->reason, "the agent did not answer within %gs on %s", a->timeout, a->socket);
-        goto out;
-    }
-    if (r < 0) {
+    } else {
         int e = errno;
         if (e == ENOENT)
             buf_fmt(&a->reason, "no agent socket at %s (is the svcproxy agent running on this node?)", a->socket);
@@ -491,8 +490,18 @@ static int agent_exchange(struct agent *a, const struct buf *req, struct buf *an
             buf_fmt(&a->reason, "permission denied on the agent socket %s (the plugin must run as root)", a->socket);
         else
             buf_fmt(&a->reason, "cannot connect to the agent socket %s: %s", a->socket, strerror(e));
-        goto out;
     }
+    close(fd);
+    return -1;
+}
+
+/* Connect, send the request, read one line: 0, or -1 with a->reason set. */
+static int agent_exchange(struct agent *a, const struct buf *req, struct buf *answer)
+{
+    double deadline = now() + a->timeout;
+    int fd = agent_connect(a, deadline), rc = -1, r;
+    if (fd < 0)
+        return -1;
     for (size_t sent = 0; sent < req->len;) {
         r = wait_fd(fd, POLLOUT, deadline);
         ssize_t n = r > 0 ? send(fd, req->p + sent, req->len - sent, MSG_NOSIGNAL) : -1;
