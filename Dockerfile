@@ -1,27 +1,78 @@
-# The agent's image: Python plus the programs svcproxy runs (ipvsadm; nsenter from
-# util-linux for Pod namespaces; ip from iproute2; nft for masquerade rules).
-# Not built in this repository's CI: the development machines have no Docker engine.
+# syntax=docker/dockerfile:1
+# svcproxy's node agent image: Debian's python3 running svcproxy from a venv, plus the
+# programs the agent runs (nft, ip, nsenter, ipvsadm).
+#
+#   docker build -t REGISTRY/svcproxy:TAG .                       # base: debian:bookworm-slim
+#   buildah bud --build-arg BASE=localhost/debian-base -t svcproxy .  # any Debian bookworm base
+#
+# Nothing but package registries is used: apt (the base's sources) and PyPI. Every Python
+# package is pinned with its sha256 in image/requirements.lock (the build stage refuses any
+# other download; image/lock rewrites the lock). The test suite builds this file against
+# a base made locally with mmdebstrap (tests/image/build).
+ARG BASE=debian:bookworm-slim
 
-# The wheel is built apart, with a C compiler, for svcproxy/ipvs/_nlfast.c (the
-# netlink encoder's compiled loop); the image itself carries no compiler.
-FROM python:3.11-slim-bookworm AS build
+# ------------------------------------------------------------------------------ build
+# Wheels for every dependency (downloaded against the lock's hashes), svcproxy's own
+# wheel with its compiled encoder loop (svcproxy/ipvs/_nlfast.c), and the list the final
+# stage installs from: each wheel by its sha256.
+FROM ${BASE} AS build
+ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+COPY image/requirements.lock image/build-requirements.lock image/install_list.py image/
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# A build behind a TLS-inspecting proxy passes its CA bundle as a build secret:
+#   --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && python3 -m venv /opt/build \
+ && /opt/build/bin/pip install -q --require-hashes -r image/build-requirements.lock \
+ && /opt/build/bin/pip download -q --require-hashes --no-deps -r image/build-requirements.lock -d /wheels/pip \
+ && /opt/build/bin/pip wheel -q --require-hashes -r image/requirements.lock --wheel-dir /wheels
 COPY setup.cfg setup.py pyproject.toml README.md ./
 COPY svcproxy ./svcproxy
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && python -c 'import zipfile, glob; w = glob.glob("/wheels/svcproxy-*.whl")[0]; \
-assert any(n.startswith("svcproxy/ipvs/_nlfast") and n.endswith(".so") for n in zipfile.ZipFile(w).namelist()), \
-"the compiled encoder loop was not built"'
+RUN /opt/build/bin/pip wheel -q --no-deps --no-build-isolation --no-index --wheel-dir /wheels . \
+ && /opt/build/bin/python image/install_list.py /wheels
 
-FROM python:3.11-slim-bookworm
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ipvsadm iproute2 nftables kmod util-linux \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/svcproxy-*.whl && rm -rf /wheels
+# ------------------------------------------------------------------------------ agent
+FROM ${BASE}
+ARG DEBIAN_FRONTEND=noninteractive
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="svcproxy" \
+      org.opencontainers.image.description="Kubernetes Service proxy for IPVS (kube-proxy replacement), with Services for Pods that have a network interface of their own" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/svcproxy/svcproxy"
+# Only what the agent runs: nft (masquerade rules), ip (Pod namespaces), ipvsadm (the
+# ipvsadm backend and debugging), nsenter (util-linux, already in the base). No kmod:
+# the kernel loads ip_vs, its schedulers, dummy and nf_tables itself when asked for them.
+# No docs, man pages or locales (as in Debian's slim images).
+RUN printf 'path-exclude=/usr/share/%s/*\n' doc man info locale groff lintian linda \
+      > /etc/dpkg/dpkg.cfg.d/svcproxy-slim \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends python3 nftables iproute2 ipvsadm \
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/*
+# Installed from the build stage's wheels alone (no index), each checked against its
+# hash; pip itself runs from its wheel and stays out of the image. Then what the agent
+# never runs goes: the kubernetes client's asyncio half (kubernetes.aio, half the image's
+# Python) and the packages only it imports (aiohttp and its helpers); the import check
+# after it fails the build if any of them is still needed.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    python3 -m venv --without-pip /opt/svcproxy \
+ && pip="/opt/svcproxy/bin/python $(echo /wheels/pip/pip-*.whl)/pip" \
+ && $pip install -q --no-cache-dir --no-index --disable-pip-version-check \
+      --require-hashes -r /wheels/install.txt \
+ && $pip uninstall -q -y --disable-pip-version-check aiohttp aiohttp-retry aiohappyeyeballs \
+      aiosignal attrs frozenlist multidict propcache yarl \
+ && rm -rf /opt/svcproxy/lib/python3.11/site-packages/kubernetes/aio \
+ && /opt/svcproxy/bin/python -c 'import svcproxy.cli, svcproxy.kube.watch, svcproxy.podns.install, kubernetes.watch' \
+ && /opt/svcproxy/bin/svcproxy --version
+ENV PATH=/opt/svcproxy/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /
 ENTRYPOINT ["svcproxy"]
 CMD ["run"]
