@@ -153,3 +153,83 @@ def test_cni_keeper_container() -> None:
     assert keeper["volumeMounts"] == init["volumeMounts"]
     assert keeper["securityContext"] == init["securityContext"]
     assert keeper["resources"]["limits"]["memory"]
+
+
+def test_daemonset_takes_kube_proxys_place() -> None:
+    """Linux nodes only; no cluster DNS and no iptables lock; a startup probe; requests
+    and limits; capabilities instead of a privileged container."""
+    ds = next(d for d in documents() if d["kind"] == "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod.get("dnsPolicy", "ClusterFirst") == "ClusterFirst"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert not [v for v in volumes.values() if "xtables" in str(v) or "/lib/modules" in str(v)]
+    agent = pod["containers"][0]
+    assert agent["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert agent["startupProbe"]["periodSeconds"] * agent["startupProbe"]["failureThreshold"] >= 300
+    assert "initialDelaySeconds" not in agent["livenessProbe"]
+    resources = agent["resources"]
+    assert set(resources["requests"]) == {"cpu", "memory"} and "memory" in resources["limits"]
+    sc = agent["securityContext"]
+    assert not sc.get("privileged") and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN"]}
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    sysctl = mounts["/proc/sys/net"]
+    assert not sysctl.get("readOnly") and volumes[sysctl["name"]]["hostPath"]["path"] == "/proc/sys/net"
+
+
+def test_replace_kube_proxy_overlay() -> None:
+    """The migration overlay renders (tests/kustomize_render.py), every object is valid,
+    and the DaemonSet runs only on labelled nodes with kube-proxy's kubeconfig, where
+    kube-proxy's patch keeps kube-proxy off exactly those nodes."""
+    from kustomize_render import render
+
+    overlay = MANIFESTS / "replace-kube-proxy"
+    objects = render(overlay)
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.33.0", strict=True)
+    base = {(d["kind"], d["metadata"]["name"]) for d in documents()}
+    assert {(o["kind"], o["metadata"]["name"]) for o in objects} == base | {("ConfigMap", "svcproxy-kubeconfig")}
+    ds = next(o for o in objects if o["kind"] == "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", "svcproxy.io/proxy": "true"}
+    agent = pod["containers"][0]
+    args = build_parser().parse_args(agent["command"][1:])
+    assert str(args.config) == "/etc/svcproxy/config.yaml"
+    # --kubeconfig names the generated ConfigMap's file, mounted in the agent's container.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = next(m for m in agent["volumeMounts"] if str(args.kubeconfig).startswith(m["mountPath"] + "/"))
+    config_map = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "svcproxy-kubeconfig")
+    assert volumes[mount["name"]]["configMap"]["name"] == "svcproxy-kubeconfig"
+    assert config_map["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    kubeconfig = yaml.safe_load(config_map["data"][Path(str(args.kubeconfig)).name])
+    # kubeadm's layout: the Pod's own service account token and CA, valid for svcproxy's too.
+    user = kubeconfig["users"][0]["user"]
+    assert user["tokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    assert kubeconfig["clusters"][0]["cluster"]["server"].startswith("https://")
+    # kube-proxy's side: required node affinity on the absence of the same label.
+    patch = yaml.safe_load((overlay / "kube-proxy-affinity.yaml").read_text())
+    affinity = patch["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    (term,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [{"key": "svcproxy.io/proxy", "operator": "DoesNotExist"}]
+
+
+def test_overlay_sets_the_image() -> None:
+    """The overlay's images: entry reaches every container (install-cni runs the agent's image)."""
+    import copy
+
+    from kustomize_render import render
+
+    overlay = MANIFESTS / "replace-kube-proxy"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    (image,) = kustomization["images"]
+    ds = next(o for o in render(overlay) if o["kind"] == "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    want = f"{image['newName']}:{image['newTag']}"
+    assert {c["image"] for c in pod["initContainers"] + pod["containers"]} == {want}
+    base = next(d for d in documents() if d["kind"] == "DaemonSet")
+    moved = {**image, "newName": "registry.example/svcproxy", "newTag": "9.9"}
+    from kustomize_render import _retagged
+
+    retagged = _retagged(moved, copy.deepcopy(base))["spec"]["template"]["spec"]
+    assert {c["image"] for c in retagged["initContainers"] + retagged["containers"]} == {"registry.example/svcproxy:9.9"}
