@@ -45,8 +45,7 @@ LABEL org.opencontainers.image.title="svcproxy" \
       org.opencontainers.image.description="Kubernetes Service proxy for IPVS (kube-proxy replacement), with Services for Pods that have a network interface of their own" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.source="https://github.com/svcproxy/svcproxy"
+      org.opencontainers.image.licenses="Apache-2.0"
 # Only what the agent runs: nft (masquerade rules), ip (Pod namespaces), ipvsadm (the
 # ipvsadm backend and debugging), nsenter (util-linux, already in the base). No kmod:
 # the kernel loads ip_vs, its schedulers, dummy and nf_tables itself when asked for them.

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-host test-kernel host-deps lint typecheck bench clean
+.PHONY: demo test test-host test-kernel host-deps lint typecheck bench clean image
 
 # setup.py builds svcproxy/ipvs/_nlfast.c (the netlink encoder's compiled loop) in place.
 $(STAMP): setup.cfg setup.py pyproject.toml svcproxy/ipvs/_nlfast.c
@@ -43,8 +43,13 @@ test-host: $(STAMP) host-deps
 	$(PY) -m mypy --strict svcproxy
 	$(PY) -m pytest -q tests
 
+# tools/image builds the agent's image (cached by its inputs) and unpacks it for the
+# kernel suite, which runs it as the DaemonSet would (tests/kernel/test_image_vm.py).
 test-kernel: $(STAMP)
-	tools/vmtest $(VMTEST_ARGS)
+	img=$$(tools/image) && SVCPROXY_IMAGE=$$img tools/vmtest $(VMTEST_ARGS)
+
+image:
+	tools/image
 
 bench: $(STAMP)
 	$(PY) bench/core.py
