@@ -13,12 +13,14 @@ ARG BASE=debian:bookworm-slim
 
 # ------------------------------------------------------------------------------ build
 # Wheels for every dependency (downloaded against the lock's hashes), svcproxy's own
-# wheel with its compiled encoder loop (svcproxy/ipvs/_nlfast.c), and the list the final
-# stage installs from: each wheel by its sha256.
+# wheel with its compiled encoder loop (svcproxy/ipvs/_nlfast.c), the list the final
+# stage installs from (each wheel by its sha256), and the static CNI plugin
+# (`make cni-plugin`: musl, nothing needed on the node to run it).
 FROM ${BASE} AS build
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
+      make musl-tools libjsmn-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY image/requirements.lock image/build-requirements.lock image/install_list.py image/
@@ -33,6 +35,9 @@ RUN --mount=type=secret,id=ca-bundle \
  && /opt/build/bin/pip wheel -q --require-hashes -r image/requirements.lock --wheel-dir /wheels
 COPY setup.cfg setup.py pyproject.toml README.md ./
 COPY svcproxy ./svcproxy
+COPY Makefile ./
+COPY cni ./cni
+RUN make cni-plugin
 RUN /opt/build/bin/pip wheel -q --no-deps --no-build-isolation --no-index --wheel-dir /wheels . \
  && /opt/build/bin/python image/install_list.py /wheels
 
@@ -70,6 +75,8 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
  && rm -rf /opt/svcproxy/lib/python3.11/site-packages/kubernetes/aio \
  && /opt/svcproxy/bin/python -c 'import svcproxy.cli, svcproxy.kube.watch, svcproxy.podns.install, kubernetes.watch' \
  && /opt/svcproxy/bin/svcproxy --version
+# install-cni copies it onto the node (svcproxy.podns.install's default plugin path).
+COPY --from=build /src/build/svcproxy-cni /usr/lib/svcproxy/svcproxy-cni
 ENV PATH=/opt/svcproxy/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /

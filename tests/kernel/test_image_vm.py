@@ -11,7 +11,8 @@ test_traffic.py's topology: the containers run in it as host-network Pods run in
 node's, and reach the fake API server on its 127.0.0.1 through the kubeconfig that
 stands in for kube-proxy's.
 
-Shown: install-cni installs a plugin that answers VERSION into a node's conflist;
+Shown: install-cni installs the image's static plugin, which answers VERSION, into a
+node's conflist, and cni-keeper keeps running beside the agent;
 the agent, with NET_ADMIN and SYS_ADMIN only, becomes ready (/readyz 200), programs
 the table, the dummy device, nftables and sysctls (through the mounted /proc/sys/net),
 and a ClusterIP answers from the client namespace; SIGTERM ends it with status 0 and
@@ -161,10 +162,20 @@ def test_image_runs_as_the_daemonset(net: Net, client: Client, procs: Procs, run
                              capture_output=True, text=True, timeout=60)
     assert version.returncode == 0, version.stderr
     assert conflist["cniVersion"] in json.loads(version.stdout)["supportedVersions"]
+    # The static plugin the image carries, byte for byte: it runs without anything on the node.
+    assert plugin.read_bytes() == (Path(runtime.rootfs) / "usr/lib/svcproxy/svcproxy-cni").read_bytes()
+    assert b"/lib64/ld-linux" not in plugin.read_bytes()[:4096]  # no program interpreter
+
+    # The Pod's other containers start with the agent: cni-keeper watches the conflist.
+    keepers = [c for c in pod["containers"] if c["name"] != "svcproxy"]
+    kept = {}
+    for c in keepers:
+        bundle = runtime.bundle(pod, c["name"], config_maps=config_maps, host_paths=host_paths)
+        kept[c["name"]] = runtime.start(procs, bundle, c["name"], tmp_path / f"{c['name']}.log")
 
     # The agent: sysctls it sets start elsewhere, to show it writes them.
     sysctl(client.ns, "net.ipv4.vs.conntrack", 0)
-    (agent,) = pod["containers"]
+    agent = next(c for c in pod["containers"] if c["name"] == "svcproxy")
     bundle = runtime.bundle(pod, agent["name"], config_maps=config_maps, host_paths=host_paths)
     log = tmp_path / "agent.log"
     proc = runtime.start(procs, bundle, agent["name"], log)
@@ -203,3 +214,5 @@ def test_image_runs_as_the_daemonset(net: Net, client: Client, procs: Procs, run
     assert "IPVS rules left in place" in log.read_text()
     assert ipvsadm(client.ns, "-Sn") == saved
     assert answered(request_many(client.ns, VIP, 80, 4)) == {"pod-a": 2, "pod-b": 2}
+    for name, p in kept.items():
+        assert p.poll() is None, f"{name} exited ({p.returncode}):\n{(tmp_path / f'{name}.log').read_text()}"
