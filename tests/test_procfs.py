@@ -162,8 +162,8 @@ def test_the_backend_reads_real_servers_from_the_file_and_dumps_none() -> None:
 
 
 @pytest.mark.parametrize("why, spoil", [
-    ("does not list", lambda text: text.replace("0A60000E:1F90", "0A6000EE:1F90")),
-    ("lists 11 services", lambda text: text + "TCP  0A6000FF:0050 rr  \n"),
+    ("TCP 0A6000EE:1F90, which the netlink dump does not", lambda text: text.replace("0A60000E:1F90", "0A6000EE:1F90")),
+    ("TCP 0A6000FF:0050, which the netlink dump does not", lambda text: text + "TCP  0A6000FF:0050 rr  \n"),
     ("expected header", lambda text: text[10:]),
     ("No such file", None),
 ])
@@ -227,12 +227,34 @@ def test_one_firewall_mark_in_both_families_is_never_joined(caplog: pytest.LogCa
     second_fwm = text.index("FWM  00000007", first_fwm + 1)
     after = text.index("\n", text.index("\n", second_fwm) + 1) + 1  # its line and its real server's
     same_count = text[:second_fwm] + text[after:] + "TCP  0A6000FF:0050 rr  \n"
-    for source in (text, same_count):
+    one_fwm = text[:second_fwm] + text[after:]  # as a stock kernel's walk may leave one out
+    for source, dumps, why in ((text, 3, "listed twice"), (same_count, 3, "which the netlink dump does not"),
+                               (one_fwm, 2, "2 of 3 services not listed")):
         kernel.dest_dumps = 0
+        caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="svcproxy.ipvs.netlink"):
             assert NetlinkBackend(opener=lambda: kernel, proc=lambda: source).read() == table
-        assert kernel.dest_dumps == 3
-    assert "share a line label" in caplog.records[-1].getMessage()
+        assert kernel.dest_dumps == dumps
+        assert why in caplog.records[-1].getMessage()
+
+
+def test_services_the_file_leaves_out_are_dumped_and_the_rest_taken_from_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Where other namespaces have IPVS services, a stock kernel's file leaves some
+    of this namespace's services out (its walk restarts each read at a position
+    that counted theirs). What it lists is still this namespace's: used; the rest
+    is dumped, one service each, and this is no reason for a warning."""
+    kernel = _loaded(CountingKernel())
+    want = NetlinkBackend(opener=lambda: kernel, proc=False).read()
+    text = kernel.proc_text()
+    blocks = text.split("\n", 3)[3].replace("\n  ->", "\t  ->").splitlines()
+    kept = [block for i, block in enumerate(blocks) if i % 3]  # every third service left out
+    partial = "\n".join(text.split("\n", 3)[:3] + [b.replace("\t", "\n") for b in kept]) + "\n"
+    kernel.dest_dumps = 0
+    with caplog.at_level(logging.DEBUG, logger="svcproxy.ipvs.netlink"):
+        assert NetlinkBackend(opener=lambda: kernel, proc=lambda: partial).read() == want
+    assert kernel.dest_dumps == len(blocks) - len(kept) > 0
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
 
 
 # ------------------------------------------------------------------ the compiled parser

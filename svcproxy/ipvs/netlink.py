@@ -20,9 +20,13 @@ dump per service, and dumps cannot be batched the way requests are: a socket run
 one dump at a time (a second request gets EBUSY) and a dump only finishes when its
 reader calls ``recv()`` (the kernel fills the next part, here the NLMSG_DONE, from
 inside ``recvmsg``), so each service costs one ``send`` and two ``recv`` calls.
-Those per-service dumps remain the fallback whenever the file is missing, cannot be
-parsed, or does not list exactly the services of the dump (the table changed
-between the two reads): the file only ever saves time.
+The dump stays the authority on which services exist: the file gives the real
+servers of the dumped services it lists (what it lists is always the reading
+namespace's own, but on a stock kernel it may leave some out where other
+namespaces have IPVS services too: ``NetlinkBackend._from_file``), and the others
+are dumped one by one. The whole file is set aside, and every service dumped, when
+it is missing, cannot be parsed, or lists a service the dump does not (the table
+changed between the two reads): the file only ever saves time.
 
 Namespaces: with ``netns`` (a path such as /var/run/netns/NAME or
 /proc/PID/ns/net), the socket is created by a short-lived thread that first joins
@@ -43,6 +47,7 @@ import queue
 import socket
 import struct
 import threading
+from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Callable, Generator, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
@@ -495,21 +500,33 @@ class NetlinkBackend:
     def _read(self, channel: _Channel) -> Table:
         settings: dict[Any, Any] = {}
         listed = [decode_service(data, msg, settings) for data, msg in channel.dump(GET_SERVICE_BODY)]
-        if self.proc is not False:
-            table = self._joined(listed)
-            if table is not None:
-                return table
+        found = self._from_file(listed) if self.proc is not False and listed else None
         encoder = Encoder()
         names: dict[bytes, str] = {}
         services: dict[ServiceKey, VirtualService] = {}
+        dumped = 0
         for vs, family, ident in listed:
-            dests = channel.dump_dests(ident or encoder.ident(vs.key).attrs, family, names)
+            dests = found.pop(vs.key, None) if found is not None else None
+            if dests is None:
+                dests = channel.dump_dests(ident or encoder.ident(vs.key).attrs, family, names)
+                dumped += 1
             services[vs.key] = _with_sorted(vs, dests)
+        if found is not None and dumped:
+            log.debug("%d of %d services not listed in %s (other namespaces' services make a stock kernel's "
+                      "walk of it skip some): read with one dump each", dumped, len(listed), procfs.PATH)
         return Table(services)
 
-    def _joined(self, listed: list[DecodedService]) -> Table | None:
-        """The dumped services with their real servers from /proc/net/ip_vs, or None
-        when the file cannot be used this time (the caller dumps them instead)."""
+    def _from_file(self, listed: list[DecodedService]) -> dict[ServiceKey, list[Destination]] | None:
+        """Real servers of the dumped services that /proc/net/ip_vs lists, by key; None
+        when the file cannot be used this time (the caller dumps every service).
+
+        What the file lists is this namespace's own: the kernel prints a service only
+        if it belongs to the namespace of the reader. It may leave some out: on a
+        stock kernel the walk behind the file also steps over other namespaces'
+        services and counts them, and each ``read`` restarts at a position that
+        counts them, skipping as many of this namespace's services. Those are
+        dumped by the caller. A label the dump does not have (the table changed
+        between the two reads) makes the whole file unusable."""
         try:
             if callable(self.proc):
                 text = self.proc()
@@ -521,23 +538,17 @@ class NetlinkBackend:
         except (OSError, BackendError, DecodeError) as exc:
             self._proc_unusable(f"{exc}")
             return None
-        if len(servers) != len(listed):
-            self._proc_unusable(f"it lists {len(servers)} services, the netlink dump {len(listed)}")
-            return None
         labels = [procfs.label(vs.key) for vs, _, _ in listed]
-        if len(set(labels)) != len(labels):
-            # An IPv4 and an IPv6 service of one firewall mark: the file cannot tell
-            # whose real servers are whose.
-            self._proc_unusable("two services share a line label (one firewall mark, IPv4 and IPv6)")
+        known = set(labels)
+        stray = next((label for label in servers if label not in known), None)
+        if stray is not None:
+            self._proc_unusable(f"it lists {' '.join(stray)}, which the netlink dump does not")
             return None
-        services: dict[ServiceKey, VirtualService] = {}
-        for (vs, _, _), label in zip(listed, labels):
-            dests = servers.get(label)
-            if dests is None:
-                self._proc_unusable(f"it does not list {vs.key}")
-                return None
-            services[vs.key] = _with_sorted(vs, dests)
-        return Table(services)
+        shared = {label for label, n in Counter(labels).items() if n > 1} if len(known) != len(labels) else set()
+        # An IPv4 and an IPv6 service of one firewall mark share a label: whose real
+        # servers are whose cannot be told, so both are dumped.
+        return {vs.key: servers[label] for (vs, _, _), label in zip(listed, labels)
+                if label in servers and label not in shared}
 
     def _proc_unusable(self, why: str) -> None:
         # A warning the first time (a missing or unexpected file stays so); a
