@@ -236,10 +236,16 @@ def test_prepare_reads_once_applies_once_then_costs_nothing(own_ns: PodNamespace
     ]
     assert len(fake.sysctl_writes) == 1  # sysctls already set
 
-    clock.now += 31  # recheck: read again (drift repair); nothing to do if there is none
+    clock.now += 31  # no read at a partial sync, however old the last read
+    prep(Table.of([vs("10.96.0.1"), vs("10.96.0.2")]))
+    assert fake.reads == 1
+    prep.recheck()  # a full sync: read again (drift repair); nothing to do if there is none
     fake.state = ns_state(routes={Route("10.96.0.1", src=POD4), Route("10.96.0.2", src=POD4)}, sysctls=SET_SYSCTLS)
     prep(Table.of([vs("10.96.0.1"), vs("10.96.0.2")]))
     assert fake.reads == 2 and len(fake.calls) == 2
+    prep.recheck()  # the next full sync, before recheck_period: no read
+    prep(Table.of([vs("10.96.0.1"), vs("10.96.0.2")]))
+    assert fake.reads == 2
 
 
 def test_prepare_repairs_drift_found_at_recheck(own_ns: PodNamespace) -> None:
@@ -667,6 +673,8 @@ def test_prepare_a_real_namespace(hostns: HostNs, sysctl_dir: Path) -> None:
     ip(path, "route", "del", "10.96.0.11/32", "proto", "0x9c")
     (sysctl_dir / "conntrack").write_text("0\n")
     clock.now += 60
+    assert target.recheck is not None
+    target.recheck()
     target.prepare(Table.of([vs("10.96.0.11"), vs("fd00:96::10")]))
     assert ip(path, "-4", "route", "show", "table", "all", "proto", "0x9c").splitlines() == [
         "10.96.0.11 dev lo scope link src 10.244.7.2 "]

@@ -417,7 +417,9 @@ def test_pod_namespaces_get_the_pod_visible_table_and_incremental_updates() -> N
         **service("np", "10.96.0.30", ("http", 80, "TCP"))["spec"], "type": "NodePort",
         "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80, "nodePort": 30080}]}})
     prepared: list[set[ServiceKey]] = []
-    p.attach(Target("/run/netns/a", pod_a, prepare=lambda t: prepared.append(set(t.services))))
+    rechecks: list[str] = []
+    p.attach(Target("/run/netns/a", pod_a, prepare=lambda t: prepared.append(set(t.services)),
+                    recheck=lambda: rechecks.append("a")))
     p.attach(Target("/run/netns/b", pod_b))
     p.sync()
     node_keys = set(node_backend.read().services)
@@ -434,6 +436,9 @@ def test_pod_namespaces_get_the_pod_visible_table_and_incremental_updates() -> N
     assert not result.full
     assert len(pod_a.applied) - applied[0] == 1 and len(pod_b.applied) - applied[1] == 1  # one op each
     assert dests(pod_b, DNS_UDP) == {"10.244.2.1": 1, "10.244.2.2": 1}
+    # the hook's recheck comes with full syncs only: never on the fan-out of a change
+    assert rechecks == ["a"]
+    assert p.sync(force_full=True).full and rechecks == ["a", "a"]
 
 
 def test_vanished_namespace_is_detached_and_failing_one_does_not_block_others() -> None:

@@ -25,10 +25,11 @@ Why each piece is the way it is (docs/share-ns.md has the whole story):
 * Cost. Preparation remembers what it found and did: when the VIP set is unchanged
   it costs one ``stat``; a changed VIP set costs one ``ip -batch`` process. The
   namespace is read (rtnetlink dumps and sysctl files, from a short-lived thread
-  that joined it: no process at all) only at attach and every ``recheck_period``
-  seconds, so drift is repaired without reading it every sync. Program starts are
-  what dominates under load (measured: docs/performance.md), hence no shell and no
-  ``ip -j`` for reading.
+  that joined it: no process at all) only at attach and at the first full sync
+  ``recheck_period`` seconds after the last read, so drift is repaired without
+  reading it every sync, and a partial sync (one endpoint change fanned out to
+  every namespace) never reads any. Program starts are what dominates under load
+  (measured: docs/performance.md), hence no shell and no ``ip -j`` for reading.
 """
 
 from __future__ import annotations
@@ -439,6 +440,7 @@ class Preparer:
         self.state: NsState | None = None
         self.vips: dict[Family, frozenset[str]] | None = None
         self.checked_at = float("-inf")
+        self.recheck_due = False
         self.probes = 0
         self.applies = 0
         self._warned: set[str] = set()
@@ -446,15 +448,15 @@ class Preparer:
     def __call__(self, desired: Table) -> None:
         self.ns.check()
         vips = vips_of(desired)
-        now = self.clock()
-        due = now >= self.checked_at + self.recheck_period
+        due = self.recheck_due
         if self.state is not None and not due and vips == self.vips:
             return
         with self.ns.entered() as (path, fd):
             state = self.state
             if state is None or due:
                 state = self._probe(path, fd)
-                self.checked_at = now
+                self.checked_at = self.clock()
+                self.recheck_due = False
             plan = self.plan(state, vips)
             if plan.empty():
                 self.state, self.vips = state, vips
@@ -467,6 +469,13 @@ class Preparer:
                 return
             state = self._probe(path, fd)
         self._judge(state, vips)
+
+    def recheck(self) -> None:
+        """Called at full syncs: read the namespace again at the next call if the last
+        read is ``recheck_period`` old. Partial syncs never read it: an endpoint
+        change fanned out to many namespaces must not wait for their rechecks."""
+        if self.clock() >= self.checked_at + self.recheck_period:
+            self.recheck_due = True
 
     def plan(self, state: NsState, vips: Mapping[Family, frozenset[str]]) -> _Plan:
         """What to change so that ``state`` fits the VIPs."""
@@ -559,7 +568,8 @@ def pod_target(path: str, backend_factory: BackendFactory | None = None, *, runn
     factory = backend_factory if backend_factory is not None else ipvsadm_factory(runner=runner)
     preparer = Preparer(ns, runner=runner, kernel_release=kernel_release, recheck_period=recheck_period,
                         clock=clock, sysctl_dir=sysctl_dir)
-    return Target(path, PinnedBackend(ns, factory), pod=True, prepare=preparer, conntrack=namespace_conntrack(ns))
+    return Target(path, PinnedBackend(ns, factory), pod=True, prepare=preparer,
+                  recheck=preparer.recheck, conntrack=namespace_conntrack(ns))
 
 
 def namespace_conntrack(ns: PodNamespace) -> KernelConntrack:

@@ -36,6 +36,9 @@ class Target:
     backend: Backend
     pod: bool = False
     prepare: Callable[[Table], None] | None = None
+    #: Called at full syncs before ``prepare``: lets the hook re-read what it keeps
+    #: an image of (partial syncs, the fan-out of a change, never wait for that).
+    recheck: Callable[[], None] | None = None
     #: The hook logs instead of changing anything in a dry run, so it runs then too.
     prepare_in_dry_run: bool = False
     actual: Table = field(default_factory=Table)
@@ -75,6 +78,8 @@ class Applier:
         virtual services in ``scope`` (the caller adds the target's retries) against
         its image. Backend errors and the prepare hook's exceptions propagate."""
         if scope is None:
+            if target.recheck is not None:
+                target.recheck()
             actual = target.backend.read()
             ops = diff(desired, actual, self.exclusions)
         else:
