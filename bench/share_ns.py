@@ -39,11 +39,22 @@ sys.path.insert(0, str(REPO / "tests"))
 from svcproxy.diff import diff  # noqa: E402
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend  # noqa: E402
 from svcproxy.model import Destination, Protocol, ServiceKey, Table, VirtualService  # noqa: E402
-from svcproxy.podns.attach import Preparer, PodNamespace, ipvsadm_factory, pod_target, sync_namespace  # noqa: E402
+from svcproxy.ipvs.netlink import NetlinkBackend  # noqa: E402
+from svcproxy.podns.attach import (  # noqa: E402
+    BackendFactory, Preparer, PodNamespace, factory_like, ipvsadm_factory, pod_target, sync_namespace)
 from svcproxy.podns.mode import decide  # noqa: E402
 from vmboot import run_in_vm  # noqa: E402  (bench/vmboot.py)
 
 NETNS = "/var/run/netns"
+
+
+def node_backend(kind: str, path: str) -> IpvsadmBackend | NetlinkBackend:
+    """The node's backend of the chosen kind; Pod namespaces get the same kind."""
+    return NetlinkBackend(netns=path) if kind == "netlink" else IpvsadmBackend(netns=path, counts=True)
+
+
+def pod_factory(kind: str) -> BackendFactory:
+    return factory_like(NetlinkBackend()) if kind == "netlink" else ipvsadm_factory(counts=True)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -86,7 +97,7 @@ class Namespaces:
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
-def attach_bench(sizes: list[int], dests: int, nss: Namespaces) -> None:
+def attach_bench(sizes: list[int], dests: int, nss: Namespaces, kind: str) -> None:
     replicate = decide("replicate")
     print(f"\n## Attach of a new Pod namespace vs. the node's full sync ({dests} real servers per service)\n")
     print("| services | node: program from empty | node: steady full sync | attach: total | of which prepare "
@@ -94,7 +105,7 @@ def attach_bench(sizes: list[int], dests: int, nss: Namespaces) -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         table = build_table(n, dests)
-        node = IpvsadmBackend(netns=nss.add(nic=False), counts=True)
+        node = node_backend(kind, nss.add(nic=False))
 
         def node_full() -> int:
             ops = diff(table, node.read())
@@ -108,20 +119,21 @@ def attach_bench(sizes: list[int], dests: int, nss: Namespaces) -> None:
         assert steady_ops == 0
         path = nss.add()
         t_attach, report = timed(lambda: sync_namespace(path, table, replicate,
-                                                        backend_factory=ipvsadm_factory(counts=True)))
+                                                        backend_factory=pod_factory(kind)))
         assert report.status == "synced" and not report.failed, report.summary()
         # preparation alone, in another fresh namespace
         other = PodNamespace.open(nss.add())
         t_prep, _ = timed(lambda: Preparer(other)(table))
         t_readopt, again = timed(lambda: sync_namespace(path, table, replicate,
-                                                        backend_factory=ipvsadm_factory(counts=True)))
+                                                        backend_factory=pod_factory(kind)))
         assert again.status == "synced" and not again.operations
         print(f"| {n:,} | {t_node:.2f} s ({node_ops:,} ops) | {t_steady:.2f} s | {t_attach:.2f} s "
               f"({len(report.operations):,} ops) | {t_prep:.2f} s | {t_readopt:.2f} s | "
               f"{t_attach / t_node:.2f} | {t_attach / t_steady:.2f} |", flush=True)
 
 
-def fanout_bench(counts: list[int], services: int, nss: Namespaces) -> None:
+def fanout_bench(counts: list[int], services: int, nss: Namespaces, kind: str,
+                 profile: str | None = None) -> None:
     from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
 
     from svcproxy.kube.store import Kind
@@ -143,7 +155,7 @@ def fanout_bench(counts: list[int], services: int, nss: Namespaces) -> None:
     kinds = {"Node": Kind.NODE, "Service": Kind.SERVICE, "EndpointSlice": Kind.ENDPOINT_SLICE}
     base: float | None = None
     for round_, k in enumerate([0, *counts]):
-        proxier = Proxier(IpvsadmBackend(netns=node_path, counts=True),
+        proxier = Proxier(node_backend(kind, node_path),
                           # no time-based full syncs: the measured sync must be the partial one
                           ProxierConfig(translate=TranslateConfig(node=NodeInfo("node-a", ("192.168.49.2",))),
                                         sync_period=1e9, drain_check_period=1e9))
@@ -152,7 +164,7 @@ def fanout_bench(counts: list[int], services: int, nss: Namespaces) -> None:
         proxier.on_synced(Kind.SERVICE)
         proxier.on_synced(Kind.ENDPOINT_SLICE)
         for path in pods[:k]:
-            proxier.attach(pod_target(path, ipvsadm_factory(counts=True)))
+            proxier.attach(pod_target(path, pod_factory(kind)))
         first = proxier.sync(force_full=True)
         assert first.failed == 0, first
         # one real server added to one Service (another one each round, so earlier
@@ -162,13 +174,84 @@ def fanout_bench(counts: list[int], services: int, nss: Namespaces) -> None:
                                  endpoints=[endpoint(f"10.244.{i // 100}.{(i % 100) * 2 + j + 1}") for j in range(2)]
                                  + [endpoint(f"10.244.250.{i + 1}")])
         proxier.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", changed)
-        t, result = timed(proxier.sync)
+        if profile and k == max(counts):
+            import cProfile
+            import pstats
+            prof = cProfile.Profile()
+            t, result = timed(lambda: prof.runcall(proxier.sync))
+            prof.dump_stats(profile)
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+        else:
+            t, result = timed(proxier.sync)
         assert not result.full and result.failed == 0, result
         assert len(result.operations) == k + 1, result.operations
         if base is None:
             base = t
         per = "" if k == 0 else f"{(t - base) / k * 1000:.0f} ms"
         print(f"| {k} | {t:.2f} s | {len(result.operations)} | {per} |", flush=True)
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in kB."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            out[name] = int(rest.split()[0])
+    return out
+
+
+def slabs() -> dict[str, int]:
+    """Bytes held by each slab cache (objects x object size), from /proc/slabinfo."""
+    out = {}
+    with open("/proc/slabinfo") as f:
+        for line in f.readlines()[2:]:
+            words = line.split()
+            out[words[0]] = int(words[2]) * int(words[3])
+    return out
+
+
+def settled() -> tuple[dict[str, int], dict[str, int]]:
+    """Memory figures once deferred frees (RCU) have run."""
+    time.sleep(2)
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    time.sleep(1)
+    return meminfo(), slabs()
+
+
+def memory_bench(services: int, pods: int, dests: int, nss: Namespaces, kind: str) -> None:
+    """Kernel memory a replicated table costs per Pod namespace: its VIP routes
+    (preparation), then its IPVS table, each step measured after every namespace
+    had it (namespaces, veths and the node's table exist before the first figure)."""
+    replicate = decide("replicate")
+    print(f"\n## Kernel memory per Pod namespace ({services:,} services x {dests} real servers, {pods} "
+          f"namespaces, replicate mode)\n")
+    table = build_table(services, dests)
+    node = node_backend(kind, nss.add(nic=False))
+    assert node.apply(diff(table, Table())) == []
+    paths = [nss.add() for _ in range(pods)]
+    steps = [settled()]
+    for path in paths:
+        Preparer(PodNamespace.open(path))(table)
+    steps.append(settled())
+    for path in paths:
+        report = sync_namespace(path, table, replicate, backend_factory=pod_factory(kind))
+        assert report.status == "synced" and not report.failed, report.summary()
+    steps.append(settled())
+    print("| per Pod namespace | Slab | of which unreclaimable | Percpu | MemTotal - MemAvailable |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (m0, _), (m1, _) in (("VIP routes (preparation)", steps[0], steps[1]),
+                                   ("IPVS table", steps[1], steps[2]),
+                                   ("both", steps[0], steps[2])):
+        used = (m0["MemAvailable"] - m1["MemAvailable"]) / pods
+        print(f"| {name} | {(m1['Slab'] - m0['Slab']) / pods / 1024:.1f} MiB | "
+              f"{(m1['SUnreclaim'] - m0['SUnreclaim']) / pods / 1024:.1f} MiB | "
+              f"{(m1.get('Percpu', 0) - m0.get('Percpu', 0)) / pods / 1024:.2f} MiB | {used / 1024:.1f} MiB |")
+    grown = sorted(((b - steps[1][1].get(c, 0), c) for c, b in steps[2][1].items()), reverse=True)[:6]
+    print("\nSlab caches that grew most with the IPVS tables (per namespace): "
+          + ", ".join(f"{c} {d / pods / 1024:.0f} KiB" for d, c in grown))
 
 
 def vm(args: argparse.Namespace, argv: list[str]) -> int:
@@ -182,6 +265,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dests", type=int, default=2, help="real servers per virtual service (attach)")
     parser.add_argument("--fanout", default="1,10,50", help="attached namespace counts for the fan-out figure")
     parser.add_argument("--fanout-services", type=int, default=200)
+    parser.add_argument("--backend", choices=["netlink", "ipvsadm"], default="netlink",
+                        help="how the node and the Pod namespaces are programmed")
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the largest fan-out's partial sync into FILE")
+    parser.add_argument("--memory-size", default="10000x10", metavar="SERVICESxPODS",
+                        help="the kernel memory figure's table size and Pod namespaces")
+    parser.add_argument("--only", choices=["attach", "fanout", "memory"], action="append",
+                        help="run only these figures (repeatable; default: all)")
     parser.add_argument("--skip", choices=["attach", "fanout"], default=None)
     parser.add_argument("--vm", action="store_true", help="boot the test VM (vng) and run there")
     parser.add_argument("--memory", default="2G", help="VM memory (with --vm)")
@@ -191,13 +281,18 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0 or not os.path.exists("/proc/net/ip_vs"):
         print("needs root and IPVS (use --vm)", file=sys.stderr)
         return 2
-    print(f"kernel {os.uname().release}, {os.cpu_count()} cpus")
+    print(f"kernel {os.uname().release}, {os.cpu_count()} cpus, {args.backend} backend")
     nss = Namespaces()
     try:
-        if args.skip != "attach":
-            attach_bench([int(s) for s in args.sizes.split(",")], args.dests, nss)
-        if args.skip != "fanout":
-            fanout_bench([int(s) for s in args.fanout.split(",")], args.fanout_services, nss)
+        only = set(args.only or ["attach", "fanout", "memory"]) - {args.skip}
+        if "attach" in only:
+            attach_bench([int(s) for s in args.sizes.split(",")], args.dests, nss, args.backend)
+        if "fanout" in only:
+            fanout_bench([int(s) for s in args.fanout.split(",")], args.fanout_services, nss, args.backend,
+                         args.profile)
+        if "memory" in only:
+            services, pods = (int(x) for x in args.memory_size.split("x"))
+            memory_bench(services, pods, args.dests, nss, args.backend)
     finally:
         nss.close()
     return 0
