@@ -1,24 +1,31 @@
 #!/usr/bin/env python3
-"""Benchmark of share-NS replicate mode against a real kernel (docs/performance.md).
+"""Benchmark of share-NS Pod namespaces against a real kernel (docs/performance.md).
 
-Two figures, each as ratios measured in the same run (under emulation, seconds mean
-little; see tests/kernel notes):
+Three figures, each as ratios measured in the same run (under emulation, seconds mean
+little; see tests/kernel notes), for replicate mode (default) or kernel mode
+(``--mode kernel``: svcproxy's patched ip_vs loaded with mode=2, the one table in
+the VM's root namespace):
 
 * Attach: what a new Pod namespace costs before its containers may start: read its
   (empty) IPVS table, diff, prepare it (loopback, sysctls, one VIP route per
-  ClusterIP in one ``ip -batch``), apply the Pod-visible table with ``ipvsadm -R``;
-  at 1,000 and 10,000 virtual services, compared with programming the node's table
-  from empty and with a steady-state full sync of the node (read + diff, nothing to
-  do) in the same run. Also: re-adopting an already programmed namespace (what an
-  agent restart costs per namespace).
+  ClusterIP in one ``ip -batch``), apply the Pod-visible table; at 1,000 and 10,000
+  virtual services, compared with programming the node's table from empty and with
+  a steady-state full sync of the node (read + diff, nothing to do) in the same run.
+  Also: re-adopting an already programmed namespace (what an agent restart costs per
+  namespace). Kernel mode: the same call, which programs nothing.
 * Fan-out: one endpoint change (one real server added) through the reconcile loop
   (``Proxier.sync``, a partial sync) with 0, 1, 10 and 50 attached namespaces.
+* Kernel memory per Pod namespace (slab, percpu, MemAvailable deltas) at 10,000
+  services x 10 namespaces: the namespace with its NIC, its VIP routes, its table.
 
-Runs as root where IPVS exists, in namespaces of its own (the VM's root namespace is
-not touched)::
+Tables are programmed over netlink (``--backend ipvsadm``: with ipvsadm). Runs as
+root where IPVS exists, in namespaces of its own (replicate mode leaves the VM's root
+namespace alone)::
 
     bench/share_ns.py --vm                          # boots the VM (virtme-ng, emulated)
     bench/share_ns.py --vm --sizes 1000,2000        # smaller
+    bench/share_ns.py --vm --only fanout --profile /tmp/fanout.prof   # cProfile of the 50-namespace sync
+    bench/share_ns.py --vm --mode kernel --ipvs-modules "$(tools/build-ipvs-module | tail -n 1)"
 """
 
 from __future__ import annotations
@@ -48,8 +55,9 @@ from vmboot import run_in_vm  # noqa: E402  (bench/vmboot.py)
 NETNS = "/var/run/netns"
 
 
-def node_backend(kind: str, path: str) -> IpvsadmBackend | NetlinkBackend:
-    """The node's backend of the chosen kind; Pod namespaces get the same kind."""
+def node_backend(kind: str, path: str | None) -> IpvsadmBackend | NetlinkBackend:
+    """The node's backend of the chosen kind; Pod namespaces get the same kind. ``path``
+    None: the VM's root namespace (kernel mode: only it may hold the shared table)."""
     return NetlinkBackend(netns=path) if kind == "netlink" else IpvsadmBackend(netns=path, counts=True)
 
 
@@ -76,6 +84,7 @@ def build_table(services: int, dests: int) -> Table:
 class Namespaces:
     def __init__(self) -> None:
         self.names: list[str] = []
+        self.flush_root = False
 
     def add(self, *, nic: bool = True) -> str:
         """A Pod-like namespace: lo down (as a runtime leaves it), a veth pair inside it
@@ -92,20 +101,31 @@ class Namespaces:
             subprocess.run(["ip", "-n", name, "-batch", "-"], input=script, text=True, check=True)
         return f"{NETNS}/{name}"
 
+    def node(self, mode: str) -> str | None:
+        """Where the node's table goes: a namespace of its own, or in kernel mode the
+        VM's root namespace (mode=2 refuses table changes anywhere else)."""
+        if mode == "kernel":
+            self.flush_root = True
+            return None
+        return self.add(nic=False)
+
     def close(self) -> None:
+        if self.flush_root:
+            subprocess.run(["ipvsadm", "-C"], capture_output=True)
         for name in self.names:
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
-def attach_bench(sizes: list[int], dests: int, nss: Namespaces, kind: str) -> None:
-    replicate = decide("replicate")
-    print(f"\n## Attach of a new Pod namespace vs. the node's full sync ({dests} real servers per service)\n")
+def attach_bench(sizes: list[int], dests: int, nss: Namespaces, kind: str, mode: str) -> None:
+    decision = decide(mode)
+    print(f"\n## Attach of a new Pod namespace vs. the node's full sync ({dests} real servers per service, "
+          f"{mode} mode)\n")
     print("| services | node: program from empty | node: steady full sync | attach: total | of which prepare "
           "(routes+sysctls) | re-adopt | attach / node program | attach / node steady |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         table = build_table(n, dests)
-        node = node_backend(kind, nss.add(nic=False))
+        node = node_backend(kind, nss.node(mode))
 
         def node_full() -> int:
             ops = diff(table, node.read())
@@ -118,32 +138,39 @@ def attach_bench(sizes: list[int], dests: int, nss: Namespaces, kind: str) -> No
         t_steady, steady_ops = timed(node_full)
         assert steady_ops == 0
         path = nss.add()
-        t_attach, report = timed(lambda: sync_namespace(path, table, replicate,
+        t_attach, report = timed(lambda: sync_namespace(path, table, decision,
                                                         backend_factory=pod_factory(kind)))
-        assert report.status == "synced" and not report.failed, report.summary()
-        # preparation alone, in another fresh namespace
-        other = PodNamespace.open(nss.add())
-        t_prep, _ = timed(lambda: Preparer(other)(table))
-        t_readopt, again = timed(lambda: sync_namespace(path, table, replicate,
+        t_prep = 0.0
+        if decision.shared:  # kernel mode: nothing to program, nothing to prepare
+            assert report.status == "shared", report.summary()
+        else:
+            assert report.status == "synced" and not report.failed, report.summary()
+            # preparation alone, in another fresh namespace
+            other = PodNamespace.open(nss.add())
+            t_prep, _ = timed(lambda: Preparer(other)(table))
+        t_readopt, again = timed(lambda: sync_namespace(path, table, decision,
                                                         backend_factory=pod_factory(kind)))
-        assert again.status == "synced" and not again.operations
+        assert again.status == report.status and not again.operations
         print(f"| {n:,} | {t_node:.2f} s ({node_ops:,} ops) | {t_steady:.2f} s | {t_attach:.2f} s "
               f"({len(report.operations):,} ops) | {t_prep:.2f} s | {t_readopt:.2f} s | "
               f"{t_attach / t_node:.2f} | {t_attach / t_steady:.2f} |", flush=True)
 
 
-def fanout_bench(counts: list[int], services: int, nss: Namespaces, kind: str,
+def fanout_bench(counts: list[int], services: int, nss: Namespaces, kind: str, mode: str,
                  profile: str | None = None) -> None:
     from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
 
     from svcproxy.kube.store import Kind
     from svcproxy.kube.translate import NodeInfo, TranslateConfig
+    from svcproxy.podns.attach import AttachResult, PodNamespaces
     from svcproxy.reconcile import Proxier, ProxierConfig
 
-    print(f"\n## Fan-out of one endpoint change ({services} Services x 2 endpoints; one real server added)\n")
-    print("| attached namespaces | partial sync | operations | per namespace (over 0 attached) |")
-    print("|---:|---:|---:|---:|")
-    node_path = nss.add(nic=False)
+    decision = decide(mode)
+    print(f"\n## Fan-out of one endpoint change ({services} Services x 2 endpoints; one real server added; "
+          f"{mode} mode)\n")
+    print("| attached namespaces | partial sync | operations | per namespace (over 0 attached) | full sync before it |")
+    print("|---:|---:|---:|---:|---:|")
+    node_path = nss.node(mode)
     pods = [nss.add() for _ in range(max(counts))]
     objs: list[dict[str, Any]] = [node("node-a")]
     for i in range(services):
@@ -163,9 +190,10 @@ def fanout_bench(counts: list[int], services: int, nss: Namespaces, kind: str,
             proxier.on_event(kinds[obj["kind"]], "ADDED", obj)
         proxier.on_synced(Kind.SERVICE)
         proxier.on_synced(Kind.ENDPOINT_SLICE)
+        attacher = PodNamespaces(proxier, decision, make_target=lambda p: pod_target(p, pod_factory(kind)))
         for path in pods[:k]:
-            proxier.attach(pod_target(path, pod_factory(kind)))
-        first = proxier.sync(force_full=True)
+            assert attacher.attach(path) in (AttachResult.ATTACHED, AttachResult.SHARED)
+        t_first, first = timed(lambda: proxier.sync(force_full=True))
         assert first.failed == 0, first
         # one real server added to one Service (another one each round, so earlier
         # rounds' changes never show up in this round's measured partial sync)
@@ -184,11 +212,11 @@ def fanout_bench(counts: list[int], services: int, nss: Namespaces, kind: str,
         else:
             t, result = timed(proxier.sync)
         assert not result.full and result.failed == 0, result
-        assert len(result.operations) == k + 1, result.operations
+        assert len(result.operations) == (1 if decision.shared else k + 1), result.operations
         if base is None:
             base = t
-        per = "" if k == 0 else f"{(t - base) / k * 1000:.0f} ms"
-        print(f"| {k} | {t:.2f} s | {len(result.operations)} | {per} |", flush=True)
+        per = "" if k == 0 else f"{(t - base) / k * 1000:.1f} ms"
+        print(f"| {k} | {t:.3f} s | {len(result.operations)} | {per} | {t_first:.1f} s |", flush=True)
 
 
 def meminfo() -> dict[str, int]:
@@ -221,42 +249,57 @@ def settled() -> tuple[dict[str, int], dict[str, int]]:
     return meminfo(), slabs()
 
 
-def memory_bench(services: int, pods: int, dests: int, nss: Namespaces, kind: str) -> None:
-    """Kernel memory a replicated table costs per Pod namespace: its VIP routes
-    (preparation), then its IPVS table, each step measured after every namespace
-    had it (namespaces, veths and the node's table exist before the first figure)."""
-    replicate = decide("replicate")
+def memory_bench(services: int, pods: int, dests: int, nss: Namespaces, kind: str, mode: str) -> None:
+    """Kernel memory each Pod namespace costs: the namespace with its NIC, then (replicate
+    mode) its VIP routes (preparation) and its IPVS table, each step measured once every
+    namespace has it. The node's table exists before the first figure. In kernel mode a
+    Pod namespace gets nothing but the namespace (and the module's hooks in it)."""
     print(f"\n## Kernel memory per Pod namespace ({services:,} services x {dests} real servers, {pods} "
-          f"namespaces, replicate mode)\n")
+          f"namespaces, {mode} mode)\n")
     table = build_table(services, dests)
-    node = node_backend(kind, nss.add(nic=False))
-    assert node.apply(diff(table, Table())) == []
+    node = node_backend(kind, nss.node(mode))
+    assert node.apply(diff(table, node.read())) == []
+    steps = [("", settled())]
     paths = [nss.add() for _ in range(pods)]
-    steps = [settled()]
-    for path in paths:
-        Preparer(PodNamespace.open(path))(table)
-    steps.append(settled())
-    for path in paths:
-        report = sync_namespace(path, table, replicate, backend_factory=pod_factory(kind))
-        assert report.status == "synced" and not report.failed, report.summary()
-    steps.append(settled())
+    steps.append(("namespace with its NIC", settled()))
+    if mode == "replicate":
+        for path in paths:
+            Preparer(PodNamespace.open(path))(table)
+        steps.append(("VIP routes (preparation)", settled()))
+        for path in paths:
+            report = sync_namespace(path, table, decide(mode), backend_factory=pod_factory(kind))
+            assert report.status == "synced" and not report.failed, report.summary()
+        steps.append(("IPVS table", settled()))
+    else:
+        for path in paths:
+            assert sync_namespace(path, table, decide(mode)).status == "shared"
     print("| per Pod namespace | Slab | of which unreclaimable | Percpu | MemTotal - MemAvailable |")
     print("|---|---:|---:|---:|---:|")
-    for name, (m0, _), (m1, _) in (("VIP routes (preparation)", steps[0], steps[1]),
-                                   ("IPVS table", steps[1], steps[2]),
-                                   ("both", steps[0], steps[2])):
+    rows = [(name, before, after) for (_, before), (name, after) in zip(steps, steps[1:])]
+    rows.append(("all", steps[0][1], steps[-1][1]))
+    for name, (m0, _), (m1, _) in rows:
         used = (m0["MemAvailable"] - m1["MemAvailable"]) / pods
-        print(f"| {name} | {(m1['Slab'] - m0['Slab']) / pods / 1024:.1f} MiB | "
-              f"{(m1['SUnreclaim'] - m0['SUnreclaim']) / pods / 1024:.1f} MiB | "
-              f"{(m1.get('Percpu', 0) - m0.get('Percpu', 0)) / pods / 1024:.2f} MiB | {used / 1024:.1f} MiB |")
-    grown = sorted(((b - steps[1][1].get(c, 0), c) for c, b in steps[2][1].items()), reverse=True)[:6]
-    print("\nSlab caches that grew most with the IPVS tables (per namespace): "
-          + ", ".join(f"{c} {d / pods / 1024:.0f} KiB" for d, c in grown))
+        print(f"| {name} | {(m1['Slab'] - m0['Slab']) / pods:,.0f} kB | "
+              f"{(m1['SUnreclaim'] - m0['SUnreclaim']) / pods:,.0f} kB | "
+              f"{(m1.get('Percpu', 0) - m0.get('Percpu', 0)) / pods:,.0f} kB | {used:,.0f} kB |")
+    (_, (_, before)), (_, (_, after)) = steps[-2], steps[-1]
+    grown = sorted(((b - before.get(c, 0), c) for c, b in after.items()), reverse=True)[:6]
+    print(f"\nSlab caches that grew most in the last step ({steps[-1][0]}), per namespace: "
+          + ", ".join(f"{c} {d / pods / 1024:,.0f} KiB" for d, c in grown))
 
 
 def vm(args: argparse.Namespace, argv: list[str]) -> int:
-    return run_in_vm("share_ns.py", [a for a in argv if a != "--vm"], memory=args.memory,
-                     modules=["ip_vs", "ip_vs_rr", "veth"])
+    # with built modules the guest loads only what ip_vs.ko needs; load_built_ipvs does the rest
+    modules = (["veth", "nf_conntrack", "nf_defrag_ipv4", "nf_defrag_ipv6", "libcrc32c", "nf_nat"]
+               if args.ipvs_modules else ["ip_vs", "ip_vs_rr", "veth"])
+    return run_in_vm("share_ns.py", [a for a in argv if a != "--vm"], memory=args.memory, modules=modules)
+
+
+def load_built_ipvs(directory: str, mode: int) -> None:
+    """ip_vs.ko with ``mode``, then every other IPVS module of the same build."""
+    subprocess.run(["insmod", f"{directory}/ip_vs.ko", f"mode={mode}"], check=True)
+    for ko in sorted(Path(directory).glob("ip_vs_*.ko")):
+        subprocess.run(["insmod", str(ko)], check=False)
 
 
 def main(argv: list[str]) -> int:
@@ -267,6 +310,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fanout-services", type=int, default=200)
     parser.add_argument("--backend", choices=["netlink", "ipvsadm"], default="netlink",
                         help="how the node and the Pod namespaces are programmed")
+    parser.add_argument("--mode", choices=["replicate", "kernel"], default="replicate",
+                        help="Pod namespace mode (kernel: needs --ipvs-modules built by tools/build-ipvs-module)")
+    parser.add_argument("--ipvs-modules", metavar="DIR",
+                        help="load ip_vs and its modules from DIR (the last line of tools/build-ipvs-module; "
+                             "absolute, or relative to the repository) instead of the kernel's own")
+    parser.add_argument("--ipvs-mode", type=int, default=None, help="ip_vs mode= for --ipvs-modules "
+                        "(default: 2 with --mode kernel, else 0)")
     parser.add_argument("--profile", metavar="FILE", help="cProfile the largest fan-out's partial sync into FILE")
     parser.add_argument("--memory-size", default="10000x10", metavar="SERVICESxPODS",
                         help="the kernel memory figure's table size and Pod namespaces")
@@ -278,6 +328,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.vm:
         return vm(args, argv)
+    if args.ipvs_modules:
+        load_built_ipvs(args.ipvs_modules, args.ipvs_mode if args.ipvs_mode is not None
+                        else 2 if args.mode == "kernel" else 0)
     if os.geteuid() != 0 or not os.path.exists("/proc/net/ip_vs"):
         print("needs root and IPVS (use --vm)", file=sys.stderr)
         return 2
@@ -286,13 +339,13 @@ def main(argv: list[str]) -> int:
     try:
         only = set(args.only or ["attach", "fanout", "memory"]) - {args.skip}
         if "attach" in only:
-            attach_bench([int(s) for s in args.sizes.split(",")], args.dests, nss, args.backend)
+            attach_bench([int(s) for s in args.sizes.split(",")], args.dests, nss, args.backend, args.mode)
         if "fanout" in only:
             fanout_bench([int(s) for s in args.fanout.split(",")], args.fanout_services, nss, args.backend,
-                         args.profile)
+                         args.mode, args.profile)
         if "memory" in only:
             services, pods = (int(x) for x in args.memory_size.split("x"))
-            memory_bench(services, pods, args.dests, nss, args.backend)
+            memory_bench(services, pods, args.dests, nss, args.backend, args.mode)
     finally:
         nss.close()
     return 0
