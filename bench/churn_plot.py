@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-def _phases(results: Sequence[dict[str, Any]]) -> dict[float, dict[int, list[float]]]:
-    """rate -> Pod namespace count -> latencies (soak and fault runs left out)."""
-    out: dict[float, dict[int, list[float]]] = {}
+def _phases(results: Sequence[dict[str, Any]]) -> dict[float, dict[int, tuple[float, list[float]]]]:
+    """rate asked -> Pod namespace count -> (rate reached, latencies); soak and fault
+    runs left out; a later file's agent replaces an earlier one's."""
+    out: dict[float, dict[int, tuple[float, list[float]]]] = {}
     for res in results:
         for run in res["runs"]:
             if not run["label"].startswith("ns"):
@@ -26,7 +27,7 @@ def _phases(results: Sequence[dict[str, Any]]) -> dict[float, dict[int, list[flo
             for phase in run["phases"]:
                 if phase["label"].startswith("soak"):
                     continue
-                out.setdefault(phase["rate"], {})[run["namespaces"]] = phase["latencies"]
+                out.setdefault(phase["rate"], {})[run["namespaces"]] = (phase["achieved"], phase["latencies"])
     return out
 
 
@@ -41,14 +42,15 @@ def plot(paths: Sequence[str], outdir: Path) -> int:
     if phases:
         fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 4), sharey=True, squeeze=False)
         for ax, rate in zip(axes[0], sorted(phases)):
-            for count, lat in sorted(phases[rate].items()):
+            reached = min(a for a, _ in phases[rate].values())
+            for count, (_, lat) in sorted(phases[rate].items()):
                 if not lat:
                     continue
                 ys = [(i + 1) / len(lat) for i in range(len(lat))]
                 ax.plot(sorted(lat), ys, label=f"{count} Pod namespaces" if count else "node only")
             ax.axhline(0.99, color="grey", linewidth=0.5, linestyle=":")
             ax.set_xscale("log")
-            ax.set_title(f"{rate:g} changes/s")
+            ax.set_title(f"{rate:g} changes/s" + (f" asked, {reached:.0f}/s reached" if reached < 0.9 * rate else ""))
             ax.set_xlabel("API server write -> table acknowledged (s)")
             ax.grid(True, which="both", linewidth=0.3)
             ax.legend(fontsize=8)
