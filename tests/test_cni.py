@@ -829,3 +829,12 @@ def test_the_plugin_file_runs_on_its_own(agent: Agent, tmp_path: Path) -> None:
     out = cni(exe, "ADD", conf(agent.sock))
     assert out.rc == 0 and out.doc == PREV_RESULT, out
     assert agent.attacher.ops("attach") == [NETNS]
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"\n", b'{"op":"cni","env":' + b"[" * 100_000 + b"\n"])
+def test_deeply_nested_request_is_answered_and_the_connection_kept(agent: Agent, raw: bytes) -> None:
+    """JSON nested past Python's recursion limit is one error answer, not a traceback on
+    the agent's log and a connection closed without an answer."""
+    bad, status = talk(agent.sock, {"op": "status"}, raw=raw)
+    assert bad == {"ok": False, "error": "request is not JSON (nested too deeply)", "code": 4}
+    assert status["ok"] is True

@@ -249,6 +249,7 @@ def test_wait_picks_up_a_conflist_that_appears(node: Node) -> None:
 @pytest.mark.parametrize("text, message", [
     ('{"cniVersion": "1.0.0", "name": "eni-net", "plugins": [{"type": "host-device"},]}', "is not valid JSON"),
     ("", "is not valid JSON"),
+    ('{"cniVersion": "1.0.0", "name": "eni-net", "plugins": [' + "[" * 100_000, "is not valid JSON"),
     ('["not", "an", "object"]', "is not a JSON object"),
     ('{"cniVersion": "1.0.0", "name": "eni-net", "type": "host-device"}', 'no "plugins" list'),
     ('{"cniVersion": "1.0.0", "name": "eni-net", "plugins": [{"device": "eni1"}]}', 'without a "type"'),

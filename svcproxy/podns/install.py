@@ -262,6 +262,8 @@ def parse_conflist(path: Path, text: str, *, strict: bool = True) -> dict[str, A
         doc = json.loads(text)
     except ValueError as exc:
         raise InstallError(f"{path} is not valid JSON ({exc}); left untouched") from None
+    except RecursionError:
+        raise InstallError(f"{path} is not valid JSON (nested too deeply); left untouched") from None
     if not isinstance(doc, dict):
         raise InstallError(f"{path} is not a JSON object; left untouched")
     if not strict:
@@ -417,7 +419,7 @@ def uses_plugin(conf_dir: Path) -> list[Path]:
     for p in files:
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         entries = doc.get("plugins") if isinstance(doc, dict) else None
         entries = entries if isinstance(entries, list) else [doc]

@@ -468,6 +468,8 @@ class CniServer:
             doc = json.loads(line)
         except ValueError:
             return {"ok": False, "error": "request is not JSON", "code": ERR_INVALID_ENV}
+        except RecursionError:  # "[[[[..." within MAX_LINE: deeper than the decoder goes
+            return {"ok": False, "error": "request is not JSON (nested too deeply)", "code": ERR_INVALID_ENV}
         if isinstance(doc, dict) and doc.get("op") == "cni":
             return self._invocation(doc)
         return self.handle_doc(doc)
