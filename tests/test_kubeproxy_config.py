@@ -188,3 +188,21 @@ def test_a_svcproxy_file_is_still_read_as_before(tmp_path: Path) -> None:
     path.write_text("scheduler: wlc\nkind: svcproxy\n")
     with pytest.raises(ConfigError, match="unknown setting"):
         config_tokens(_subparser(build_parser(), "run"), path, [])
+
+
+@pytest.mark.parametrize("text, key", [
+    (f"apiVersion: {kubeproxy_config.API_VERSION}\nkind: KubeProxyConfiguration\nmode: iptables\nmode: ipvs\n",
+     "mode"),
+    (f"apiVersion: {kubeproxy_config.API_VERSION}\nkind: KubeProxyConfiguration\n"
+     "ipvs:\n  strictARP: true\n  scheduler: rr\n  strictARP: false\n", "strictARP"),
+])
+def test_a_field_written_twice_is_an_error(tmp_path: Path, text: str, key: str) -> None:
+    """kube-proxy decodes its file strictly: a duplicated field is an error, not the
+    last value silently (which here would let mode: iptables through)."""
+    (tmp_path / "c.json").write_text(CLUSTER)
+    (tmp_path / "config.conf").write_text(text)
+    err = io.StringIO()
+    code = main(["plan", "-f", str(tmp_path / "c.json"), "--config", str(tmp_path / "config.conf")],
+                backend=Untouchable(), out=io.StringIO(), err=err)
+    assert code == 1
+    assert err.getvalue().count("\n") == 1 and f"duplicate key {key!r}" in err.getvalue(), err.getvalue()
