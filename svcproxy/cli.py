@@ -610,7 +610,7 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
             tokens = config_tokens(_subparser(parser, args.command), args.config, argv[at + 1:], others,
                                    warn=warnings.append)
         except ConfigError as exc:
-            err.write(f"svcproxy: error: {exc}\n")
+            err.write(logformat.fatal_line(args.logging_format, str(exc)))
             return EXIT_ERROR
         args = parser.parse_args([*argv[:at + 1], *tokens, *argv[at + 1:]])
     logformat.setup(args.logging_format, verbose=args.verbose, stream=err)
@@ -628,5 +628,5 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
                 return run_plan(args, backend, out, err)
             return run_sync(args, backend, out, err)
     except (OSError, ParseError, BackendError, ValueError, ObjectFileError, ModeError) as exc:
-        err.write(f"svcproxy: error: {exc}\n")
+        err.write(logformat.fatal_line(args.logging_format, str(exc)))
         return EXIT_ERROR

@@ -72,3 +72,13 @@ def setup(fmt: str, *, verbose: bool, stream: TextIO) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+def fatal_line(fmt: str, message: str) -> str:
+    """The line a command ends with when it fails: ``svcproxy: error: ...`` as text, one
+    JSON object (level ``error``) in the JSON format, so that the last, most important
+    line of a failed start is not the one a log pipeline cannot read."""
+    if fmt != "json":
+        return f"svcproxy: error: {message}\n"
+    record = logging.LogRecord("svcproxy", logging.ERROR, __file__, 0, "%s", (message,), None)
+    return JsonFormatter().format(record) + "\n"

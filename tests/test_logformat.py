@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -99,3 +100,26 @@ def test_text_stays_the_default_format_for_every_command() -> None:
     for argv in (["plan", "-f", "x"], ["sync", "-f", "x"], ["run"], ["cleanup"]):
         assert parser.parse_args(argv).logging_format == "text"
     assert parser.parse_args(["run", "--logging-format", "json"]).logging_format == "json"
+
+
+def test_a_failed_start_ends_with_a_json_line_too(tmp_path: Path) -> None:
+    """The error that ends the command (a bad --config, an unreadable file) is the line
+    an operator needs most: under --logging-format json it is JSON like the rest."""
+    from svcproxy.cli import main
+    from svcproxy.ipvs.backend import MemoryBackend
+
+    conf = tmp_path / "config.conf"
+    conf.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: iptables\n")
+    for argv in (["plan", "-f", str(tmp_path / "c.json"), "--config", str(conf)],
+                 ["plan", "-f", str(tmp_path / "missing.json")]):
+        for fmt in ("json", "text"):
+            err = io.StringIO()
+            assert main([*argv, "--logging-format", fmt], backend=MemoryBackend(), out=io.StringIO(), err=err) == 1
+            assert err.getvalue().count("\n") == 1, err.getvalue()
+            if fmt == "text":
+                assert err.getvalue().startswith("svcproxy: error: ")
+                continue
+            doc = json.loads(err.getvalue())
+            assert TIME.match(doc.pop("time"))
+            assert doc["level"] == "error" and doc["logger"] == "svcproxy", doc
+            assert "mode" in doc["message"] or "missing.json" in doc["message"], doc
