@@ -263,7 +263,19 @@ def translate(data: Mapping[str, Any], known_settings: Collection[str]) -> Trans
     settings: dict[str, Any] = {}
     ignored: list[str] = []
     _walk(data, FIELDS, "", settings, ignored, frozenset(known_settings))
+    _nodeport_cidrs_win(settings, ignored)
     return Translated(settings, tuple(ignored))
+
+
+def _nodeport_cidrs_win(settings: dict[str, Any], ignored: list[str]) -> None:
+    """kube-proxy serves NodePorts on the local addresses inside nodePortAddresses'
+    CIDRs whatever its bindAddress; svcproxy's --node-ip (bindAddress' setting) would
+    override those CIDRs. So with CIDRs, bindAddress has nothing left to do here and
+    is named among the ignored fields rather than silently narrowing the NodePorts."""
+    cidrs = settings.get("nodeport-addresses")
+    if "node-ip" in settings and cidrs and cidrs != [flags.PRIMARY]:
+        del settings["node-ip"]
+        ignored.append("bindAddress")
 
 
 def _walk(data: Mapping[str, Any], schema: Mapping[str, Any], prefix: str, settings: dict[str, Any],

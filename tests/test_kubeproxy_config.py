@@ -206,3 +206,19 @@ def test_a_field_written_twice_is_an_error(tmp_path: Path, text: str, key: str) 
                 backend=Untouchable(), out=io.StringIO(), err=err)
     assert code == 1
     assert err.getvalue().count("\n") == 1 and f"duplicate key {key!r}" in err.getvalue(), err.getvalue()
+
+
+def test_nodeport_cidrs_are_not_overridden_by_the_bind_address(tmp_path: Path) -> None:
+    """kube-proxy serves NodePorts inside nodePortAddresses whatever bindAddress says;
+    --node-ip would override the CIDRs, so bindAddress is left out, and said so."""
+    doc = kubeadm_config()
+    doc.update(bindAddress="10.0.0.5", nodePortAddresses=["192.168.0.0/16"])
+    args, warnings = run_args(tmp_path, doc)
+    assert args.node_ip == [] and args.nodeport_addresses == "192.168.0.0/16"
+    assert len(warnings) == 1 and "bindAddress" in warnings[0]
+    doc["nodePortAddresses"] = ["primary"]  # the node's primary IP: bindAddress is that IP
+    args, warnings = run_args(tmp_path, doc)
+    assert args.node_ip == ["10.0.0.5"] and args.nodeport_addresses == "primary" and warnings == []
+    del doc["nodePortAddresses"]
+    args, warnings = run_args(tmp_path, doc)
+    assert args.node_ip == ["10.0.0.5"] and warnings == []
