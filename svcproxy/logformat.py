@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import threading
 import time
+from types import TracebackType
 from typing import Any, TextIO
 
 FORMATS = ("text", "json")
@@ -72,6 +75,26 @@ def setup(fmt: str, *, verbose: bool, stream: TextIO) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    if fmt == "json" and handler in logging.getLogger().handlers:
+        sys.excepthook = _uncaught
+        threading.excepthook = _uncaught_in_thread
+
+
+def _uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    """Python prints an uncaught exception's traceback as raw lines; in the JSON format
+    it becomes one record (the traceback under ``error``) like every other line."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    logging.getLogger("svcproxy").critical("uncaught %s: %s", kind.__name__, exc, exc_info=(kind, exc, tb))
+
+
+def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    logging.getLogger("svcproxy").critical(
+        "uncaught %s in thread %s: %s", args.exc_type.__name__, args.thread.name if args.thread else "?",
+        args.exc_value, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def fatal_line(fmt: str, message: str) -> str:

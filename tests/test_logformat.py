@@ -123,3 +123,18 @@ def test_a_failed_start_ends_with_a_json_line_too(tmp_path: Path) -> None:
             assert TIME.match(doc.pop("time"))
             assert doc["level"] == "error" and doc["logger"] == "svcproxy", doc
             assert "mode" in doc["message"] or "missing.json" in doc["message"], doc
+
+
+def test_uncaught_exceptions_are_json_lines_too() -> None:
+    """A thread that dies, or the main thread, prints a raw traceback unless the JSON
+    format takes it: then it is one record with the traceback under error."""
+    code = ("import sys, threading\nfrom svcproxy import logformat\n"
+            "logformat.setup('json', verbose=False, stream=sys.stderr)\n"
+            "t = threading.Thread(target=lambda: 1 / 0, name='worker'); t.start(); t.join()\n"
+            "raise RuntimeError('héllo')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    docs = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert [d["level"] for d in docs] == ["critical", "critical"], proc.stderr
+    assert "ZeroDivisionError in thread worker" in docs[0]["message"] and "ZeroDivisionError: division by zero" in docs[0]["error"]
+    assert docs[1]["message"] == "uncaught RuntimeError: héllo" and "Traceback" in docs[1]["error"]
