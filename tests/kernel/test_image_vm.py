@@ -77,7 +77,10 @@ class Runtime:
         return bundle
 
     def command(self, *args: str) -> list[str]:
-        return ns_cmd(self.ns, ["crun", "--root", CRUN_ROOT, "--cgroup-manager=disabled", *args])
+        # `ip netns exec` gives the command a fresh /sys without the cgroup file system,
+        # which crun looks at even when it is told to manage no cgroups.
+        script = 'mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup; exec crun "$@"'
+        return ns_cmd(self.ns, ["sh", "-c", script, "crun", "--root", CRUN_ROOT, "--cgroup-manager=disabled", *args])
 
     def start(self, procs: Procs, bundle: Path, name: str, log: Path) -> subprocess.Popen[Any]:
         self.names.append(name)
