@@ -844,6 +844,16 @@ def test_node_info_primary_keeps_kube_proxys_primary_node_ips() -> None:
     assert node_info("node-a", None, primary=True)[0].addresses == ()
 
 
+@pytest.mark.parametrize("internal, external", [([], []), (["127.0.0.1", "::1"], [])])
+def test_node_info_primary_without_a_usable_address_says_so(internal: list[str], external: list[str]) -> None:
+    # Without a warning, NodePorts would be served on no address and nothing would say why.
+    info, problems = node_info("node-a", node("node-a", internal_ips=internal, external_ips=external), primary=True)
+    assert info.addresses == ()
+    assert [(p.kind, p.severity) for p in problems] == [("missing-field", "warning")]
+    assert "--nodeport-addresses primary" in problems[0].message
+    assert node_info("node-a", node("node-a", internal_ips=internal, external_ips=external))[1] == []
+
+
 def test_node_info_override_ips_win() -> None:
     n = node("node-a", internal_ips=["192.168.49.2"])
     info, problems = node_info("node-a", n, ["10.0.5.2", "10.0.5.2", "bogus"])

@@ -238,6 +238,10 @@ def node_info(
         problems.append(Problem("malformed-object", what, f"{type(exc).__name__}: {exc}"))
     if primary:
         addresses = _primary_ips(addresses)
+        if not addresses and isinstance(node, _MAPPING):  # otherwise NodePorts vanish without a word
+            problems.append(Problem("missing-field", what, "no InternalIP or ExternalIP address (loopback ones "
+                                    "do not count) for --nodeport-addresses primary: NodePorts are served on "
+                                    "no address", "warning"))
     return NodeInfo(name, tuple(dict.fromkeys(addresses)), zone), problems
 
 
