@@ -838,3 +838,15 @@ def test_deeply_nested_request_is_answered_and_the_connection_kept(agent: Agent,
     bad, status = talk(agent.sock, {"op": "status"}, raw=raw)
     assert bad == {"ok": False, "error": "request is not JSON (nested too deeply)", "code": 4}
     assert status["ok"] is True
+
+
+def test_a_configuration_nested_too_deeply_is_a_decode_error(agent: Agent, caplog: pytest.LogCaptureFixture) -> None:
+    """The static plugin forwards any JSON object it can tokenize; one nested past
+    Python's recursion limit is CNI error 6, not an internal error with a traceback."""
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": NETNS, "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/opt/cni/bin"}
+    (answer,) = talk(agent.sock, {"op": "cni", "env": env, "stdin": '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"})
+    assert answer["ok"] is True and answer["rc"] == 1, answer
+    out = json.loads(answer["stdout"])
+    assert out["code"] == 6 and out["details"] == "nested too deeply", out
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

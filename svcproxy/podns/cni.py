@@ -251,6 +251,8 @@ def read_config(stdin: TextIO) -> Config:
         doc = json.loads(text)
     except ValueError as exc:
         raise CniError(ERR_DECODE, "cannot decode the network configuration", str(exc)) from None
+    except RecursionError:  # the static plugin's tokenizer has no depth limit to stop it
+        raise CniError(ERR_DECODE, "cannot decode the network configuration", "nested too deeply") from None
     if not isinstance(doc, dict):
         raise CniError(ERR_DECODE, "the network configuration is not a JSON object")
     try:
