@@ -73,6 +73,11 @@ class Runtime:
         bundle = self.tmp / f"bundle-{name}"
         bundle.mkdir()
         config = oci_config(pod, name, rootfs=self.rootfs, image=self.image_config, node_name=NODE, **kw)
+        # The kubelet makes missing DirectoryOrCreate hostPaths (/run/svcproxy, ...).
+        for v in pod.get("volumes", []):
+            if v.get("hostPath", {}).get("type") == "DirectoryOrCreate":
+                path = v["hostPath"]["path"]
+                Path(kw.get("host_paths", {}).get(path, path)).mkdir(parents=True, exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(config, indent=1))
         return bundle
 
