@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-host test-kernel host-deps lint typecheck bench clean image
+.PHONY: demo test test-host test-kernel test-kernel-module host-deps lint typecheck bench clean image
 
 # setup.py builds svcproxy/ipvs/_nlfast.c (the netlink encoder's compiled loop) in place.
 $(STAMP): setup.cfg setup.py pyproject.toml svcproxy/ipvs/_nlfast.c
@@ -45,6 +45,20 @@ test-host: $(STAMP) host-deps
 
 test-kernel: $(STAMP)
 	tools/vmtest $(VMTEST_ARGS)
+	$(MAKE) --no-print-directory test-kernel-module
+
+# svcproxy's own IPVS modules (kernel/; tools/build-ipvs-module builds them once and
+# caches them), in two short boots of their own instead of the kernel's: mode=0, the
+# same backend contract and sync tests as the stock module passes; mode=2, the
+# share-namespace mode end to end. MODULE_TESTS run in both.
+MODULE_TESTS       := tests/kernel/test_built_ipvs.py
+KERNEL_MODE_TESTS  ?= $(MODULE_TESTS) tests/kernel/test_kernel_mode.py
+KERNEL_MODE0_TESTS ?= $(MODULE_TESTS) tests/kernel/test_ipvsadm_backend.py \
+                      tests/kernel/test_netlink_backend.py tests/kernel/test_sync.py
+test-kernel-module: $(STAMP)
+	@dir=$$(tools/build-ipvs-module | tail -n 1) && test -r "$$dir/ip_vs.ko" && \
+	  VMTEST_IPVS_MODULES="$$dir" VMTEST_IPVS_MODE=0 tools/vmtest $(KERNEL_MODE0_TESTS) && \
+	  VMTEST_IPVS_MODULES="$$dir" VMTEST_IPVS_MODE=2 tools/vmtest $(KERNEL_MODE_TESTS)
 
 # tools/image builds the agent's image (cached by its inputs) and unpacks it;
 # SVCPROXY_IMAGE=DIR tools/vmtest tests/kernel/test_image_vm.py runs it in the VM.

@@ -7,9 +7,9 @@ table. A stock kernel has one IPVS table per namespace, so the Pod-visible part 
 the table must be replicated into each Pod's namespace. ``auto`` picks whichever the
 running kernel supports, so one DaemonSet manifest fits both kinds of node.
 
-Replicate mode is refused on a share-namespace ``ip_vs``: a Pod namespace has no
-table of its own there, so "its" table would be the node's (or requests from it are
-refused), and syncing the Pod-visible table into it would delete the node's NodePorts.
+Replicate mode is refused on a share-namespace ``ip_vs``: a Pod namespace's own table
+is not used there (svcproxy's module refuses changes from it with EPERM; a module
+that let it see the node's table would have the Pod-visible sync delete NodePorts).
 
 The module parameter is read-only after load and has no sysctl, so reading
 ``/sys/module/ip_vs/parameters/mode`` once at start is enough, once ``ip_vs`` is
