@@ -210,7 +210,7 @@ def test_proc_net_ip_vs_lists_only_own_services(lab: Lab, request: pytest.Fixtur
         pytest.skip("needs namespaces with tables of their own (mode 0 or the kernel's own IPVS)")
     if mode is None:  # the kernel's own module: the walk bug is expected to show
         request.applymarker(pytest.mark.xfail(
-            strict=True, reason="the kernel's own ip_vs lists other namespaces' services"))
+            strict=True, reason="the kernel's own ip_vs skips services in /proc/net/ip_vs when other namespaces have some"))
     spaces = [lab.netns() for _ in range(4)]
     want: dict[str, dict[str, tuple[str, ...]]] = {}
     for i, ns in enumerate(spaces):
