@@ -37,6 +37,7 @@ import socketserver
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -50,6 +51,21 @@ HELPER_PYTHON = [
     "-I", "-S", "-B",
 ]
 DEFAULT_PREFIX = "svct"
+# Where `ip netns add` puts the namespaces the share-NS tests hand to svcproxy by path.
+NETNS_DIR = "/var/run/netns"
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A Pod of the share-NS topologies: a named namespace with one address per family."""
+    name: str
+    ns: str
+    ip4: str
+    ip6: str
+
+    @property
+    def path(self) -> str:
+        return f"{NETNS_DIR}/{self.ns}"
 
 # --------------------------------------------------------------------------
 # commands

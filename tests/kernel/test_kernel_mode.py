@@ -36,7 +36,7 @@ import pytest
 
 from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
 
-from .netns import (HELPER_PYTHON, SCRIPT, Lab, Reply, default_route, ipvsadm, netns_add, netns_delete, ns_cmd,
+from .netns import (NETNS_DIR, Pod, HELPER_PYTHON, Lab, Reply, default_route, ipvsadm, netns_add, netns_delete, ns_cmd,
                     request, request_many, run, sysctl, wait_until)
 
 pytestmark = pytest.mark.kernel
@@ -47,7 +47,6 @@ NODE_IP, NODE_IP6, GW, GW6 = "10.244.0.2", "fd00:244::2", "10.244.0.1", "fd00:24
 COMMON = ["--node", "node-a", "--node-ip", NODE_IP]
 HTTP_PORT, UDP_PORT = 8080, 5353
 VIP, VIP6 = "10.96.0.10", "fd00:96::10"
-NETNS_DIR = "/var/run/netns"
 PROTO = "0x9c"  # svcproxy's route protocol (replicate mode's VIP routes)
 IPVS_MODULES = ("ip_vs_ftp", "ip_vs_pe_sip", "ip_vs_rr", "ip_vs_wrr", "ip_vs_lc", "ip_vs_wlc", "ip_vs_sh",
                 "ip_vs_dh", "ip_vs_mh", "ip_vs_sed", "ip_vs_nq", "ip_vs_lblc", "ip_vs_lblcr", "ip_vs_fo",
@@ -72,18 +71,6 @@ def share_ns_ipvs() -> None:
     if os.environ.get("VMTEST_IPVS_MODULES") and os.environ.get("VMTEST_IPVS_MODE") == "2":
         pytest.fail("this VM was booted for kernel mode, but it " + why.removeprefix("needs "))
     pytest.skip(why)
-
-
-@dataclass(frozen=True)
-class Pod:
-    name: str
-    ns: str
-    ip4: str
-    ip6: str
-
-    @property
-    def path(self) -> str:
-        return f"{NETNS_DIR}/{self.ns}"
 
 
 @dataclass

@@ -30,13 +30,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
 from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
 
-from .netns import Lab, Reply, curl, default_route, ipvsadm, ns_cmd, request, request_many, run, sysctl, sysctl_get, wait_until
+from .netns import NETNS_DIR, Pod, Lab, Reply, curl, default_route, ipvsadm, ns_cmd, request, request_many, run, sysctl, sysctl_get, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -45,21 +45,8 @@ COMMON = ["--node", "node-a", "--node-ip", "192.168.49.2"]
 HTTP_PORT, UDP_PORT = 8080, 5353
 VIP, VIP6, SELF_VIP, MIXED_VIP = "10.96.0.10", "fd00:96::10", "10.96.0.20", "10.96.0.30"
 PROTO = "0x9c"
-NETNS_DIR = "/var/run/netns"
 HEALTH = "127.0.0.1:10256"  # inside the node namespace
 START_TIMEOUT = 180.0
-
-
-@dataclass(frozen=True)
-class Pod:
-    name: str
-    ns: str
-    ip4: str
-    ip6: str
-
-    @property
-    def path(self) -> str:
-        return f"{NETNS_DIR}/{self.ns}"
 
 
 @dataclass
