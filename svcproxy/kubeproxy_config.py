@@ -38,25 +38,21 @@ def is_kube_proxy_config(data: object) -> bool:
 
 # --- values ----------------------------------------------------------------------------
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def go_duration(value: object) -> float:
-    """Seconds in a Go duration (``1h0m0s``, ``250ms``, ``0``), as Kubernetes writes them."""
+    """Seconds in a Go duration (``1h0m0s``, ``250ms``, ``0``), as Kubernetes writes them.
+    Stricter than the flag's parser, which it uses: a unit is required (``0`` aside)."""
+    problem = f"{value!r} is not a duration like 30s or 1m0s"
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a duration like 30s or 1m0s")
+        raise ValueError(problem)
     text = value.strip()
     if text in ("0", ""):
         return 0.0
-    pos, total = 0, 0.0
-    while pos < len(text):
-        match = _DURATION.match(text, pos)
-        if match is None:
-            raise ValueError(f"{value!r} is not a duration like 30s or 1m0s")
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    return total
+    if re.fullmatch(r"\d+(\.\d*)?", text):
+        raise ValueError(problem)
+    try:
+        return flags.go_duration(text)
+    except argparse.ArgumentTypeError:
+        raise ValueError(problem) from None
 
 
 def _is_default(value: object, defaults: tuple[object, ...], deep: bool = False) -> bool:
