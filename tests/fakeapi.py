@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
+import bisect
 import itertools
 import json
 import os
@@ -93,6 +93,25 @@ def resource_of(kind: str) -> Resource:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts, lists, scalars; tuples become lists and other
+    mappings dicts, as they would through JSON): what the store keeps apart from its
+    callers, several times cheaper than ``copy.deepcopy``, which dominated a write."""
+    t = type(value)
+    if t in _SCALARS:
+        return value
+    if t is dict:
+        return {k: copy_json(v) for k, v in value.items()}
+    if t is list or t is tuple:
+        return [copy_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: copy_json(v) for k, v in value.items()}
+    return value
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def status_body(code: int, reason: str, message: str, **extra: Any) -> JSON:
@@ -223,6 +242,14 @@ class Change:
     obj: Any
     old: Any = None  # previous object for MODIFIED (label transitions)
     raw: bytes | None = None
+    #: The encoded event lines, by event type: encoded once, sent to every watcher.
+    lines: dict[str, bytes] = field(default_factory=dict, compare=False)
+
+    def line(self, type_: str) -> bytes:
+        out = self.lines.get(type_)
+        if out is None:
+            out = self.lines[type_] = _event_line(type_, self.obj)
+        return out
 
 
 @dataclass
@@ -364,7 +391,7 @@ class FakeApiServer:
 
     def apply(self, source: Mapping[str, Any]) -> JSON:
         """Create or replace an object (by kind/namespace/name); returns the stored copy."""
-        obj: JSON = copy.deepcopy(dict(source))
+        obj: JSON = copy_json(dict(source))
         res = resource_of(obj.get("kind", ""))
         obj["kind"], obj["apiVersion"] = res.kind, res.api_version
         meta = obj.setdefault("metadata", {})
@@ -401,7 +428,7 @@ class FakeApiServer:
                 obj.setdefault("status", {"conditions": [], "addresses": []})
             st.objects[key] = obj
             self._record(Change(st.rv, res.plural, "MODIFIED" if old else "ADDED", obj, old))
-            return copy.deepcopy(obj)
+            return copy_json(obj)
 
     def delete(self, kind: str, namespace: str | None, name: str) -> JSON | None:
         """Delete an object; the DELETED event carries the deletion's resourceVersion."""
@@ -413,7 +440,7 @@ class FakeApiServer:
             if old is None:
                 return None
             st.rv += 1
-            final = copy.deepcopy(old)
+            final = copy_json(old)
             final["metadata"]["resourceVersion"] = str(st.rv)
             self._record(Change(st.rv, res.plural, "DELETED", final, old))
             return final
@@ -423,12 +450,12 @@ class FakeApiServer:
         key = (res.plural, (namespace or "default") if res.namespaced else "", name)
         with self.state.cond:
             obj = self.state.objects.get(key)
-            return copy.deepcopy(obj) if obj is not None else None
+            return copy_json(obj) if obj is not None else None
 
     def objects(self, kind: str) -> list[JSON]:
         res = resource_of(kind)
         with self.state.cond:
-            return [copy.deepcopy(o) for (p, _, _), o in sorted(self.state.objects.items()) if p == res.plural]
+            return [copy_json(o) for (p, _, _), o in sorted(self.state.objects.items()) if p == res.plural]
 
     @property
     def resource_version(self) -> str:
@@ -849,8 +876,11 @@ class _Handler(BaseHTTPRequestHandler):
                         cursor = -1
                         break
                     if st.rv > cursor:
-                        for change in st.history:
-                            if change.rv > cursor and change.plural == q.resource.plural:
+                        # History is in resourceVersion order: start after the cursor
+                        # instead of walking all of it at every wake-up.
+                        first = bisect.bisect_right(st.history, cursor, key=_rv_of)
+                        for change in itertools.islice(st.history, first, None):
+                            if change.plural == q.resource.plural:
                                 out = _watch_line(q, change)
                                 if out is not None:
                                     pending.append(out)
@@ -871,6 +901,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return
 
 
+def _rv_of(change: Change) -> int:
+    return change.rv
+
+
 def _watch_line(q: Query, change: Change) -> bytes | None:
     if change.raw is not None:
         return change.raw + b"\n"
@@ -878,10 +912,10 @@ def _watch_line(q: Query, change: Change) -> bytes | None:
     if change.type == "MODIFIED":
         was = q.matches(change.old)
         if was and not now_matches:
-            return _event_line("DELETED", change.obj)
+            return change.line("DELETED")
         if now_matches and not was:
-            return _event_line("ADDED", change.obj)
-    return _event_line(change.type, change.obj) if now_matches else None
+            return change.line("ADDED")
+    return change.line(change.type) if now_matches else None
 
 
 
