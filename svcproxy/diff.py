@@ -75,9 +75,23 @@ def _dest_key(dest: Destination) -> tuple[str, int]:
     return (dest.address, dest.port)
 
 
-def _service_sort_key(key: ServiceKey) -> tuple[str, str, int, int]:
-    # The same order as ServiceKey's own (dataclass order=True), without its slow __lt__.
+def service_sort_key(key: ServiceKey) -> tuple[str, str, int, int]:
+    """The same order as ServiceKey's own (dataclass order=True), without its slow __lt__."""
     return (key.protocol.value, key.address, key.port, key.fwmark)
+
+
+_service_sort_key = service_sort_key
+
+#: A plan being built: its four phases (see the module docstring), each in key order.
+Phases = list[list[Operation]]
+
+
+def new_phases() -> Phases:
+    return [[], [], [], []]
+
+
+def plan_of(phases: Phases) -> list[Operation]:
+    return [op for phase in phases for op in phase]
 
 
 def _diff_into(phases: list[list[Operation]], desired: VirtualService | None, actual: VirtualService | None) -> None:
@@ -159,9 +173,17 @@ def diff(
         keys = desired.services.keys() | actual.services.keys()
     else:
         keys = set(only)
-    phases: list[list[Operation]] = [[], [], [], []]
+    phases = new_phases()
+    extend_plan(phases, desired, actual, sorted(keys, key=_service_sort_key), exclusions)
+    return plan_of(phases)
+
+
+def extend_plan(phases: Phases, desired: Table, actual: Table, keys: Iterable[ServiceKey],
+                exclusions: Exclusions = NO_EXCLUSIONS) -> None:
+    """Add the operations for ``keys`` (in key order, after any key already planned)
+    to ``phases``: a plan built a slice of keys at a time is the same as one diff."""
     want_get, have_get = desired.services.get, actual.services.get
-    for key in sorted(keys, key=_service_sort_key):
+    for key in keys:
         want = want_get(key)
         have = have_get(key)
         if want is None and have is not None and exclusions.protects(key):
@@ -169,7 +191,6 @@ def diff(
         if want is not None and want is have:
             continue
         _diff_into(phases, want, have)
-    return [op for phase in phases for op in phase]
 
 
 DestMapGetter = Callable[[ServiceKey], dict[tuple[str, int], Destination]]

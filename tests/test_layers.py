@@ -31,6 +31,7 @@ PURE = {
     "svcproxy.podns.visible",
     "svcproxy.reconcile.draining",
     "svcproxy.reconcile.desired",
+    "svcproxy.reconcile.sweep",
     "svcproxy.node.stale_flows",
 }
 STDLIB_PURE = {

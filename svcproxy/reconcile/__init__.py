@@ -2,7 +2,8 @@
 
 ``changes`` records what the watchers report, ``runner`` decides when to sync,
 ``desired`` keeps the translated table Service by Service, ``targets`` syncs one
-table (the node's or a Pod namespace's), ``draining`` softens deletes into drains,
+table (the node's or a Pod namespace's), ``sweep`` lets changes in between the slices
+of a full sync, ``draining`` softens deletes into drains,
 and ``proxier`` joins them. See README.md beside this file.
 """
 

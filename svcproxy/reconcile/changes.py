@@ -149,10 +149,20 @@ class ChangeTracker:
         with self.lock:
             self._node_dirty = True
 
-    def take(self) -> Changes:
+    @property
+    def services_pending(self) -> bool:
+        """A Service (or its slices) changed since the last take."""
         with self.lock:
-            changes = Changes(frozenset(self._dirty), self._node_dirty, tuple(self._triggers))
-            self._dirty, self._node_dirty, self._triggers = set(), False, []
+            return bool(self._dirty)
+
+    def take(self, *, services_only: bool = False) -> Changes:
+        """Everything recorded since the last take; ``services_only`` leaves a Node
+        change for later (it needs a full sync)."""
+        with self.lock:
+            node = self._node_dirty and not services_only
+            changes = Changes(frozenset(self._dirty), node, tuple(self._triggers))
+            self._dirty, self._triggers = set(), []
+            self._node_dirty = self._node_dirty and not node
             return changes
 
     def put_back(self, changes: Changes) -> None:

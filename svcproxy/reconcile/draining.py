@@ -33,14 +33,15 @@ class Drained:
 
 
 def drain(ops: Sequence[Operation], actual: Table, draining: Mapping[Marker, float], *,
-          now: float, timeout: float, scope: set[ServiceKey] | None) -> Drained:
+          now: float, timeout: float, scope: set[ServiceKey] | None, fresh: bool | None = None) -> Drained:
     """Turn deletes of live TCP real servers into weight-0 edits.
 
-    ``actual`` is what the plan was computed against; ``scope`` None means it was just
-    read from the kernel (drains may complete), else the virtual services a partial
-    sync looked at (drains elsewhere are kept as they are).
+    ``actual`` is what the plan was computed against; ``scope`` the virtual services
+    looked at (drains elsewhere are kept as they are; None: all). Drains may complete
+    only when ``actual`` was just read from the kernel: ``fresh``, which defaults to
+    ``scope`` being None (a partial sync compares with the kept image).
     """
-    fresh = scope is None
+    fresh = scope is None if fresh is None else fresh
     deleted_services = {op.service for op in ops if op.kind is OpKind.DELETE_SERVICE}
     out: list[Operation] = []
     still: dict[Marker, float] = {}

@@ -4,7 +4,9 @@ Watch events only update the tracker; all kernel work happens in ``sync``, which
 takes the changes at once and decides between two kinds of sync:
 
 - *full* (the first one, every ``sync_period``, after a Node change): every target
-  is diffed against a fresh read of its kernel table, so drift is repaired;
+  is diffed against a fresh read of its kernel table, so drift is repaired. The
+  comparison goes a slice at a time (``sweep.py``): Services that change meanwhile
+  get a partial sync between two slices instead of waiting for the end;
 - *partial*: only the changed Services' keys are diffed, against the image of the
   kernel table kept since the last full sync; its cost scales with the change.
 
@@ -142,6 +144,9 @@ class Proxier:
         self.full_syncs = 0
         self.partial_syncs = 0
         self.last_result: SyncResult | None = None
+        #: A partial sync inside a full one failed: no more of them in this full sync,
+        #: and the node is read afresh at the next sync.
+        self._nested_failed = False
 
     def _node_prepare(self, hook: NodeHook | None) -> Callable[[Table], None] | None:
         if hook is None:
@@ -224,6 +229,9 @@ class Proxier:
         except Exception as exc:  # a bug, or a collaborator's: never end the loop, retry later
             log.exception("sync failed unexpectedly")
             return self._sync_failed(exc, changes, start, full=full, everything=everything)
+        if self._nested_failed:
+            self._nested_failed = False
+            self.node_target.needs_full = True
         self.schedule.succeeded(start, full=full)
         self._observe(result, changes)
         self.last_result = result
@@ -233,6 +241,7 @@ class Proxier:
                      everything: bool) -> SyncResult:
         """The node's table could not be read or written at all: retry with backoff."""
         delay = self.schedule.failed(self._monotonic())
+        self._nested_failed = False
         log.error("sync failed, will retry in %.0f s: %s", delay, exc)
         self.metrics.sync_errors.inc()
         self.changes.put_back(changes)
@@ -354,9 +363,11 @@ class Proxier:
 
     # --- targets --------------------------------------------------------------------
 
-    def _sync_targets(self, start: float, *, full: bool, changed: set[ServiceKey] | None) -> SyncResult:
+    def _sync_targets(self, start: float, *, full: bool, changed: set[ServiceKey] | None,
+                      within_full: bool = False) -> SyncResult:
         """Bring every target in line; the node first (its failure to read aborts the
-        sync), then each Pod namespace on its own."""
+        sync), then each Pod namespace on its own. ``within_full``: a partial sync
+        between two slices of a full one, for the targets whose image is known."""
         visible = visible_in_pods(self._translate_config.node.addresses)
         node_table = Table(self._desired.table)
         pod_table: Table | None = None  # built once per sync, shared by every Pod namespace
@@ -368,8 +379,10 @@ class Proxier:
         for target in targets:
             if target.pod and target.failures and now < target.next_try:
                 continue
+            if within_full and target.needs_full and target.sweep is None:
+                continue  # read afresh later in this full sync, or at the next sync
             scope: set[ServiceKey] | None = None
-            if not (full or target.needs_full):
+            if within_full or not (full or target.needs_full):
                 scope = set(changed or ()) | target.retry
                 if target.pod:
                     scope = {k for k in scope if visible(k)}
@@ -377,7 +390,8 @@ class Proxier:
                 pod_table = Table({k: v for k, v in self._desired.table.items() if visible(k)})
             desired = pod_table if target.pod and pod_table is not None else node_table
             try:
-                done, bad = self.applier.sync(target, desired, scope=scope, now=self._monotonic())
+                done, bad = self.applier.sync(target, desired, scope=scope, now=self._monotonic(),
+                                              between=self._between)
             except NamespaceGone as exc:
                 log.info("Pod namespace %s is gone, detaching: %s", target.name, exc)
                 self.detach(target.name, only=target)  # not a new namespace attached there since
@@ -400,6 +414,36 @@ class Proxier:
                 target.synced.set()
         self._publish()
         return SyncResult(full, tuple(all_ops), failed, self._monotonic() - start)
+
+    def _between(self, apply_compared: Callable[[], None]) -> None:
+        """Between two slices of a full sync (reconcile/sweep.py): when Services changed
+        and the schedule allows a sync, apply what the full sync compared so far, then
+        the changes, so that they never wait for the whole comparison."""
+        if self._nested_failed or not self.changes.services_pending:
+            return
+        if self._monotonic() < self.schedule.earliest_sync():
+            return
+        apply_compared()
+        self._partial_within_full()
+
+    def _partial_within_full(self) -> None:
+        start = self._monotonic()
+        with self.changes.lock:
+            changes = self.changes.take(services_only=True)
+            snapshot = self.state.snapshot(set(changes.services))
+        try:
+            changed, problems, translated = self._translate(snapshot, everything=False)
+            self._count_problems(problems)
+            self.partial_syncs += 1
+            result = self._sync_targets(start, full=False, changed=changed, within_full=True)
+        except Exception as exc:  # the full sync goes on; the next sync reads the node afresh
+            log.error("partial sync during a full sync failed (will retry): %s", exc)
+            self.metrics.sync_errors.inc()
+            self.changes.put_back(changes)
+            self._nested_failed = True
+            return
+        self.schedule.succeeded(start, full=False)
+        self._observe(replace(result, translated=translated), changes)
 
     def attach(self, target: Target) -> None:
         """Keep another table (a Pod namespace's) in sync from the next sync on."""

@@ -46,7 +46,8 @@ class SyncSchedule:
         return max(self.last_sync + self.min_interval, self.retry_at)
 
     def succeeded(self, start: float, *, full: bool) -> None:
-        self.last_sync = start
+        # max: a partial sync may have run inside a full sync that started earlier
+        self.last_sync = max(self.last_sync, start)
         self.failures = 0
         self.retry_at = _NEVER
         if full:

@@ -6,7 +6,9 @@ of the table and may have a ``prepare`` hook that fits the namespace for IPVS
 (sysctls, VIP routes) before operations are applied; the node target's hook is node
 plumbing. A sync of a target is: pick what to compare (a fresh kernel read, or the
 image kept since the last full sync restricted to what changed), diff, prepare,
-soften deletes into drains, apply, and remember what the kernel now holds.
+soften deletes into drains, apply, and remember what the kernel now holds. A full
+sync compares a slice of the table at a time and lets the loop apply changes in
+between (sweep.py).
 """
 
 from __future__ import annotations
@@ -16,16 +18,21 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from svcproxy.diff import Exclusions, apply_ops, diff
+from svcproxy.diff import Exclusions, apply_ops, diff, extend_plan
 from svcproxy.ipvs.backend import Backend, BackendError, TimeoutControl
 from svcproxy.ipvs.timeouts import Timeouts, changes
 from svcproxy.metrics import Metrics
 from svcproxy.model import Operation, ServiceKey, Table
 from svcproxy.node.conntrack import ConntrackError, ConntrackTable, clean_stale_flows
 from svcproxy.reconcile.draining import Marker, drain
+from svcproxy.reconcile.sweep import Sweep
 from svcproxy.render import plan_text
 
 log = logging.getLogger("svcproxy.reconcile")
+
+#: Called between two slices of a full sync with what applies the slices compared so
+#: far: the loop calls that, then a partial sync, when changes wait (sweep.py).
+Between = Callable[[Callable[[], None]], None]
 
 
 @dataclass(eq=False)
@@ -52,6 +59,8 @@ class Target:
     synced: threading.Event = field(default_factory=threading.Event)
     #: The namespace's conntrack table, for the UDP cleanup (None: not cleaned).
     conntrack: ConntrackTable | None = None
+    #: The full sync in progress, while it lets partial syncs in (sweep.py).
+    sweep: Sweep | None = None
 
     def failed(self, now: float) -> None:
         """A Pod namespace that could not be synced: read it afresh, later."""
@@ -70,29 +79,77 @@ class Applier:
     metrics: Metrics
     #: --ipvs-*-timeout: checked at every full sync of every target (None: left alone).
     timeouts: Timeouts | None = None
+    #: Virtual services a full sync compares between two chances for a partial sync.
+    slice_size: int = 500
 
-    def sync(self, target: Target, desired: Table, *, scope: set[ServiceKey] | None,
-             now: float) -> tuple[list[Operation], int]:
+    def sync(self, target: Target, desired: Table, *, scope: set[ServiceKey] | None, now: float,
+             between: Between | None = None) -> tuple[list[Operation], int]:
         """Bring ``target`` in line with ``desired``; returns the plan and how many
-        operations failed. ``scope`` None: against a fresh kernel read; else only the
-        virtual services in ``scope`` (the caller adds the target's retries) against
-        its image. Backend errors and the prepare hook's exceptions propagate."""
+        operations failed. ``scope`` None: against a fresh kernel read, a slice at a
+        time, calling ``between`` after each (see sweep.py); else only the virtual
+        services in ``scope`` (the caller adds the target's retries) against its
+        image. Backend errors and the prepare hook's exceptions propagate."""
         if scope is None:
-            if target.recheck is not None:
-                target.recheck()
-            actual = target.backend.read()
-            ops = diff(desired, actual, self.exclusions)
-        else:
-            actual = target.actual
-            ops = diff(desired, actual, self.exclusions, only=scope)
-        if target.prepare is not None and (target.prepare_in_dry_run or not self.dry_run):
-            target.prepare(desired)
-        if scope is None and self.timeouts:
-            self._ensure_timeouts(target, self.timeouts)
-        result = self._execute(target, desired, ops, actual, scope, now)
+            return self._full(target, desired, now=now, between=between)
+        if target.sweep is not None:
+            target.sweep.touch(scope)
+        actual = target.actual
+        ops = diff(desired, actual, self.exclusions, only=scope)
+        self._prepare(target, desired)
+        result = self._execute(target, desired, ops, actual, scope, now, fresh=False)
         if target.conntrack is not None:
             self._clean_conntrack(target, target.conntrack, desired, scope)
         return result
+
+    def _prepare(self, target: Target, desired: Table) -> None:
+        if target.prepare is not None and (target.prepare_in_dry_run or not self.dry_run):
+            target.prepare(desired)
+
+    def _full(self, target: Target, desired: Table, *, now: float,
+              between: Between | None) -> tuple[list[Operation], int]:
+        """Read the kernel, then compare and apply a slice at a time (sweep.py)."""
+        if target.recheck is not None:
+            target.recheck()
+        fresh = target.backend.read()
+        self._prepare(target, desired)
+        if self.timeouts:
+            self._ensure_timeouts(target, self.timeouts)
+        sweep = target.sweep = Sweep.start(desired, fresh, target.actual)
+        done: list[Operation] = []
+        failed = 0
+
+        def apply_compared() -> None:
+            nonlocal failed
+            ops, bad = self._apply_compared(target, sweep, desired, now)
+            done.extend(ops)
+            failed += bad
+
+        try:
+            while not sweep.finished:
+                extend_plan(sweep.phases, desired, fresh, sweep.next_slice(self.slice_size), self.exclusions)
+                if between is not None and not sweep.finished:
+                    between(apply_compared)
+            apply_compared()
+        finally:
+            target.sweep = None
+        if target.conntrack is not None:
+            self._clean_conntrack(target, target.conntrack, desired, None)
+        return done, failed
+
+    def _apply_compared(self, target: Target, sweep: Sweep, desired: Table,
+                        now: float) -> tuple[list[Operation], int]:
+        keys, ops = sweep.take_compared()
+        if not keys:
+            return [], 0
+        fresh, wanted = sweep.fresh.services, desired.services
+        planned = {op.service for op in ops}
+        # Where the kernel already holds what is desired, the image keeps the desired
+        # object, not the one just read: the next diffs see identical objects, and
+        # the read's hundred thousand objects die here instead of filling the
+        # collector's oldest generation at every full sync.
+        part = Table({k: vs if k in planned else wanted.get(k, vs)
+                      for k in keys if (vs := fresh.get(k)) is not None})
+        return self._execute(target, desired, ops, part, set(keys), now, fresh=True)
 
     def _clean_conntrack(self, target: Target, table: ConntrackTable, desired: Table,
                          scope: set[ServiceKey] | None) -> None:
@@ -138,26 +195,29 @@ class Applier:
         log.info("IPVS timeouts set%s: %s", where, todo.describe())
 
     def _execute(self, target: Target, desired: Table, ops: list[Operation], actual: Table,
-                 scope: set[ServiceKey] | None, now: float) -> tuple[list[Operation], int]:
+                 scope: set[ServiceKey], now: float, *, fresh: bool) -> tuple[list[Operation], int]:
+        """Apply ``ops`` (computed for the keys in ``scope`` against ``actual``: the
+        target's whole image, or when ``fresh`` a kernel read of just those keys) and
+        remember what the kernel now holds for them."""
         where = "" if not target.pod else f" in Pod namespace {target.name}"
         if self.dry_run:
             if ops:
                 log.info("dry run: would apply %d operations%s:\n%s", len(ops), where,
                          plan_text(desired, actual, ops).rstrip())
-            target.actual = actual
+            _remember(target, actual, scope, set(), whole=not fresh)
             return ops, 0
-        drained = drain(ops, actual, target.draining, now=now, timeout=self.graceful_timeout, scope=scope)
+        drained = drain(ops, actual, target.draining, now=now, timeout=self.graceful_timeout, scope=scope,
+                        fresh=fresh)
         target.draining = drained.draining
         ops = drained.operations
         if not ops:
-            target.actual = actual
-            target.retry = set()
+            _remember(target, actual, scope, set(), whole=not fresh)
             return ops, 0
         failed = target.backend.apply(ops)
         rejected = {id(f.operation) for f in failed}
         applied = [op for op in ops if id(op) not in rejected]
-        target.actual, _ = apply_ops(actual, applied)
-        target.retry = {f.operation.service for f in failed}
+        after, _ = apply_ops(actual, applied)
+        _remember(target, after, scope, {f.operation.service for f in failed}, whole=not fresh)
         for op in applied:
             self.metrics.operations.labels(op.kind.value).inc()
         for f in failed:
@@ -165,3 +225,18 @@ class Applier:
             log.error("IPVS operation failed%s (will retry): %s: %s", where, f.operation, f.error)
         log.info("sync%s: %d operations applied, %d failed", where, len(applied), len(failed))
         return ops, len(failed)
+
+
+def _remember(target: Target, after: Table, scope: set[ServiceKey], failed: set[ServiceKey], *,
+              whole: bool) -> None:
+    """What the kernel holds for ``scope`` now: ``after`` (the whole image when
+    ``whole``, else only ``scope``'s part of it, merged in). Failed keys are retried."""
+    if whole:
+        target.actual = after
+    else:
+        merged = dict(target.actual.services)
+        for key in scope:
+            merged.pop(key, None)
+        merged.update(after.services)
+        target.actual = Table(merged)
+    target.retry = (target.retry - scope) | failed

@@ -1,0 +1,79 @@
+"""A full sync taken a slice at a time, so that changes never wait for all of it.
+
+A full sync reads a table from the kernel and compares every virtual service with the
+desired table: at 10,000 Services a quarter of a second of CPU, seconds of wall time on
+a busy node. Done in one go, every change that arrives meanwhile waits for its end, and
+those changes make the tail of the network programming latency. So the comparison goes
+a slice of virtual services at a time, and between two slices the loop may apply the
+changes that arrived (a partial sync) before it goes on.
+
+Why that stays exact. The kernel read is a snapshot taken when the sweep starts. What
+was compared but not yet applied is applied before any partial sync runs. A virtual
+service a partial sync looks at after the snapshot is *touched*: the snapshot of it is
+stale (the loop itself wrote to it since) and its desired value may have moved, so the
+sweep leaves it to the partial sync, which compares it with the image of the kernel
+kept by the operations applied since; drift there, if any, is repaired by the next full
+sync. Every other virtual service had no write from the loop since the snapshot and the
+same desired value, so comparing the snapshot with the desired table is what a one-go
+full sync would have done. With no partial sync in between, one sweep is one plan,
+exactly the one-go full sync's.
+
+Pure: the caller reads the kernel, diffs, applies and keeps the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from svcproxy.diff import Phases, new_phases, plan_of, service_sort_key
+from svcproxy.model import Operation, ServiceKey, Table
+
+
+@dataclass
+class Sweep:
+    """One target's full sync in progress."""
+
+    #: The kernel's table as read when the sweep started.
+    fresh: Table
+    #: Keys still to compare, in plan order (popped from the end).
+    todo: list[ServiceKey]
+    #: Keys compared, and their plan, not applied yet.
+    compared: list[ServiceKey] = field(default_factory=list)
+    phases: Phases = field(default_factory=new_phases)
+    #: Keys a partial sync looked at since the read: left to partial syncs.
+    touched: set[ServiceKey] = field(default_factory=set)
+
+    @staticmethod
+    def start(desired: Table, fresh: Table, image: Table) -> "Sweep":
+        """Everything desired, in the kernel or in the kept image is compared (a key
+        only in the image leaves it: the kernel no longer has it)."""
+        keys = desired.services.keys() | fresh.services.keys() | image.services.keys()
+        return Sweep(fresh, sorted(keys, key=service_sort_key, reverse=True))
+
+    @property
+    def finished(self) -> bool:
+        return not self.todo
+
+    def next_slice(self, size: int) -> list[ServiceKey]:
+        """Up to ``size`` keys not touched since the read, in plan order; they count as
+        compared from now on."""
+        out: list[ServiceKey] = []
+        todo, touched = self.todo, self.touched
+        while todo and len(out) < size:
+            key = todo.pop()
+            if key not in touched:
+                out.append(key)
+        self.compared.extend(out)
+        return out
+
+    def take_compared(self) -> tuple[list[ServiceKey], list[Operation]]:
+        """The compared keys and their plan, to be applied now (and forgotten here)."""
+        keys, ops = self.compared, plan_of(self.phases)
+        self.compared, self.phases = [], new_phases()
+        return keys, ops
+
+    def touch(self, keys: set[ServiceKey]) -> None:
+        """A partial sync is about to look at ``keys``: the sweep leaves them alone.
+        Compared keys must have been applied first (see the module docstring)."""
+        assert not self.compared, "apply what the sweep compared before a partial sync"
+        self.touched |= keys

@@ -1,0 +1,129 @@
+"""Full syncs taken a slice at a time: changes that arrive meanwhile are applied before
+the comparison ends, and the kernel still ends equal to the desired table."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable, Sequence
+
+from svcproxy.diff import diff
+from svcproxy.ipvs.backend import MemoryBackend
+from svcproxy.kube.store import Kind
+from svcproxy.model import Destination, Operation, OperationResult, Protocol, ServiceKey, Table, VirtualService
+from svcproxy.reconcile import Proxier
+from svcproxy.reconcile.sweep import Sweep
+from test_reconcile import eps, make, service
+
+
+class Recording(MemoryBackend):
+    """The in-memory kernel; keeps each plan applied, and runs ``after_read`` once
+    after the next read (an event arriving while a full sync compares)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plans: list[list[Operation]] = []
+        self.after_read: Callable[[], None] | None = None
+
+    def read(self, counts: bool | None = None) -> Table:
+        table = super().read(counts)
+        hook, self.after_read = self.after_read, None
+        if hook is not None:
+            hook()
+        return table
+
+    def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
+        self.plans.append(list(ops))
+        return super().apply(ops)
+
+
+def key(i: int) -> ServiceKey:
+    return ServiceKey(Protocol.UDP, f"10.96.0.{i + 1}", 53)
+
+
+# UDP: a removed real server goes at once (no drain), so tables compare simply.
+def cluster(n: int) -> tuple[Proxier, Recording, Any]:
+    backend = Recording()
+    p, clock = make(backend, min_sync_period=0.0)
+    p.applier = replace(p.applier, slice_size=3)
+    for i in range(n):
+        p.on_event(Kind.SERVICE, "ADDED", service(f"s{i:02}", f"10.96.0.{i + 1}", ("dns", 53, "UDP")))
+        p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps(f"s{i:02}", [f"10.244.{i}.1"], ("dns", 53, "UDP")))
+    p.on_synced(Kind.SERVICE)
+    p.on_synced(Kind.ENDPOINT_SLICE)
+    assert p.sync().full
+    clock.t += 1
+    return p, backend, clock
+
+
+def drift(backend: MemoryBackend, k: ServiceKey, address: str) -> None:
+    """Someone else adds a real server to a virtual service in the kernel."""
+    services = dict(backend.table.services)
+    vs = services[k]
+    services[k] = VirtualService(k, vs.scheduler, vs.persistence, vs.flags,
+                                 vs.destinations + (Destination(address, 53, 1),))
+    backend.table = Table(services)
+
+
+def addresses(backend: MemoryBackend, k: ServiceKey) -> set[str]:
+    return {d.address for d in backend.table.services[k].destinations}
+
+
+def test_a_change_during_a_full_sync_is_applied_before_the_comparison_ends() -> None:
+    p, backend, clock = cluster(12)
+    drift(backend, key(8), "10.9.9.9")  # 10.96.0.9: compared in the last slice
+    backend.after_read = lambda: p.on_event(
+        Kind.ENDPOINT_SLICE, "MODIFIED", eps("s00", ["10.244.0.2"], ("dns", 53, "UDP")))
+    backend.plans.clear()
+    partial_before = p.partial_syncs
+
+    result = p.sync(force_full=True)
+
+    assert result.full and result.failed == 0
+    assert p.partial_syncs == partial_before + 1  # the change went in between two slices
+    change = next(i for i, plan in enumerate(backend.plans) if any(op.service == key(0) for op in plan))
+    repair = next(i for i, plan in enumerate(backend.plans) if any(op.service == key(8) for op in plan))
+    assert change < repair  # it did not wait for the whole comparison
+    assert addresses(backend, key(0)) == {"10.244.0.2"}
+    assert addresses(backend, key(8)) == {"10.244.8.1"}  # drift elsewhere still repaired
+    assert backend.table == p.desired
+    assert p.sync(force_full=True).operations == ()
+
+
+def test_a_full_sync_with_nothing_arriving_is_one_plan_as_before() -> None:
+    p, backend, clock = cluster(12)
+    for i in (0, 5, 11):
+        drift(backend, key(i), f"10.9.9.{i}")
+    expected = diff(p.desired, backend.table)
+    backend.plans.clear()
+
+    result = p.sync(force_full=True)
+
+    assert backend.plans == [expected] and list(result.operations) == expected
+    assert backend.table == p.desired
+
+
+def test_drift_on_a_service_changed_during_the_sweep_is_repaired_at_the_next_full_sync() -> None:
+    p, backend, clock = cluster(12)
+    drift(backend, key(8), "10.9.9.9")  # 10.96.0.9: last in plan order
+    backend.after_read = lambda: p.on_event(
+        Kind.ENDPOINT_SLICE, "MODIFIED", eps("s08", ["10.244.8.1", "10.244.8.2"], ("dns", 53, "UDP")))
+
+    p.sync(force_full=True)
+
+    # The partial sync compared s08 with the kept image, which never saw the drift,
+    # and the sweep left s08 to it.
+    assert addresses(backend, key(8)) == {"10.244.8.1", "10.244.8.2", "10.9.9.9"}
+    clock.t += 1
+    p.sync(force_full=True)
+    assert addresses(backend, key(8)) == {"10.244.8.1", "10.244.8.2"}
+    assert backend.table == p.desired
+
+
+def test_a_sweep_leaves_touched_keys_to_partial_syncs() -> None:
+    keys = [key(i) for i in range(5)]
+    table = Table({k: VirtualService(k) for k in keys})
+    sweep = Sweep.start(table, Table(), Table())
+    assert sweep.next_slice(2) == keys[:2]
+    sweep.take_compared()
+    sweep.touch({keys[2], keys[0]})
+    assert sweep.next_slice(2) == keys[3:5] and sweep.finished
