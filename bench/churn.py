@@ -35,6 +35,7 @@ failure, printed loudly, and the exit status is 1.
     bench/churn.py --faults-only                    # API server restart, 410s, stalled watch, netns gone
     bench/churn.py --soak 1800 --soak-only          # memory at 100 changes/s for 30 minutes
     bench/churn.py --plot results.json              # CDFs and memory into docs/
+    bench/churn.py --namespaces 0 --baseline ../old  # the agent of another checkout first
 """
 
 from __future__ import annotations
@@ -496,7 +497,8 @@ class AgentProcess(_agent_child()):  # type: ignore[misc]
         self.ns_dir = workdir / f"{label}.netns"
         self.ns_dir.mkdir()
         self.log = workdir / f"{label}.log"
-        cmd = [sys.executable, __file__, "--child", "--kubeconfig", kubeconfig, "--ack-log", str(self.ack_log),
+        script = str(Path(variant.repo) / "bench" / "churn.py") if variant.repo else __file__
+        cmd = [sys.executable, script, "--child", "--kubeconfig", kubeconfig, "--ack-log", str(self.ack_log),
                "--dump", str(self.dump), "--ns-dir", str(self.ns_dir), "--pod-tables", str(namespaces),
                "--sync-period", str(args.sync_period), "--min-sync-period", str(variant.min_sync_period),
                "--watch-idle-timeout", str(args.watch_idle_timeout)]
@@ -722,10 +724,19 @@ class Variant:
 
     min_sync_period: float
     drain_check_period: float | None = None
+    #: Another checkout whose agent runs instead (--baseline): its bench/churn.py child.
+    repo: str | None = None
+
+    @property
+    def slug(self) -> str:
+        """For file names."""
+        return re.sub(r"[^A-Za-z0-9.]+", "-", self.name.replace(str(self.repo), "")).strip("-")
 
     @property
     def name(self) -> str:
         text = f"--min-sync-period {self.min_sync_period:g}"
+        if self.repo is not None:
+            text = f"baseline {self.repo}, {text}"
         if self.drain_check_period is not None:
             text += f", drain checks every {self.drain_check_period:g} s"
         return text
@@ -912,8 +923,10 @@ def _parent(args: argparse.Namespace) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         kubeconfig = server.write_kubeconfig(workdir / "kubeconfig")
         variants = [Variant(msp, dcp) for msp in args.min_sync_periods for dcp in args.drain_check_periods]
+        if args.baseline:
+            variants.insert(0, Variant(args.min_sync_periods[0], args.drain_check_periods[0], repo=args.baseline))
         several = len(variants) > 1
-        runs: list[tuple[str, int, Variant]] = [(f"ns{k}" + (f"-{v.name}" if several else ""), k, v)
+        runs: list[tuple[str, int, Variant]] = [(f"ns{k}" + (f"-{v.slug}" if several else ""), k, v)
                                                 for v in variants for k in args.namespaces]
         if args.faults:
             runs.append(("faults", args.fault_namespaces, variants[0]))
@@ -1006,6 +1019,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the agent's (default 1); several, e.g. 1,0.5: one agent each, in this order")
     parser.add_argument("--drain-check-period", type=rates, default=None, dest="drain_check_periods",
                         help="patched into the agent (default: the agent's own); several: one agent each")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="first run the agent of another checkout (e.g. a git worktree of an older commit) "
+                             "with the first --min-sync-period, as the baseline of the same run")
     parser.add_argument("--watch-idle-timeout", type=float, default=65.0, help="the agent's (its default)")
     parser.add_argument("--catch-up", type=float, default=120.0, help="seconds the loop may take to catch up")
     parser.add_argument("--settle", type=float, default=3.0)
