@@ -22,10 +22,13 @@ class Recording(MemoryBackend):
     def __init__(self) -> None:
         super().__init__()
         self.plans: list[list[Operation]] = []
+        self.reads = 0
+        self.reads_before: list[int] = []  # for each plan: how many reads came before it
         self.after_read: Callable[[], None] | None = None
 
     def read(self, counts: bool | None = None) -> Table:
         table = super().read(counts)
+        self.reads += 1
         hook, self.after_read = self.after_read, None
         if hook is not None:
             hook()
@@ -33,6 +36,7 @@ class Recording(MemoryBackend):
 
     def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
         self.plans.append(list(ops))
+        self.reads_before.append(self.reads)
         return super().apply(ops)
 
 
@@ -127,3 +131,18 @@ def test_a_sweep_leaves_touched_keys_to_partial_syncs() -> None:
     sweep.take_compared()
     sweep.touch({keys[2], keys[0]})
     assert sweep.next_slice(2) == keys[3:5] and sweep.finished
+
+
+def test_changes_taken_by_a_full_sync_are_applied_before_the_kernel_read() -> None:
+    p, backend, clock = cluster(12)
+    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("s08", ["10.244.8.2"], ("dns", 53, "UDP")))
+    backend.plans.clear()
+    backend.reads_before.clear()
+    reads = backend.reads
+
+    result = p.sync(force_full=True)
+
+    assert result.full and {op.service for op in result.operations} == {key(8)}
+    assert backend.plans == [list(result.operations)] and backend.reads_before == [reads]  # before the read
+    assert backend.reads == reads + 1 and addresses(backend, key(8)) == {"10.244.8.2"}
+    assert backend.table == p.desired

@@ -99,6 +99,9 @@ class SyncResult:
     #: How many Services were translated for this sync (all of them, or only the
     #: changed ones: see the module docstring).
     translated: int = 0
+    #: The changes' programming latency was observed during the sync (a full sync
+    #: applies the changes it took before it reads the kernel).
+    triggers_observed: bool = False
 
 
 class Proxier:
@@ -223,7 +226,7 @@ class Proxier:
             snapshot = self.state.snapshot(None if everything else set(changes.services))
         try:
             with paused_gc() if full else nullcontext():
-                result = self._sync(snapshot, start, full=full, everything=everything)
+                result = self._sync(snapshot, start, full=full, everything=everything, triggers=changes.triggers)
         except BackendError as exc:
             return self._sync_failed(exc, changes, start, full=full, everything=everything)
         except Exception as exc:  # a bug, or a collaborator's: never end the loop, retry later
@@ -253,14 +256,19 @@ class Proxier:
         self.last_result = result
         return result
 
+    def _programmed(self, triggers: Iterable[float]) -> None:
+        """Changes (by their trigger times) that just reached every table."""
+        now = self._clock()
+        for t in triggers:
+            self.metrics.network_programming.observe(max(0.0, now - t))
+
     def _observe(self, result: SyncResult, changes: Changes) -> None:
         """Metrics and health after a sync that ran."""
         self.metrics.sync_duration.observe(result.duration)
         self.metrics.syncs.labels("full" if result.full else "partial").inc()
         self.metrics.last_sync.set(self._clock())
-        now = self._clock()
-        for t in changes.triggers:
-            self.metrics.network_programming.observe(max(0.0, now - t))
+        if not result.triggers_observed:
+            self._programmed(changes.triggers)
         self.health.updated()
         if result.full and (result.failed == 0 or self.config.dry_run):
             if not self.health.ready:
@@ -340,7 +348,8 @@ class Proxier:
             desired.forget_nat_of_gone()
         return changed, problems, translated
 
-    def _sync(self, snapshot: Snapshot, start: float, *, full: bool, everything: bool) -> SyncResult:
+    def _sync(self, snapshot: Snapshot, start: float, *, full: bool, everything: bool,
+              triggers: tuple[float, ...] = ()) -> SyncResult:
         """Translate what changed (``everything``: all), then bring the targets in line."""
         changed, problems, translated = self._translate(snapshot, everything=everything)
         if full:
@@ -358,8 +367,16 @@ class Proxier:
             self.full_syncs += 1
         else:
             self.partial_syncs += 1
-        result = self._sync_targets(start, full=full, changed=None if full else changed)
-        return replace(result, translated=translated)
+        if not (full and changed and not everything):
+            result = self._sync_targets(start, full=full, changed=None if full else changed)
+            return replace(result, translated=translated)
+        # The changes this full sync took go first, against the kept images: else they
+        # would wait for the kernel read and for their slice of the comparison.
+        early = self._sync_targets(start, full=False, changed=changed, within_full=True)
+        self._programmed(triggers)
+        result = self._sync_targets(start, full=True, changed=None)
+        return replace(result, operations=early.operations + result.operations, failed=early.failed + result.failed,
+                       translated=translated, triggers_observed=True)
 
     # --- targets --------------------------------------------------------------------
 
