@@ -762,12 +762,16 @@ def start_run(args: argparse.Namespace, server: Any, cluster: Cluster, kubeconfi
 
 
 def finish(run: Run) -> list[str]:
-    """Stop, let the loop catch up and run one more full sync, compare every table."""
+    """Stop, let the loop catch up and run two more full syncs, compare every table.
+
+    Two: the first may have started before the catch-up ended, and real servers a
+    later partial sync set to weight 0 (drains) only go at a full sync that reads the
+    kernel after them."""
     caught_up = run.catch_up(run.args.catch_up)
     run.tracker.settle()
     full0 = scrape(run.agent.metrics())["full"]
-    deadline = time.monotonic() + run.args.sync_period + 60
-    while scrape(run.agent.metrics())["full"] <= full0 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 2 * run.args.sync_period + 60
+    while scrape(run.agent.metrics())["full"] < full0 + 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     rss = run.agent.rss()
     tables = run.agent.dump_tables()
