@@ -309,23 +309,25 @@ static int json_parse(struct json *j, const char *text, size_t len)
     return 0;
 }
 
-/* The value of a top-level key, or -1. Tokens come in document order, so the next
- * sibling of token i is the first token that starts after i ends. */
+/* The value of a top-level key, or -1. A key written twice counts with its last
+ * value, as the agent's JSON decoder (Python's) reads it: both must agree on the
+ * socket to use. Tokens come in document order, so the next sibling of token i is
+ * the first token that starts after i ends. */
 static int json_get(const struct json *j, const char *key)
 {
     size_t klen = strlen(key);
-    int i = 1;
+    int i = 1, found = -1;
     while (i + 1 < j->n) {
         const jsmntok_t *k = &j->tok[i];
         if (k->type == JSMN_STRING && (size_t)(k->end - k->start) == klen &&
             memcmp(j->text + k->start, key, klen) == 0)
-            return i + 1;
+            found = i + 1;
         int v = i + 1, end = j->tok[v].end;
         i = v + 1;
         while (i < j->n && j->tok[i].start < end)
             i++;
     }
-    return -1;
+    return found;
 }
 
 static int hexval(const char *s, unsigned int *out)
@@ -697,10 +699,25 @@ static void read_config(struct json *j, struct agent *a, struct buf *socket_path
         a->timeout = DEL_TIMEOUT;
 }
 
+/* The request is over the agent's line limit: an environment variable is to blame
+ * (CNI error 4, naming the largest) unless the configuration alone is too large. */
+__attribute__((noreturn)) static void request_too_large(size_t config_len, const char *largest)
+{
+    if (config_len + 64 <= MAX_LINE && largest) {
+        struct buf msg = {0};
+        buf_fmt(&msg, "%s is too large to forward to the svcproxy agent (1 MiB at most for the request)", largest);
+        cni_error(ERR_INVALID_ENV, msg.p, NULL);
+    }
+    cni_error(ERR_DECODE, "cannot decode the network configuration",
+              "it is too large to forward to the svcproxy agent (1 MiB at most)");
+}
+
 static void build_request(struct buf *req, const char *stdin_text, size_t len)
 {
     buf_str(req, "{\"op\":\"cni\",\"env\":{");
     int first = 1;
+    const char *largest = NULL;
+    size_t largest_len = 0;
     for (size_t i = 0; i < sizeof forwarded_env / sizeof forwarded_env[0]; i++) {
         const char *v = getenv(forwarded_env[i]);
         if (!v)
@@ -713,15 +730,20 @@ static void build_request(struct buf *req, const char *stdin_text, size_t len)
         buf_str(req, first ? "\"" : ",\"");
         buf_str(req, forwarded_env[i]);
         buf_str(req, "\":");
+        size_t before = req->len;
         buf_json(req, v, strlen(v));
+        if (req->len - before > largest_len) { /* as escaped: what counts against the limit */
+            largest = forwarded_env[i];
+            largest_len = req->len - before;
+        }
         first = 0;
     }
     buf_str(req, "},\"stdin\":");
+    size_t env_len = req->len;
     buf_json(req, stdin_text, len);
     buf_str(req, "}\n");
     if (req->len > MAX_LINE)
-        cni_error(ERR_DECODE, "cannot decode the network configuration",
-                  "it is too large to forward to the svcproxy agent (1 MiB at most)");
+        request_too_large(req->len - env_len, largest);
 }
 
 int main(void)

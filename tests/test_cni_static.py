@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from cni_build import static_plugin
-from svcproxy.podns.cni import SUPPORTED_VERSIONS
+from svcproxy.podns.cni import SUPPORTED_VERSIONS, Config
 from svcproxy.podns.install import STATIC_MARKER
 from svcproxy.podns.server import CniServer
 
@@ -301,6 +301,37 @@ def test_huge_stdin_is_refused(plugin: Path, scripted: Any) -> None:
     escaped = json.dumps(config(agent.path, pad="\"" * 300_000))  # \" forwarded as \\\"
     assert "too large" in error(run(plugin, escaped), 6)["details"]
     assert agent.requests == []
+
+
+def test_an_oversized_environment_variable_is_error_4_naming_it(plugin: Path, scripted: Any) -> None:
+    """CNI's code for a bad environment variable is 4, and the message names it; a
+    configuration that is too large on its own stays error 6."""
+    agent = scripted(lambda req: ok_answer())
+    # 128 KiB is the kernel's limit for one variable; control characters are
+    # forwarded as \u00XX, six bytes each, so with a 400 kB configuration the request
+    # is over the agent's 1 MiB line limit while the configuration alone is not.
+    args = "\x01" * (128 * 1024 - 64)
+    done = run(plugin, config(agent.path, pad="x" * 400_000), env={"CNI_ARGS": args})
+    err = error(done, 4)
+    assert err["msg"].startswith("CNI_ARGS is too large to forward to the svcproxy agent"), err
+    assert agent.requests == []
+
+
+def test_a_key_written_twice_counts_with_its_last_value_as_in_the_agent(plugin: Path, scripted: Any) -> None:
+    """The plugin and the agent (Python's json: the last of duplicate keys) must read
+    the same socket from the same configuration."""
+    agent = scripted(lambda req: ok_answer(0, '{"cniVersion": "1.0.0"}\n'))
+    missing = agent.path.with_name("missing.sock")
+    body = json.dumps(config(agent.path))[1:-1]
+    last_is_agent = '{"socket": "%s", %s}' % (missing, body)
+    assert Config(json.loads(last_is_agent)).socket == str(agent.path)
+    done = run(plugin, last_is_agent)
+    assert done.returncode == 0, done
+    assert len(agent.requests) == 1
+    first_is_agent = '{%s, "socket": "%s"}' % (body, missing)
+    assert Config(json.loads(first_is_agent)).socket == str(missing)
+    assert str(missing) in error(run(plugin, first_is_agent), 11)["msg"]
+    assert len(agent.requests) == 1
 
 
 def test_quick_fuzz_never_crashes(plugin: Path, scripted: Any) -> None:
