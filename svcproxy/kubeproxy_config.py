@@ -55,14 +55,20 @@ def go_duration(value: object) -> float:
         raise ValueError(problem) from None
 
 
-def _is_default(value: object, defaults: tuple[object, ...], deep: bool = False) -> bool:
-    """Zero values mean "kube-proxy's default"; so do the defaults themselves. ``deep``:
-    a mapping whose every value is a default (logging options)."""
+def _is_zero(value: object) -> bool:
+    """Go's zero value of the field's type, as YAML spells it."""
+    return (value == "" or value is False or (value == 0 and not isinstance(value, bool)) or value == []
+            or value == {} or (isinstance(value, str) and value in ("0s", "0")))
+
+
+def _is_default(value: object, defaults: tuple[object, ...], deep: bool = False, zero: bool = True) -> bool:
+    """Whether kube-proxy would run with its default here: an absent (null) field, one of
+    the ``defaults``, or (``zero``: a field kube-proxy defaults when it holds its zero
+    value) a zero value. ``deep``: a mapping whose every value is a default (logging
+    options)."""
     if deep and isinstance(value, dict):
         return all(_is_default(v, (), True) for v in value.values())
-    if value is None or value == "" or value is False or value == 0 or value == [] or value == {}:
-        return True
-    if isinstance(value, str) and value in ("0s", "0"):
+    if value is None or (zero and _is_zero(value)):
         return True
     for default in defaults:
         if value == default:
@@ -92,10 +98,15 @@ class Mapped:
 
 @dataclass(frozen=True)
 class Unmapped:
-    """A field svcproxy does not implement; these values are kube-proxy's defaults."""
+    """A field svcproxy does not implement; these values are kube-proxy's defaults.
+    ``zero``: kube-proxy replaces the field's zero value by its default. Fields that
+    are pointers in kube-proxy's Go type (defaulted only when absent) set it False:
+    there 0, false or 0s is a setting of its own (masqueradeBit 0 is bit 0;
+    conntrack.maxPerCore 0 leaves the kernel's limit as it is)."""
 
     defaults: tuple[object, ...] = ()
     deep: bool = False
+    zero: bool = True
 
 
 def _checked(check: Callable[[str], Any], value: str) -> None:
@@ -193,8 +204,9 @@ FIELDS: Mapping[str, Any] = {
     "clusterCIDR": _text("cluster-cidr", flags.cidrs),
     "configSyncPeriod": Unmapped(("15m0s",)),
     "conntrack": {
-        "maxPerCore": Unmapped((32768,)), "min": Unmapped((131072,)), "tcpBeLiberal": Unmapped(),
-        "tcpCloseWaitTimeout": Unmapped(("1h0m0s",)), "tcpEstablishedTimeout": Unmapped(("24h0m0s",)),
+        "maxPerCore": Unmapped((32768,), zero=False), "min": Unmapped((131072,), zero=False), "tcpBeLiberal": Unmapped(),
+        "tcpCloseWaitTimeout": Unmapped(("1h0m0s",), zero=False),
+        "tcpEstablishedTimeout": Unmapped(("24h0m0s",), zero=False),
         "udpStreamTimeout": Unmapped(), "udpTimeout": Unmapped(),
     },
     "detectLocal": {"bridgeInterface": Unmapped(), "interfaceNamePrefix": Unmapped()},
@@ -204,8 +216,8 @@ FIELDS: Mapping[str, Any] = {
     "healthzBindAddress": _text("health-bind", flags.bind),
     "hostnameOverride": _text("node"),
     "iptables": {
-        "localhostNodePorts": Unmapped((True,)), "masqueradeAll": _flag("masquerade-all"),
-        "masqueradeBit": Unmapped((14,)), "minSyncPeriod": Unmapped(("1s",)), "syncPeriod": Unmapped(("30s",)),
+        "localhostNodePorts": Unmapped((True,), zero=False), "masqueradeAll": _flag("masquerade-all"),
+        "masqueradeBit": Unmapped((14,), zero=False), "minSyncPeriod": Unmapped(("1s",)), "syncPeriod": Unmapped(("30s",)),
     },
     "ipvs": {
         "excludeCIDRs": _list("exclude-cidrs", flags.cidrs),
@@ -224,11 +236,11 @@ FIELDS: Mapping[str, Any] = {
     "metricsBindAddress": Unmapped(("127.0.0.1:10249",)),
     "mode": Mapped(None, _mode),
     "nftables": {
-        "masqueradeAll": Unmapped(), "masqueradeBit": Unmapped((14,)), "minSyncPeriod": Unmapped(("1s",)),
+        "masqueradeAll": Unmapped(), "masqueradeBit": Unmapped((14,), zero=False), "minSyncPeriod": Unmapped(("1s",)),
         "syncPeriod": Unmapped(("30s",)),
     },
     "nodePortAddresses": _list("nodeport-addresses", flags.nodeport_addresses),
-    "oomScoreAdj": Unmapped((-999,)),
+    "oomScoreAdj": Unmapped((-999,), zero=False),
     "portRange": Unmapped(),
     "showHiddenMetricsForVersion": Unmapped(),
     "winkernel": {
@@ -295,7 +307,7 @@ def _walk(data: Mapping[str, Any], schema: Mapping[str, Any], prefix: str, setti
             if converted is not None and rule.setting is not None:
                 settings[rule.setting] = converted
         elif isinstance(rule, Unmapped):
-            if not _is_default(value, rule.defaults, rule.deep):
+            if not _is_default(value, rule.defaults, rule.deep, rule.zero):
                 ignored.append(name)
         elif not _is_default(value, ()):  # mapped, but this svcproxy lacks the setting
             ignored.append(name)

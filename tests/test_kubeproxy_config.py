@@ -120,6 +120,31 @@ def test_fields_svcproxy_does_not_implement_are_named_in_one_warning(
     assert "configSyncPeriod" not in lines[0] and "oomScoreAdj" not in lines[0]
 
 
+def test_zero_is_a_setting_where_kube_proxy_defaults_only_an_absent_field() -> None:
+    """Fields that are pointers in kube-proxy's Go type get their default only when
+    absent: 0, false or 0s there is a choice svcproxy must name. Where kube-proxy
+    replaces the zero value by its default, the zero value is not worth a word."""
+    doc = kubeadm_config()
+    doc["iptables"].update(masqueradeBit=0, localhostNodePorts=False, syncPeriod="0s", minSyncPeriod="0s")
+    doc["nftables"] = {"masqueradeBit": 0, "syncPeriod": "0s"}
+    doc["conntrack"].update(maxPerCore=0, min=0, tcpEstablishedTimeout="0s", tcpCloseWaitTimeout="0s",
+                            udpTimeout="0s", tcpBeLiberal=False)
+    doc["oomScoreAdj"] = 0
+    doc["clientConnection"].update(qps=0, burst=0, contentType="")
+    doc["configSyncPeriod"] = "0s"
+    run = set(_options(_subparser(build_parser(), "run")))
+    ignored = kubeproxy_config.translate(doc, run).ignored
+    assert sorted(ignored) == ["conntrack.maxPerCore", "conntrack.min", "conntrack.tcpCloseWaitTimeout",
+                               "conntrack.tcpEstablishedTimeout", "iptables.localhostNodePorts",
+                               "iptables.masqueradeBit", "nftables.masqueradeBit", "oomScoreAdj"]
+    # their defaults, spelled out, are still not named
+    doc["iptables"].update(masqueradeBit=14, localhostNodePorts=True)
+    doc["nftables"]["masqueradeBit"] = 14
+    doc["conntrack"].update(maxPerCore=32768, min=131072, tcpEstablishedTimeout="24h", tcpCloseWaitTimeout="1h0m0s")
+    doc["oomScoreAdj"] = -999
+    assert kubeproxy_config.translate(doc, run).ignored == ()
+
+
 @pytest.mark.parametrize("change, named", [
     ({"ipvs": {"schedular": "rr"}}, "ipvs.schedular"),
     ({"proxyMode": "ipvs"}, "proxyMode"),
