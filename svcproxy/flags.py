@@ -103,6 +103,9 @@ def nodeport_addresses(text: str) -> str:
     """CIDRs, or kube-proxy's keyword ``primary`` on its own (the node's primary IPs)."""
     parts = split_csv([text])
     if PRIMARY in parts:
+        if set(parts) == {PRIMARY} and len(parts) > 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: {PRIMARY!r} is given {len(parts)} times "
+                                             f"(give it once, on its own)")
         if parts != (PRIMARY,):
             raise argparse.ArgumentTypeError(f"{text!r}: {PRIMARY!r} cannot be combined with CIDRs "
                                              f"(give either {PRIMARY!r} or CIDRs)")

@@ -341,6 +341,20 @@ def test_a_bad_flag_value_is_one_line_naming_it_and_exit_1_before_anything(
     assert "_seconds" not in last and "Traceback" not in last
 
 
+@pytest.mark.parametrize("value, says", [
+    ("primary,primary", "'primary,primary': 'primary' is given 2 times (give it once, on its own)"),
+    ("primary,10.0.0.0/8", "'primary,10.0.0.0/8': 'primary' cannot be combined with CIDRs "
+                           "(give either 'primary' or CIDRs)"),
+])
+def test_nodeport_addresses_primary_errors_say_what_is_wrong(
+        value: str, says: str, cluster: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "-f", str(cluster), "--nodeport-addresses", value], backend=Untouchable())
+    assert exited.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"svcproxy run: error: argument --nodeport-addresses: {says}", last
+
+
 def test_a_bad_value_in_the_config_file_names_the_flag(cluster: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "svcproxy.yaml"
