@@ -4,6 +4,7 @@ the others are named in one warning when set, unknown fields and other modes are
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +248,33 @@ def test_nodeport_cidrs_are_not_overridden_by_the_bind_address(tmp_path: Path) -
     del doc["nodePortAddresses"]
     args, warnings = run_args(tmp_path, doc)
     assert args.node_ip == ["10.0.0.5"] and warnings == []
+
+
+def test_the_operations_guide_maps_each_field_to_a_flag_this_build_has() -> None:
+    """docs/operations.md's KubeProxyConfiguration table: every mapped field is in it
+    with its own flag, every flag it names exists, and no row hedges on a flag's
+    existence (the table is read by people migrating a cluster)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    section = text.split("### kube-proxy's KubeProxyConfiguration", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert rows, "no KubeProxyConfiguration table in docs/operations.md"
+    run = set(_options(_subparser(build_parser(), "run")))
+
+    def mapped(schema: dict[str, Any], prefix: str = "") -> dict[str, str]:
+        out: dict[str, str] = {}
+        for key, rule in schema.items():
+            if isinstance(rule, dict):
+                out |= mapped(rule, f"{prefix}{key}.")
+            elif isinstance(rule, kubeproxy_config.Mapped) and rule.setting is not None:
+                out[prefix + key] = rule.setting
+        return out
+
+    fields = mapped(dict(kubeproxy_config.FIELDS))
+    for name, setting in fields.items():
+        row = [r for r in rows if f"`{name}`" in r.split(" | ")[0]]
+        assert len(row) == 1, f"{name} is not in the table once: {row}"
+        assert f"`--{setting}`" in row[0], row[0]
+    for row in rows:
+        for flag in re.findall(r"`--([a-z0-9-]+)`", row):
+            assert flag in run, f"the table names --{flag}, which `run` does not have: {row}"
+        assert "where this build has" not in row, row
