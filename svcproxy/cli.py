@@ -202,6 +202,9 @@ def _cleanup_parser(sub: Subparsers) -> _Parser:
     cleanup.add_argument("--dummy-device", default=DEVICE, help=f"the dummy device (default {DEVICE})")
     cleanup.add_argument("--nft", default="nft", help="nft binary (default: from PATH)")
     cleanup.add_argument("--ipvsadm", default="ipvsadm", help="ipvsadm binary (default: from PATH)")
+    cleanup.add_argument("--ip-vs-mode-param", default=IP_VS_MODE_PARAM, metavar="FILE",
+                         help="where the ip_vs `mode` parameter is read: in kernel mode (it reads 2) a Pod "
+                              f"namespace has no IPVS table to clean, only VIP routes (default {IP_VS_MODE_PARAM})")
     _logging_args(cleanup)
     cleanup.add_argument("--config", type=Path, default=None, help="YAML file with the same keys as these flags")
     return cleanup
@@ -520,23 +523,19 @@ def _cleanup_plumbing(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cleanup_namespaces(args: argparse.Namespace, backend: Backend, exclusions: Exclusions,
                         paths: list[str], out: TextIO) -> int:
-    from svcproxy.podns.attach import factory_like, sync_namespace
+    """Each Pod namespace named, the way the running ip_vs serves it (the mode as
+    `auto` would find it): replicate mode's tables, or in kernel mode no IPVS at all."""
+    from svcproxy.podns.attach import cleanup_namespace, factory_like
 
-    apply = not args.dry_run
-    verb = "removed" if apply else "would remove"
-    replicate = ModeDecision(Mode.REPLICATE, Mode.REPLICATE, "cleanup")
+    if not paths:
+        return 0
+    decision = decide_loaded(Mode.AUTO, args.ip_vs_mode_param, backend.read)
     failed = 0
     for path in paths:
-        report = sync_namespace(path, Table(), replicate, exclusions=exclusions,
-                                backend_factory=factory_like(backend), apply=apply)
-        n = sum(1 for o in report.operations if o.kind is OpKind.DELETE_SERVICE)
-        if report.status in ("synced", "planned"):
-            routes = "" if apply else " (and its VIP routes)"
-            out.write(f"netns {path}: {verb} {n} virtual services{routes}\n")
-        else:
-            out.write(f"netns {path}: {report.status} {report.error}\n")
-        if report.status == "error" or report.failed:
-            failed += 1
+        line, ok = cleanup_namespace(path, decision, exclusions=exclusions, backend_factory=factory_like(backend),
+                                     apply=not args.dry_run)
+        out.write(f"netns {path}: {line}\n")
+        failed += not ok
     return failed
 
 

@@ -32,6 +32,7 @@ from svcproxy.model import Destination, Family, Protocol, ServiceKey, Table, Vir
 from svcproxy.podns.attach import (
     AttachResult,
     NsState,
+    cleanup_namespace,
     in_namespace,
     read_state_here,
     PodNamespace,
@@ -679,6 +680,69 @@ def test_prepare_a_real_namespace(hostns: HostNs, sysctl_dir: Path) -> None:
     assert ip(path, "-4", "route", "show", "table", "all", "proto", "0x9c").splitlines() == [
         "10.96.0.11 dev lo scope link src 10.244.7.2 "]
     assert (sysctl_dir / "conntrack").read_text().strip() == "1"
+
+
+class NoIpvsInPods:
+    """A Pod backend factory that fails the test if it is ever used."""
+
+    def __call__(self, path: str, fd: int) -> MemoryBackend:
+        raise AssertionError(f"an IPVS request was made in Pod namespace {path}")
+
+
+@needs_netns
+def test_cleanup_in_kernel_mode_removes_vip_routes_and_makes_no_ipvs_request(
+        hostns: HostNs, sysctl_dir: Path, param: Callable[[str | None], Path], tmp_path: Path) -> None:
+    """Kernel mode: a Pod namespace has no IPVS table of its own; what an earlier
+    replicate mode left (svcproxy's VIP routes) goes, nothing else."""
+    path = hostns.add()
+    left = pod_target(path, lambda p, fd: MemoryBackend(), sysctl_dir=str(sysctl_dir))
+    assert left.prepare is not None
+    left.prepare(Table.of([vs("10.96.0.10"), vs("10.96.0.11"), vs("fd00:96::10")]))
+    ip(path, "route", "add", "10.96.0.99/32", "dev", "lo", "proto", "static")  # not svcproxy's
+    shared = decide("auto", param("2"))
+
+    assert cleanup_namespace(path, shared, backend_factory=NoIpvsInPods(), apply=False) == (
+        "shares the node's table (kernel mode), no virtual services of its own; would remove 3 VIP routes", True)
+    assert len(ip(path, "route", "show", "table", "all", "proto", "0x9c").splitlines()) == 3
+    assert cleanup_namespace(path, shared, backend_factory=NoIpvsInPods()) == (
+        "shares the node's table (kernel mode), no virtual services of its own; removed 3 VIP routes", True)
+    assert ip(path, "route", "show", "table", "all", "proto", "0x9c") == ""
+    assert "10.96.0.99 dev lo proto static" in ip(path, "route", "show", "table", "all")
+    assert cleanup_namespace(path, shared, backend_factory=NoIpvsInPods())[0].endswith("removed 0 VIP routes")
+    hostns.delete(path)
+    line, ok = cleanup_namespace(path, shared, backend_factory=NoIpvsInPods())
+    assert ok and line.startswith("gone "), line
+
+
+@needs_netns
+def test_cli_cleanup_follows_the_loaded_mode(hostns: HostNs, sysctl_dir: Path,
+                                             param: Callable[[str | None], Path], tmp_path: Path) -> None:
+    """`cleanup --pod-netns` reads the ip_vs mode: kernel mode removes only VIP routes
+    and succeeds; replicate mode programs the Pod's own table (ipvsadm, which this host
+    cannot run: an error for that namespace, and exit status 1)."""
+    path = hostns.add()
+    left = pod_target(path, lambda p, fd: MemoryBackend(), sysctl_dir=str(sysctl_dir))
+    assert left.prepare is not None
+    left.prepare(Table.of([vs("10.96.0.10")]))
+    node_ns = hostns.add(nic=False)  # where the test's nft runs: no svcproxy table there
+    nft = tmp_path / "nft"
+    nft.write_text(f'#!/bin/sh\nexec nsenter --net={node_ns} nft "$@"\n')
+    nft.chmod(0o755)
+    if not shutil.which("nft"):
+        pytest.skip("needs nft (nftables)")
+    ours = vs("10.96.0.10", 80, Protocol.TCP, "10.244.1.5")
+    backend = MemoryBackend(Table.of([ours]))
+    base = ["cleanup", "--pod-netns", path, "--nft", str(nft), "--dummy-device", "svcpx-none0"]
+    rc, out, err = run_cli(*base, "--ip-vs-mode-param", str(param("2")), backend=backend)
+    assert (rc, err) == (0, ""), out
+    assert out.splitlines() == [
+        "node: removed 1 virtual services",
+        f"netns {path}: shares the node's table (kernel mode), no virtual services of its own; "
+        "removed 1 VIP routes"]
+    assert backend.table.services == {}
+    assert ip(path, "route", "show", "table", "all", "proto", "0x9c") == ""
+    rc, out, _ = run_cli(*base, "--ip-vs-mode-param", str(param("0")), backend=backend)
+    assert rc == 1 and f"netns {path}: error " in out, out
 
 
 @needs_netns

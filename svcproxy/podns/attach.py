@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 from svcproxy.ipvs.backend import Backend, BackendError, TimeoutControl
 from svcproxy.ipvs.timeouts import Timeouts
 from svcproxy.ipvs.ipvsadm import IpvsadmBackend
-from svcproxy.model import Family, Operation, OperationResult, Table
+from svcproxy.model import Family, OpKind, Operation, OperationResult, Table
 from svcproxy.node.conntrack import ConntrackError, KernelConntrack, clean_stale_flows
 from svcproxy.podns.mode import Mode, ModeDecision
 from svcproxy.node.sysctls import kube_proxy_sysctls
@@ -72,6 +72,7 @@ __all__ = [
     "kube_proxy_sysctls",
     "NamespaceReport",
     "sync_namespace",
+    "cleanup_namespace",
     "netns_id",
     "pod_target",
     "pod_visible",
@@ -492,6 +493,19 @@ class Preparer:
             add=sorted(wanted - state.routes),
         )
 
+    def clear_routes(self, apply: bool) -> int:
+        """Delete svcproxy's VIP routes here (``apply=False``: only count them) and
+        nothing else: kernel mode's cleanup, where loopback and sysctls were never set
+        by svcproxy. Returns how many there were."""
+        with self.ns.entered() as (path, fd):
+            plan = _Plan(delete=sorted(self._probe(path, fd).routes, key=lambda r: (r.dst, r.table)))
+            if apply and plan.delete:
+                proc = self._run(path, fd, ["ip", "-force", "-batch", "-"], stdin=plan.batch())
+                if proc.returncode != 0 or proc.stderr.strip():
+                    raise BackendError(f"deleting VIP routes in {self.ns.path} failed (exit status "
+                                       f"{proc.returncode}): {' '.join(proc.stderr.split())[:500]}")
+        return len(plan.delete)
+
     @staticmethod
     def _after(state: NsState, plan: _Plan) -> NsState:
         routes = (state.routes - set(plan.delete)) | set(plan.add)
@@ -768,3 +782,34 @@ def sync_namespace(path: str, desired: Table, decision: ModeDecision, *, exclusi
         return NamespaceReport(path, "error", desired, error=str(exc))
     except BackendError as exc:
         return NamespaceReport(path, "error", desired, error=str(exc))
+
+
+def cleanup_namespace(path: str, decision: ModeDecision, *, exclusions: Any = None,
+                      backend_factory: BackendFactory | None = None, apply: bool = True,
+                      runner: Runner = subprocess.run) -> tuple[str, bool]:
+    """What ``svcproxy cleanup`` does in one Pod namespace: (its report line, ok).
+
+    Replicate mode: its virtual services and svcproxy's VIP routes go, as a sync with
+    no Services would leave it. Kernel mode: the namespace has no IPVS table of its
+    own (svcproxy's module refuses its changes with EPERM, and on a module that let
+    it see the node's table, deleting from inside the Pod would delete the node's
+    services), so no IPVS request is made there at all; only VIP routes left by an
+    earlier replicate mode go (routes outlive the ip_vs reload that changed mode).
+    """
+    verb = "removed" if apply else "would remove"
+    if decision.shared:
+        try:
+            n = Preparer(PodNamespace.open(path), runner=runner).clear_routes(apply)
+        except NamespaceGone as exc:
+            return f"gone {exc}", True
+        except (NodeNamespace, BackendError) as exc:
+            return f"error {exc}", False
+        return f"shares the node's table (kernel mode), no virtual services of its own; {verb} {n} VIP routes", True
+    report = sync_namespace(path, Table(), ModeDecision(Mode.REPLICATE, Mode.REPLICATE, "cleanup"),
+                            exclusions=exclusions, backend_factory=backend_factory, apply=apply)
+    n = sum(1 for o in report.operations if o.kind is OpKind.DELETE_SERVICE)
+    if report.status in ("synced", "planned"):
+        line = f"{verb} {n} virtual services" + ("" if apply else " (and its VIP routes)")
+    else:
+        line = f"{report.status} {report.error}"
+    return line, not (report.status == "error" or report.failed)
