@@ -7,14 +7,18 @@ those changes make the tail of the network programming latency. So the compariso
 a slice of virtual services at a time, and between two slices the loop may apply the
 changes that arrived (a partial sync) before it goes on.
 
-Why that stays exact. The kernel read is a snapshot taken when the sweep starts. What
-was compared but not yet applied is applied before any partial sync runs. A virtual
-service a partial sync looks at after the snapshot is *touched*: the snapshot of it is
-stale (the loop itself wrote to it since) and its desired value may have moved, so the
-sweep leaves it to the partial sync, which compares it with the image of the kernel
-kept by the operations applied since; drift there, if any, is repaired by the next full
-sync. Every other virtual service had no write from the loop since the snapshot and the
-same desired value, so comparing the snapshot with the desired table is what a one-go
+The node's kernel read itself runs in a helper thread, so partial syncs may run while
+it does (they only share the interpreter with it).
+
+Why that stays exact. The read sees each virtual service as it was at some moment
+between the sweep's start and the read's end. What was compared but not yet applied is
+applied before any partial sync runs. A virtual service a partial sync looks at after
+the sweep started is *touched*: the read of it may be stale (the loop itself wrote to
+it since, or while it was read) and its desired value may have moved, so the sweep
+leaves it to the partial sync, which compares it with the image of the kernel kept by
+the operations applied since; drift there, if any, is repaired by the next full sync.
+Every other virtual service had no write from the loop since the sweep started and the
+same desired value, so comparing what was read with the desired table is what a one-go
 full sync would have done. With no partial sync in between, one sweep is one plan,
 exactly the one-go full sync's.
 
@@ -33,10 +37,10 @@ from svcproxy.model import Operation, ServiceKey, Table
 class Sweep:
     """One target's full sync in progress."""
 
-    #: The kernel's table as read when the sweep started.
-    fresh: Table
+    #: The kernel's table as read for this sweep.
+    fresh: Table = field(default_factory=Table)
     #: Keys still to compare, in plan order (popped from the end).
-    todo: list[ServiceKey]
+    todo: list[ServiceKey] = field(default_factory=list)
     #: Keys compared, and their plan, not applied yet.
     compared: list[ServiceKey] = field(default_factory=list)
     phases: Phases = field(default_factory=new_phases)
@@ -45,10 +49,17 @@ class Sweep:
 
     @staticmethod
     def start(desired: Table, fresh: Table, image: Table) -> "Sweep":
-        """Everything desired, in the kernel or in the kept image is compared (a key
-        only in the image leaves it: the kernel no longer has it)."""
+        sweep = Sweep()
+        sweep.load(desired, fresh, image)
+        return sweep
+
+    def load(self, desired: Table, fresh: Table, image: Table) -> None:
+        """The kernel's table is read: everything desired, in it or in the kept image
+        is to be compared (a key only in the image leaves it: the kernel no longer has
+        it), except what was touched meanwhile."""
+        self.fresh = fresh
         keys = desired.services.keys() | fresh.services.keys() | image.services.keys()
-        return Sweep(fresh, sorted(keys, key=service_sort_key, reverse=True))
+        self.todo = sorted(keys, key=service_sort_key, reverse=True)
 
     @property
     def finished(self) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from svcproxy.diff import Exclusions, apply_ops, diff, extend_plan
 from svcproxy.ipvs.backend import Backend, BackendError, TimeoutControl
@@ -110,11 +110,16 @@ class Applier:
         """Read the kernel, then compare and apply a slice at a time (sweep.py)."""
         if target.recheck is not None:
             target.recheck()
-        fresh = target.backend.read()
+        sweep = target.sweep = Sweep()  # counts touched keys from before the read on
+        try:
+            fresh = self._read(target, between)
+        except BaseException:
+            target.sweep = None
+            raise
         self._prepare(target, desired)
         if self.timeouts:
             self._ensure_timeouts(target, self.timeouts)
-        sweep = target.sweep = Sweep.start(desired, fresh, target.actual)
+        sweep.load(desired, fresh, target.actual)
         done: list[Operation] = []
         failed = 0
 
@@ -135,6 +140,35 @@ class Applier:
         if target.conntrack is not None:
             self._clean_conntrack(target, target.conntrack, desired, None)
         return done, failed
+
+    @staticmethod
+    def _read(target: Target, between: Between | None) -> Table:
+        """The kernel's table. The node's is read in a helper thread while the loop
+        lets changes in (``between``): a read of a big table takes seconds of wall
+        time on a busy node, and the node's backends open a socket or run a program
+        per call, so a read and a write may overlap (sweep.py says why the result is
+        exact). Pod namespaces' backends enter the namespace per call and are read in
+        the loop's thread."""
+        if between is None or target.pod:
+            return target.backend.read()
+        box: dict[str, Any] = {}
+
+        def read() -> None:
+            try:
+                box["table"] = target.backend.read()
+            except BaseException as exc:  # handed to the loop's thread below
+                box["error"] = exc
+
+        reader = threading.Thread(target=read, name="svcproxy-read", daemon=True)
+        reader.start()
+        while reader.is_alive():
+            reader.join(0.05)
+            if reader.is_alive():
+                between(_nothing_compared)
+        if "error" in box:
+            raise box["error"]
+        table: Table = box["table"]
+        return table
 
     def _apply_compared(self, target: Target, sweep: Sweep, desired: Table,
                         now: float) -> tuple[list[Operation], int]:
@@ -225,6 +259,10 @@ class Applier:
             log.error("IPVS operation failed%s (will retry): %s: %s", where, f.operation, f.error)
         log.info("sync%s: %d operations applied, %d failed", where, len(applied), len(failed))
         return ops, len(failed)
+
+
+def _nothing_compared() -> None:
+    """While the kernel is read, nothing is compared yet: nothing to apply first."""
 
 
 def _remember(target: Target, after: Table, scope: set[ServiceKey], failed: set[ServiceKey], *,
