@@ -47,7 +47,7 @@ class AgentConfig:
     families: frozenset[Family] = frozenset({Family.IPV4, Family.IPV6})
     scheduler: str = "rr"
     exclude_cidrs: tuple[str, ...] = ()
-    min_sync_period: float = 1.0
+    min_sync_period: float = 0.1
     sync_period: float = 30.0
     graceful_timeout: float = 900.0
     health_bind: str = "0.0.0.0:10256"

@@ -151,7 +151,8 @@ def _run_parser(sub: Subparsers) -> _Parser:
                      help="seconds a watch stream may send nothing before it is resumed as stalled (default 65; "
                           "the API server sends a bookmark on a quiet watch about once a minute)")
     run.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False, help="watch and compute as usual, log each plan, change nothing")
-    run.add_argument("--min-sync-period", type=flags.seconds, default=1.0, help="minimum seconds between syncs (default 1)")
+    run.add_argument("--min-sync-period", type=flags.seconds, default=0.1,
+                     help="minimum seconds between syncs: changes within it coalesce (default 0.1)")
     run.add_argument("--sync-period", type=flags.positive_seconds, default=30.0,
                      help="seconds between full syncs that re-read the kernel and repair drift (default 30)")
     run.add_argument("--graceful-timeout", type=flags.seconds, default=900.0,
