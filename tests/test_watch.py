@@ -482,6 +482,56 @@ def test_make_api_client_uses_the_kubeconfig_and_a_single_retry_layer(fake: Fake
         client.close()
 
 
+
+def kubeconfig_with_token_file(fake: FakeApiServer, path: Path, token_file: str) -> Path:
+    """The fake's kubeconfig with its user's token in a file (relative to the kubeconfig),
+    as kubeadm writes kube-proxy's."""
+    doc = json.loads(Path(fake.write_kubeconfig(path)).read_text())
+    doc["users"][0]["user"] = {"tokenFile": token_file}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def rotate(directory: Path, token: str) -> None:
+    """What the kubelet's atomic writer does to a projected token volume: a new
+    timestamped directory, then the ``..data`` symlink swapped to it in one rename."""
+    stamp = f"..{time.monotonic_ns()}"
+    (directory / stamp).mkdir()
+    (directory / stamp / "token").write_text(token)
+    os.symlink(stamp, directory / "..data_tmp")
+    os.replace(directory / "..data_tmp", directory / "..data")
+    if not (directory / "token").is_symlink():
+        os.symlink("..data/token", directory / "token")
+
+
+def test_a_rotated_token_file_is_used_by_the_next_request(fake: FakeApiServer, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    import kubernetes
+    from kubernetes.client.exceptions import ApiException
+
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    rotate(sa, "first-token")
+    fake.token = "first-token"
+    client = make_api_client(str(kubeconfig_with_token_file(fake, tmp_path / "kc", "serviceaccount/token")))
+    core = kubernetes.client.CoreV1Api(client)
+    try:
+        core.list_service_for_all_namespaces()  # the first token is accepted
+        rotate(sa, "second-token")
+        fake.token = "second-token"  # the API server now refuses the first one
+        core.list_service_for_all_namespaces()
+        fake.token = "third-token"  # a token the file does not hold: refused, so the check can fail
+        with pytest.raises(ApiException) as refused:
+            core.list_service_for_all_namespaces()
+        assert refused.value.status == 401
+        fake.token = "second-token"
+        (sa / "..data").unlink()  # gone for a moment: the last token read is kept, and said so
+        with caplog.at_level(logging.WARNING, logger="svcproxy.watch"):
+            core.list_service_for_all_namespaces()
+        assert "cannot read the token file" in caplog.text and "using the last token read" in caplog.text
+    finally:
+        client.close()
+
 # --------------------------------------------------------------------------- store, backoff
 
 

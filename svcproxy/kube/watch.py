@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -114,10 +115,61 @@ def make_api_client(kubeconfig: str | None = None, *, context: str | None = None
         where = f"kubeconfig {kubeconfig}" if kubeconfig else "the in-cluster service account (or pass --kubeconfig)"
         raise ValueError(f"cannot configure the API client from {where}: "
                          f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
+    if kubeconfig:
+        token_file = _token_file(kubeconfig, context)
+        if token_file:
+            # In place of the loader's hook, which only re-sets the token it read once
+            # (and puts itself back on every call).
+            cfg.refresh_api_key_hook = cast(Any, _TokenFile(token_file))  # typed None upstream
     cfg.retries = 0
     client = kubernetes.client.ApiClient(cfg)
     client.user_agent = f"svcproxy/{__version__}"
     return client
+
+
+def _token_file(kubeconfig: str, context: str | None) -> str | None:
+    """The ``tokenFile`` of the kubeconfig's user in ``context`` (else the current one),
+    relative to the kubeconfig's directory; None if it has none."""
+    try:
+        with open(kubeconfig, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+        name = context or doc.get("current-context")
+        ctx = next(c["context"] for c in doc.get("contexts") or [] if c.get("name") == name)
+        user = next(u["user"] for u in doc.get("users") or [] if u.get("name") == ctx.get("user"))
+        path = user.get("tokenFile")
+    except (OSError, yaml.YAMLError, StopIteration, AttributeError, KeyError, TypeError):
+        return None  # the loader, which has just read the same file, decides what is wrong
+    return os.path.join(os.path.dirname(os.path.abspath(kubeconfig)), path) if isinstance(path, str) and path else None
+
+
+class _TokenFile:
+    """Reads a kubeconfig's ``tokenFile`` again before every request.
+
+    The kubelet rotates a projected service account token on disk (kube-proxy's
+    kubeconfig points at one) and the API server refuses it once it expires; the
+    client's loader reads the file once. A request is rare (lists and watches, not
+    events), so reading a small file for each costs nothing. An unreadable file keeps
+    the last token, with one log line per new error.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.last_error = ""
+
+    def __call__(self, cfg: Any) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                token = f.read().strip()
+            if not token:
+                raise ValueError("it is empty")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            error = f"cannot read the token file {self.path} ({exc}); using the last token read"
+            if error != self.last_error:
+                log.warning("%s", error)
+            self.last_error = error
+            return
+        self.last_error = ""
+        cfg.api_key["BearerToken"] = f"Bearer {token}"
 
 
 @dataclass
