@@ -169,7 +169,10 @@ class _Channel:
                 if msg.type == NLMSG_ERROR:
                     code, text = decode_error(data, msg)
                     if code == errno.ENOENT:
-                        raise BackendError("IPVS generic netlink family not found: is ip_vs loaded?")
+                        # The kernel has just asked its modprobe for ip_vs (the module's
+                        # genl alias) and found none: no container capability is involved.
+                        raise BackendError("IPVS generic netlink family not found: the ip_vs module is not "
+                                           "loaded and the kernel could not load it (on the node: modprobe ip_vs)")
                     if code:
                         raise BackendError(f"generic netlink family lookup failed: {describe_error(None, code, text)}")
                 elif msg.type == GENL_ID_CTRL:
