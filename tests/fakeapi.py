@@ -30,7 +30,7 @@ prints ``URL=...`` and ``KUBECONFIG=...``, serves until interrupted, and re-appl
 state file whenever it changes (objects missing from it are deleted). Faults can then be
 injected over HTTP: ``POST /fake/ACTION`` with ACTION one of drop, fail?n=&status=,
 stall?seconds=, down?seconds=, compact, bookmark, expire, watch410?mode=event|http,
-apply (JSON object or List body), delete?kind=&namespace=&name=, requests.
+apply (JSON object or List body), delete?kind=&namespace=&name=, requests, token?value=.
 """
 
 from __future__ import annotations
@@ -787,6 +787,9 @@ class _Handler(BaseHTTPRequestHandler):
                 fake.set_watch_410(params.get("mode", "event"))
             elif action == "requests":
                 result = [r.__dict__ for r in fake.requests()]
+            elif action == "token":  # the bearer token required from now on ('' for none)
+                result = None
+                fake.token = params.get("value") or None
             else:
                 self._send_status(404, "NotFound", f"unknown control action {action!r}")
                 return

@@ -5,15 +5,19 @@ spec.nodeName), hostNetwork, hostPath and configMap volumes with readOnly and
 mountPropagation, and the securityContext (runAsUser, privileged, capabilities,
 readOnlyRootFilesystem, allowPrivilegeEscalation).
 
-Not made: cgroups and resource limits, seccomp and AppArmor profiles, the service
-account token and the kubelet's /etc/hosts and resolv.conf. The caller gives the host
-directory behind each configMap volume (the kubelet writes one per ConfigMap) and may
-put any hostPath somewhere else (a stand-in for a host directory that must not be
-touched).
+Not made: cgroups and resource limits, seccomp and AppArmor profiles and the
+kubelet's /etc/hosts and resolv.conf. The caller gives the host directory behind each
+configMap volume (the kubelet writes one per ConfigMap), may put any hostPath somewhere
+else (a stand-in for a host directory that must not be touched), and may give the
+directory of the service account token volume (the kubelet's projected volume, mounted
+read-only into every container unless automountServiceAccountToken is false).
 """
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
 from typing import Any, Mapping
 
 #: containerd's capabilities for a container that is not privileged (before add/drop).
@@ -23,6 +27,8 @@ DEFAULT_CAPS = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW",
 MASKED = ["/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
           "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware"]
 READ_ONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+#: Where the kubelet mounts the service account token volume in every container.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 PROPAGATION = {"HostToContainer": "rslave", "Bidirectional": "rshared", "None": "rprivate"}
 
 
@@ -36,12 +42,13 @@ def capabilities(security: Mapping[str, Any]) -> list[str]:
 
 def oci_config(pod: Mapping[str, Any], name: str, *, rootfs: str, image: Mapping[str, Any],
                node_name: str, config_maps: Mapping[str, str],
-               host_paths: Mapping[str, str] | None = None) -> dict[str, Any]:
+               host_paths: Mapping[str, str] | None = None, service_account: str | None = None) -> dict[str, Any]:
     """config.json for container (or init container) ``name`` of ``pod`` (a Pod spec).
 
     ``image`` is the image's OCI configuration (Entrypoint, Cmd, Env, WorkingDir);
     ``config_maps`` maps a ConfigMap's name to the directory holding its files;
-    ``host_paths`` maps a hostPath to the directory used in its place.
+    ``host_paths`` maps a hostPath to the directory used in its place;
+    ``service_account`` is the directory holding the Pod's token, ca.crt and namespace.
     """
     container = next(c for c in pod.get("initContainers", []) + pod["containers"] if c["name"] == name)
     security = container.get("securityContext", {})
@@ -65,7 +72,8 @@ def oci_config(pod: Mapping[str, Any], name: str, *, rootfs: str, image: Mapping
         },
         "root": {"path": rootfs, "readonly": bool(security.get("readOnlyRootFilesystem"))},
         "hostname": node_name,
-        "mounts": _base_mounts() + _volume_mounts(pod, container, config_maps, host_paths or {}),
+        "mounts": _base_mounts() + _volume_mounts(pod, container, config_maps, host_paths or {})
+        + _token_mount(pod, service_account),
         "linux": {"namespaces": namespaces, "maskedPaths": MASKED, "readonlyPaths": READ_ONLY},
     }
 
@@ -91,6 +99,13 @@ def _base_mounts() -> list[dict[str, Any]]:
     ]
 
 
+def _token_mount(pod: Mapping[str, Any], service_account: str | None) -> list[dict[str, Any]]:
+    if service_account is None or pod.get("automountServiceAccountToken") is False:
+        return []
+    return [{"destination": SERVICE_ACCOUNT_DIR, "type": "bind", "source": service_account,
+             "options": ["rbind", "ro", "rprivate"]}]
+
+
 def _volume_mounts(pod: Mapping[str, Any], container: Mapping[str, Any], config_maps: Mapping[str, str],
                    host_paths: Mapping[str, str]) -> list[dict[str, Any]]:
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -108,3 +123,18 @@ def _volume_mounts(pod: Mapping[str, Any], container: Mapping[str, Any], config_
                    PROPAGATION[m.get("mountPropagation", "None")]]
         mounts.append({"destination": m["mountPath"], "type": "bind", "source": source, "options": options})
     return mounts
+
+
+def write_projected(directory: Path, files: Mapping[str, str]) -> None:
+    """Write ``files`` into a projected volume's directory as the kubelet's atomic writer
+    does (and does again when it rotates a token): a new timestamped directory, the
+    ``..data`` symlink swapped to it by one rename, each file a symlink through ``..data``."""
+    stamp = f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+    (directory / stamp).mkdir()
+    for name, text in files.items():
+        (directory / stamp / name).write_text(text)
+    os.symlink(stamp, directory / "..data_tmp")
+    os.replace(directory / "..data_tmp", directory / "..data")
+    for name in files:
+        if not (directory / name).is_symlink():
+            os.symlink(f"..data/{name}", directory / name)

@@ -56,3 +56,16 @@ def test_privileged_is_refused() -> None:
     spec["containers"][0]["securityContext"] = {"privileged": True}
     with pytest.raises(ValueError, match="privileged"):
         oci_config(spec, "svcproxy", rootfs="/r", image=IMAGE, node_name="n1", config_maps={"svcproxy": "/c"})
+
+
+def test_service_account_token_is_mounted_read_only_unless_turned_off() -> None:
+    spec = pod()
+    config = oci_config(spec, "svcproxy", rootfs="/r", image=IMAGE, node_name="n1",
+                        config_maps={"svcproxy": "/c"}, service_account="/sa")
+    mounts = {m["destination"]: m for m in config["mounts"]}
+    token = mounts["/var/run/secrets/kubernetes.io/serviceaccount"]
+    assert token["source"] == "/sa" and "ro" in token["options"]
+    spec["automountServiceAccountToken"] = False
+    config = oci_config(spec, "svcproxy", rootfs="/r", image=IMAGE, node_name="n1",
+                        config_maps={"svcproxy": "/c"}, service_account="/sa")
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" not in {m["destination"] for m in config["mounts"]}

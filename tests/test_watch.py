@@ -23,6 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fakeapi import FakeApiServer, Request  # noqa: E402
+from podspec import write_projected  # noqa: E402
 
 from svcproxy.kube.store import Event, Kind, Store  # noqa: E402
 from svcproxy.kube.watch import HEADLESS_SELECTOR, Backoff, FileSource, Watcher, make_api_client  # noqa: E402
@@ -492,18 +493,6 @@ def kubeconfig_with_token_file(fake: FakeApiServer, path: Path, token_file: str)
     return path
 
 
-def rotate(directory: Path, token: str) -> None:
-    """What the kubelet's atomic writer does to a projected token volume: a new
-    timestamped directory, then the ``..data`` symlink swapped to it in one rename."""
-    stamp = f"..{time.monotonic_ns()}"
-    (directory / stamp).mkdir()
-    (directory / stamp / "token").write_text(token)
-    os.symlink(stamp, directory / "..data_tmp")
-    os.replace(directory / "..data_tmp", directory / "..data")
-    if not (directory / "token").is_symlink():
-        os.symlink("..data/token", directory / "token")
-
-
 def test_a_rotated_token_file_is_used_by_the_next_request(fake: FakeApiServer, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     import kubernetes
@@ -511,13 +500,13 @@ def test_a_rotated_token_file_is_used_by_the_next_request(fake: FakeApiServer, t
 
     sa = tmp_path / "serviceaccount"
     sa.mkdir()
-    rotate(sa, "first-token")
+    write_projected(sa, {"token": "first-token"})
     fake.token = "first-token"
     client = make_api_client(str(kubeconfig_with_token_file(fake, tmp_path / "kc", "serviceaccount/token")))
     core = kubernetes.client.CoreV1Api(client)
     try:
         core.list_service_for_all_namespaces()  # the first token is accepted
-        rotate(sa, "second-token")
+        write_projected(sa, {"token": "second-token"})
         fake.token = "second-token"  # the API server now refuses the first one
         core.list_service_for_all_namespaces()
         fake.token = "third-token"  # a token the file does not hold: refused, so the check can fail
