@@ -63,17 +63,18 @@ RUN printf 'path-exclude=/usr/share/%s/*\n' doc man info locale groff lintian li
 # Installed from the build stage's wheels alone (no index), each checked against its
 # hash; pip itself runs from its wheel and stays out of the image. Then what the agent
 # never runs goes: the kubernetes client's asyncio half (kubernetes.aio, half the image's
-# Python) and the packages only it imports (aiohttp and its helpers); the import check
-# after it fails the build if any of them is still needed.
+# Python) and the packages only it imports (aiohttp and its helpers), and tzdata (Python's
+# zoneinfo reads the base's /usr/share/zoneinfo first); the import check after it fails
+# the build if any of them is still needed.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python3 -m venv --without-pip /opt/svcproxy \
  && pip="/opt/svcproxy/bin/python $(echo /wheels/pip/pip-*.whl)/pip" \
  && $pip install -q --no-cache-dir --no-index --disable-pip-version-check \
       --require-hashes -r /wheels/install.txt \
  && $pip uninstall -q -y --disable-pip-version-check aiohttp aiohttp-retry aiohappyeyeballs \
-      aiosignal attrs frozenlist multidict propcache yarl \
+      aiosignal attrs frozenlist multidict propcache yarl tzdata \
  && rm -rf /opt/svcproxy/lib/python3.11/site-packages/kubernetes/aio \
- && /opt/svcproxy/bin/python -c 'import svcproxy.cli, svcproxy.kube.watch, svcproxy.podns.install, kubernetes.watch' \
+ && /opt/svcproxy/bin/python -c 'import svcproxy.cli, svcproxy.kube.watch, svcproxy.podns.install, kubernetes.watch, zoneinfo; zoneinfo.ZoneInfo("UTC")' \
  && /opt/svcproxy/bin/svcproxy --version
 # install-cni copies it onto the node (svcproxy.podns.install's default plugin path).
 COPY --from=build /src/build/svcproxy-cni /usr/lib/svcproxy/svcproxy-cni
