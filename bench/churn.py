@@ -26,7 +26,8 @@ duration_seconds histogram says (from the EndpointSlices' last-change-trigger-ti
 annotation, which this benchmark sets as the EndpointSlice controller does).
 
 At the end of each agent's run the churn stops, the loop catches up, one more full
-sync runs, the agent dumps its tables and they are compared with the cluster this
+sync runs, the agent is stopped, runs one sync that reads every table (so that what
+still drains ends), dumps its tables and they are compared with the cluster this
 process wrote: a missing, extra or different virtual service or real server is a
 failure, printed loudly, and the exit status is 1.
 
@@ -271,6 +272,9 @@ def child(args: argparse.Namespace) -> int:
         agent.proxier.attach(Target(name, pods[name]))
     agent.install_signal_handlers()
     status = agent.run()
+    # Pod namespaces are read one at a time and their drains end together: one sync
+    # reading every table ends what still drains, so that the tables can be compared.
+    agent.proxier.sync(force_full=True)
     ack_log.close()
     tables = {"node": dump(node.table)}
     tables.update({name: dump(b.table) for name, b in pods.items() if (Path(args.ns_dir) / name).exists()})
@@ -284,13 +288,29 @@ def dump(table: Any) -> dict[str, list[str]]:
 
 
 def recording_backend(name: str, marker: Path | None, ack_log: Any) -> Any:
-    """The simulated kernel: an in-memory table that logs what each plan left behind."""
-    from svcproxy.diff import apply_ops
+    """The simulated kernel: an in-memory table that logs what each plan left behind.
+
+    Operations are applied in place, so an apply costs what its operations do (as in
+    the kernel), not a copy of the whole table: every table's apply runs in the
+    agent's process here, once per Pod namespace, which a real kernel's would not."""
+    from svcproxy.diff import PlanError, _apply_one
     from svcproxy.ipvs.backend import MemoryBackend
-    from svcproxy.model import Destination, Operation, OperationResult, Table, VirtualService
+    from svcproxy.model import Destination, Operation, OperationResult, ServiceKey, Table, VirtualService
     from svcproxy.podns.netns import NamespaceGone
 
     class RecordingBackend(MemoryBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.services: dict[ServiceKey, VirtualService] = {}
+
+        @property  # type: ignore[override]
+        def table(self) -> Table:
+            return Table(self.services)
+
+        @table.setter
+        def table(self, value: Table) -> None:
+            self.services = dict(value.services)
+
         def _check(self) -> None:
             if marker is not None and not marker.exists():
                 ack_log.write(f"G {time.time():.6f} {name}\n")
@@ -302,13 +322,28 @@ def recording_backend(name: str, marker: Path | None, ack_log: Any) -> Any:
             return Table({k: VirtualService(vs.key, vs.scheduler, vs.persistence, vs.flags,
                                             tuple(Destination(d.address, d.port, d.weight, d.forward, 0, 0)
                                                   for d in vs.destinations))
-                          for k, vs in self.table.services.items()})
+                          for k, vs in self.services.items()})
 
         def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
             self._check()
-            self.table, failed = apply_ops(self.table, ops)
+            services = self.services  # the table itself, changed in place as the kernel's is
+            dests: dict[ServiceKey, dict[Any, Destination]] = {}
+
+            def dest_map(key: ServiceKey) -> dict[Any, Destination]:
+                if key not in dests:
+                    dests[key] = {(d.address, d.port): d for d in services[key].destinations}
+                return dests[key]
+
+            failed = []
+            for op in ops:  # what diff.apply_ops does, without copying the table first
+                try:
+                    _apply_one(services, dest_map, dests, op)
+                except PlanError as exc:
+                    failed.append(OperationResult(op, str(exc)))
+            for key, dmap in dests.items():
+                if key in services:
+                    services[key] = services[key].with_destinations(dmap.values())
             t = time.time()
-            services = self.table.services
             states = []
             for key in {op.service for op in ops}:
                 vs = services.get(key)

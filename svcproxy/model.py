@@ -130,7 +130,9 @@ class VirtualService:
         return {d.key: d for d in self.destinations}
 
     def with_destinations(self, dests: Iterable[Destination]) -> "VirtualService":
-        merged = {d.key: d for d in dests}
+        # Plain (address, port) tuples sort as DestKey does, without a DestKey per
+        # real server and its slow generated comparison (every image update pays it).
+        merged = {(d.address, d.port): d for d in dests}
         return VirtualService(
             key=self.key,
             scheduler=self.scheduler,

@@ -25,8 +25,8 @@ Why each piece is the way it is (docs/share-ns.md has the whole story):
 * Cost. Preparation remembers what it found and did: when the VIP set is unchanged
   it costs one ``stat``; a changed VIP set costs one ``ip -batch`` process. The
   namespace is read (rtnetlink dumps and sysctl files, from a short-lived thread
-  that joined it: no process at all) only at attach and at the first full sync
-  ``recheck_period`` seconds after the last read, so drift is repaired without
+  that joined it: no process at all) only at attach and at the first read of its
+  table ``recheck_period`` seconds after the last read, so drift is repaired without
   reading it every sync, and a partial sync (one endpoint change fanned out to
   every namespace) never reads any. Program starts are what dominates under load
   (measured: docs/performance.md), hence no shell and no ``ip -j`` for reading.
@@ -472,9 +472,9 @@ class Preparer:
         self._judge(state, vips)
 
     def recheck(self) -> None:
-        """Called at full syncs: read the namespace again at the next call if the last
-        read is ``recheck_period`` old. Partial syncs never read it: an endpoint
-        change fanned out to many namespaces must not wait for their rechecks."""
+        """Called when the loop reads the table afresh: read the namespace again at
+        the next call if the last read is ``recheck_period`` old. Other syncs never
+        read it: a change fanned out to many namespaces must not wait for rechecks."""
         if self.clock() >= self.checked_at + self.recheck_period:
             self.recheck_due = True
 

@@ -44,6 +44,7 @@ from svcproxy.podns.visible import visible_in_pods
 from svcproxy.reconcile.changes import Changes, ChangeTracker, ClusterState, Snapshot
 from svcproxy.reconcile.desired import DesiredState
 from svcproxy.reconcile.runner import Clock, SyncRunner, SyncSchedule
+from svcproxy.reconcile.fanout import FanOut, Synced, share_images
 from svcproxy.reconcile.targets import Applier, Target
 
 log = logging.getLogger("svcproxy.reconcile")
@@ -88,6 +89,12 @@ class ProxierConfig:
     retry_backoff: float = 1.0
     #: --ipvs-tcp-timeout and friends (None: the kernel's timeouts are left alone).
     ipvs_timeouts: Timeouts | None = None
+    #: A Pod namespace's table is read afresh (drift repaired) ``sync_period`` after its
+    #: last read, but the loop reads at most one namespace that way every this many
+    #: seconds, never in the node's full sync: a read costs about what the node's
+    #: full sync does, and reading every namespace at once held every change up for
+    #: as long as all those reads took (reconcile/fanout.py).
+    pod_read_interval: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,11 @@ class Proxier:
                                  retrying=self._retrying, monotonic=monotonic)
         self.applier = Applier(config.exclusions, config.dry_run, config.graceful_timeout, self.metrics,
                                timeouts=config.ipvs_timeouts)
+        self.fanout = FanOut(self.applier)
+        #: No Pod namespace is read for its periodic check before this (monotonic) time.
+        self._next_pod_read = float("-inf")
+        #: Set by ``sync(force_full=True)``: every Pod namespace is read too.
+        self._read_every_pod = False
         self._translate_config = config.translate
         self._desired = DesiredState()
         self.node_target = Target("node", backend, prepare=self._node_prepare(node_hook), prepare_in_dry_run=True,
@@ -197,7 +209,9 @@ class Proxier:
 
     def _retrying(self) -> bool:
         with self.changes.lock:
-            return any(t.retry or (t.needs_full and t.pod) for t in self._targets.values())
+            pods = [t for t in self._targets.values() if t.pod]
+            return (any(t.retry or (t.needs_full and t.pod) for t in self._targets.values())
+                    or self._pod_read_due(pods, self._monotonic(), spaced=False) is not None)
 
     def _full_interval(self) -> float:
         with self.changes.lock:
@@ -225,6 +239,7 @@ class Proxier:
             if everything:
                 self._translate_all = False
             snapshot = self.state.snapshot(None if everything else set(changes.services))
+        self._read_every_pod = force_full
         try:
             with paused_gc() if full else nullcontext():
                 result = self._sync(snapshot, start, full=full, everything=everything, triggers=changes.triggers)
@@ -384,52 +399,37 @@ class Proxier:
     def _sync_targets(self, start: float, *, full: bool, changed: set[ServiceKey] | None,
                       within_full: bool = False) -> SyncResult:
         """Bring every target in line; the node first (its failure to read aborts the
-        sync), then each Pod namespace on its own. ``within_full``: a partial sync
-        between two slices of a full one, for the targets whose image is known."""
-        visible = visible_in_pods(self._translate_config.node.addresses)
+        sync), then the Pod namespaces, each failing on its own. ``within_full``: a
+        partial sync between two slices of a full one, for the targets whose image is
+        known."""
         node_table = Table(self._desired.table)
-        pod_table: Table | None = None  # built once per sync, shared by every Pod namespace
         all_ops: list[Operation] = []
         failed = 0
         with self.changes.lock:
             targets = list(self._targets.values())
         now = self._monotonic()
         for target in targets:
-            if target.pod and target.failures and now < target.next_try:
-                continue
+            if target.pod:
+                continue  # below, all together
             if within_full and target.needs_full and target.sweep is None:
                 continue  # read afresh later in this full sync, or at the next sync
             scope: set[ServiceKey] | None = None
             if within_full or not (full or target.needs_full):
                 scope = set(changed or ()) | target.retry
-                if target.pod:
-                    scope = {k for k in scope if visible(k)}
-            if target.pod and pod_table is None:
-                pod_table = Table({k: v for k, v in self._desired.table.items() if visible(k)})
-            desired = pod_table if target.pod and pod_table is not None else node_table
-            try:
-                done, bad = self.applier.sync(target, desired, scope=scope, now=self._monotonic(),
-                                              between=self._between)
-            except NamespaceGone as exc:
-                log.info("Pod namespace %s is gone, detaching: %s", target.name, exc)
-                self.detach(target.name, only=target)  # not a new namespace attached there since
-                continue
-            except Exception:
-                if not target.pod:
-                    raise
-                # One namespace's trouble (a backend error, a program that would not
-                # start) never stops the node's table or the other namespaces.
-                target.failed(now)
-                log.exception("cannot sync Pod namespace %s (will retry)", target.name)
-                self.metrics.sync_errors.inc()
-                failed += 1
-                continue
+            done, bad = self.applier.sync(target, node_table, scope=scope, now=self._monotonic(),
+                                          between=self._between)
             target.needs_full = False
             target.failures = 0
             all_ops.extend(done)
             failed += bad
             if not bad:
                 target.synced.set()
+        pods = [t for t in targets if t.pod and not (t.failures and now < t.next_try)
+                and not (within_full and t.needs_full)]  # read afresh later in this full sync
+        if pods:
+            done, bad = self._sync_pods(pods, full=full, changed=changed, now=now, within_full=within_full)
+            all_ops.extend(done)
+            failed += bad
         self._publish()
         return SyncResult(full, tuple(all_ops), failed, self._monotonic() - start)
 
@@ -462,6 +462,88 @@ class Proxier:
             return
         self.schedule.succeeded(start, full=False)
         self._observe(replace(result, translated=translated), changes)
+
+    # --- Pod namespaces (reconcile/fanout.py) ------------------------------------------
+
+    def _pod_read_due(self, pods: Sequence[Target], now: float, *, spaced: bool = True) -> Target | None:
+        """The Pod namespace whose periodic read is due (the one read longest ago);
+        ``spaced``: None until ``pod_read_interval`` has passed since the last one."""
+        if spaced and now < self._next_pod_read:
+            return None
+        due = [t for t in pods if not t.failures and now - t.read_at >= self.config.sync_period]
+        return min(due, key=lambda t: t.read_at, default=None)
+
+    def _sync_pods(self, pods: list[Target], *, full: bool, changed: set[ServiceKey] | None, now: float,
+                   within_full: bool) -> tuple[list[Operation], int]:
+        """The Pod namespaces: read those just attached or failed (and all of them
+        when forced), check the one whose periodic read is due, then one plan for
+        each set holding one image, and one for each with retries."""
+        visible = visible_in_pods(self._translate_config.node.addresses)
+        desired = Table({k: v for k, v in self._desired.table.items() if visible(k)})
+        scope = None if full else {k for k in changed or () if visible(k)}
+        results: list[Synced] = []
+        failed = 0
+
+        def on_error(target: Target, exc: Exception) -> None:
+            nonlocal failed
+            failed += self._pod_failed(target, exc, now)
+
+        fresh = set() if within_full else {t for t in pods if t.needs_full or self._read_every_pod}
+        due = None if full or within_full else self._pod_read_due([t for t in pods if t not in fresh], now)
+        reads: dict[Target, Table] = {}
+        if due is not None:
+            self._next_pod_read = now + self.config.pod_read_interval
+            try:
+                with paused_gc():  # a read is a full sync's work
+                    read = None if due.retry else self.fanout.check(due)
+            except Exception as exc:
+                on_error(due, exc)
+                pods = [t for t in pods if t is not due]
+            else:
+                due.read_at = now
+                if due.retry or read is not None:  # retrying, or drifted: planned alone
+                    fresh.add(due)
+                if read is not None:
+                    reads[due] = read
+        groups: dict[tuple[int, int], list[Target]] = {}
+        for target in pods:
+            if target not in fresh:
+                key = (id(target), 0) if target.retry else (id(target.actual), id(target.draining))
+                groups.setdefault(key, []).append(target)
+        with paused_gc() if fresh else nullcontext():
+            synced = self.fanout.sync_read([t for t in pods if t in fresh], desired, now=now, on_error=on_error,
+                                           reads=reads)
+        for target, _done, _bad in synced:
+            target.read_at = now
+        results.extend(synced)
+        for group in groups.values():
+            retry = {k for k in group[0].retry if visible(k)}  # alone when it has any
+            results.extend(self.fanout.sync_shared(group, desired, scope=None if scope is None else scope | retry,
+                                                   now=now, on_error=on_error))
+        all_ops: list[Operation] = []
+        for target, done, bad in results:
+            target.needs_full = False
+            target.failures = 0
+            all_ops.extend(done)
+            failed += bad
+            if not bad:
+                target.synced.set()
+        share_images([t for t, _done, bad in results if not bad], desired)
+        return all_ops, failed
+
+    def _pod_failed(self, target: Target, exc: Exception, now: float) -> int:
+        """A Pod namespace that could not be synced: detached if it is gone, else
+        retried with backoff. Returns 1 if it counts as a failure."""
+        if isinstance(exc, NamespaceGone):
+            log.info("Pod namespace %s is gone, detaching: %s", target.name, exc)
+            self.detach(target.name, only=target)  # not a new namespace attached there since
+            return 0
+        # One namespace's trouble (a backend error, a program that would not start)
+        # never stops the node's table or the other namespaces.
+        target.failed(now)
+        log.error("cannot sync Pod namespace %s (will retry)", target.name, exc_info=exc)
+        self.metrics.sync_errors.inc()
+        return 1
 
     def attach(self, target: Target) -> None:
         """Keep another table (a Pod namespace's) in sync from the next sync on."""

@@ -55,6 +55,10 @@ class Target:
     failures: int = 0
     #: A failing Pod namespace is retried with backoff, not at every sync.
     next_try: float = float("-inf")
+    #: When the table was last read afresh (the loop's monotonic clock; Pod namespaces).
+    read_at: float = float("-inf")
+    #: Drains its last read showed without connections (reconcile/fanout.py).
+    quiet: set[Marker] = field(default_factory=set)
     #: Set once the target's table was programmed (what the CNI plugin waits for).
     synced: threading.Event = field(default_factory=threading.Event)
     #: The namespace's conntrack table, for the UDP cleanup (None: not cleaned).
