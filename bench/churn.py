@@ -292,7 +292,10 @@ def recording_backend(name: str, marker: Path | None, ack_log: Any) -> Any:
 
     Operations are applied in place, so an apply costs what its operations do (as in
     the kernel), not a copy of the whole table: every table's apply runs in the
-    agent's process here, once per Pod namespace, which a real kernel's would not."""
+    agent's process here, once per Pod namespace, which a real kernel's would not.
+    The node's table is read in a helper thread while the loop writes (as a kernel
+    allows): a read takes a snapshot of the mapping under a lock, then builds the
+    objects outside it."""
     from svcproxy.diff import PlanError, _apply_one
     from svcproxy.ipvs.backend import MemoryBackend
     from svcproxy.model import Destination, Operation, OperationResult, ServiceKey, Table, VirtualService
@@ -300,6 +303,7 @@ def recording_backend(name: str, marker: Path | None, ack_log: Any) -> Any:
 
     class RecordingBackend(MemoryBackend):
         def __init__(self) -> None:
+            self.lock = threading.Lock()
             super().__init__()
             self.services: dict[ServiceKey, VirtualService] = {}
 
@@ -309,7 +313,8 @@ def recording_backend(name: str, marker: Path | None, ack_log: Any) -> Any:
 
         @table.setter
         def table(self, value: Table) -> None:
-            self.services = dict(value.services)
+            with self.lock:
+                self.services = dict(value.services)
 
         def _check(self) -> None:
             if marker is not None and not marker.exists():
@@ -319,10 +324,12 @@ def recording_backend(name: str, marker: Path | None, ack_log: Any) -> Any:
 
         def read(self, counts: bool | None = None) -> Table:
             self._check()
+            with self.lock:
+                items = list(self.services.items())
             return Table({k: VirtualService(vs.key, vs.scheduler, vs.persistence, vs.flags,
                                             tuple(Destination(d.address, d.port, d.weight, d.forward, 0, 0)
                                                   for d in vs.destinations))
-                          for k, vs in self.services.items()})
+                          for k, vs in items})
 
         def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
             self._check()
@@ -335,14 +342,15 @@ def recording_backend(name: str, marker: Path | None, ack_log: Any) -> Any:
                 return dests[key]
 
             failed = []
-            for op in ops:  # what diff.apply_ops does, without copying the table first
-                try:
-                    _apply_one(services, dest_map, dests, op)
-                except PlanError as exc:
-                    failed.append(OperationResult(op, str(exc)))
-            for key, dmap in dests.items():
-                if key in services:
-                    services[key] = services[key].with_destinations(dmap.values())
+            with self.lock:
+                for op in ops:  # what diff.apply_ops does, without copying the table first
+                    try:
+                        _apply_one(services, dest_map, dests, op)
+                    except PlanError as exc:
+                        failed.append(OperationResult(op, str(exc)))
+                for key, dmap in dests.items():
+                    if key in services:
+                        services[key] = services[key].with_destinations(dmap.values())
             t = time.time()
             states = []
             for key in {op.service for op in ops}:
