@@ -1,15 +1,20 @@
 """Which UDP conntrack entries are stale, as kube-proxy decides it (pure).
 
-UDP has no connection for IPVS to end, and with ``net.ipv4.vs.conntrack=1`` every
-flow through a virtual service has a conntrack entry that the client's next
-datagram keeps alive. Two cases leave a client stuck on such an entry:
+With ``net.ipv4.vs.conntrack=1`` every UDP flow through a virtual service has a
+conntrack entry that the client's next datagram keeps alive. A flow that began
+before its Service was programmed (a NodePort on the node's own address, a
+ClusterIP routed out of the node) has a confirmed entry with the un-translated
+reply; IPVS only rewrites entries it sees unconfirmed, so once the virtual service
+exists the real server's replies clash with that entry and leave under another
+source port, and a resolver's connected socket never takes them. The flow stays
+stuck while the client keeps sending.
 
-* the real server it was sent to went away: while the entry lives, IPVS drops the
-  flow's packets instead of scheduling them again (a DNS client keeps asking a
-  Pod that no longer exists);
-* the virtual service had no real server when the flow began: the entry records
-  the packet as unanswered and un-translated, and keeps the flow in that black
-  hole after an endpoint appears.
+kube-proxy also cleans up after a deleted real server and after the black hole of a
+virtual service without real servers. On 6.1, with the sysctls svcproxy sets, the
+kernel handles both (docs/parity.md has the reasons): expire_nodest_conn=1 makes
+IPVS drop a deleted server's connections with their entries, and IPVS drops a
+packet to a virtual service without real servers before its entry is confirmed.
+The rule below still deletes such entries wherever a kernel leaves them.
 
 So, like kube-proxy's conntrack cleanup, an entry whose original destination is a
 UDP virtual service (address and port) and whose reply does not come from one of
