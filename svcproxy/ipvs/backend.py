@@ -54,6 +54,12 @@ KERNEL_DEFAULT_TIMEOUTS = Timeouts(900, 120, 300)
 class MemoryBackend:
     """A map-backed table that rejects what the kernel would reject."""
 
+    #: A read is one consistent snapshot even while an apply runs in another thread
+    #: (the reconcile loop then reads beside its writes: reconcile/sweep.py). The
+    #: kernel's is not: a dump resumes by position, so a service deleted during it
+    #: can make it skip another.
+    consistent_read = True
+
     def __init__(self, table: Table | None = None) -> None:
         self.table = table if table is not None else Table()
         self.applied: list[Operation] = []

@@ -7,8 +7,9 @@ those changes make the tail of the network programming latency. So the compariso
 a slice of virtual services at a time, and between two slices the loop may apply the
 changes that arrived (a partial sync) before it goes on.
 
-The node's kernel read itself runs in a helper thread, so partial syncs may run while
-it does (they only share the interpreter with it).
+Where the node's backend reads a consistent snapshot whatever runs beside it (the
+in-memory one; not the kernel's dump, see targets.py), the read itself runs in a helper
+thread, so partial syncs may run while it does (they only share the interpreter with it).
 
 Why that stays exact. The read sees each virtual service as it was at some moment
 between the sweep's start and the read's end. What was compared but not yet applied is

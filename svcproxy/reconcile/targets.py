@@ -147,13 +147,15 @@ class Applier:
 
     @staticmethod
     def _read(target: Target, between: Between | None) -> Table:
-        """The kernel's table. The node's is read in a helper thread while the loop
-        lets changes in (``between``): a read of a big table takes seconds of wall
-        time on a busy node, and the node's backends open a socket or run a program
-        per call, so a read and a write may overlap (sweep.py says why the result is
-        exact). Pod namespaces' backends enter the namespace per call and are read in
-        the loop's thread."""
-        if between is None or target.pod:
+        """The kernel's table. Where the node's backend reads a consistent snapshot
+        whatever runs beside it (``consistent_read``), the read runs in a helper
+        thread while the loop lets changes in (``between``): a read of a big table
+        takes seconds of wall time on a busy node (sweep.py says why the result is
+        exact). The kernel's own dump is not such a snapshot (it resumes by position:
+        a service deleted during it can make it skip another, which the comparison
+        would then try to add again), so the netlink and ipvsadm backends, and Pod
+        namespaces, are read in the loop's thread."""
+        if between is None or target.pod or not getattr(target.backend, "consistent_read", False):
             return target.backend.read()
         box: dict[str, Any] = {}
 
