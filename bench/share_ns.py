@@ -31,13 +31,15 @@ namespace alone)::
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -50,7 +52,7 @@ from svcproxy.ipvs.netlink import NetlinkBackend  # noqa: E402
 from svcproxy.podns.attach import (  # noqa: E402
     BackendFactory, Preparer, PodNamespace, factory_like, ipvsadm_factory, pod_target, sync_namespace)
 from svcproxy.podns.mode import decide  # noqa: E402
-from vmboot import run_in_vm  # noqa: E402  (bench/vmboot.py)
+from vmboot import built_modules, load_built_ipvs, run_in_vm  # noqa: E402  (bench/vmboot.py)
 
 NETNS = "/var/run/netns"
 
@@ -104,8 +106,9 @@ class Namespaces:
     def node(self, mode: str) -> str | None:
         """Where the node's table goes: a namespace of its own, or in kernel mode the
         VM's root namespace (mode=2 refuses table changes anywhere else)."""
-        if mode == "kernel":
+        if mode == "kernel":  # an empty node table for each figure, as a fresh namespace has
             self.flush_root = True
+            subprocess.run(["ipvsadm", "-C"], check=True)
             return None
         return self.add(nic=False)
 
@@ -116,7 +119,8 @@ class Namespaces:
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
-def attach_bench(sizes: list[int], dests: int, nss: Namespaces, kind: str, mode: str) -> None:
+def attach_bench(sizes: list[int], dests: int, nss: Namespaces, kind: str, mode: str,
+                 out: list[dict[str, Any]]) -> None:
     decision = decide(mode)
     print(f"\n## Attach of a new Pod namespace vs. the node's full sync ({dests} real servers per service, "
           f"{mode} mode)\n")
@@ -151,27 +155,18 @@ def attach_bench(sizes: list[int], dests: int, nss: Namespaces, kind: str, mode:
         t_readopt, again = timed(lambda: sync_namespace(path, table, decision,
                                                         backend_factory=pod_factory(kind)))
         assert again.status == report.status and not again.operations
+        out.append({"services": n, "node_program": t_node, "node_ops": node_ops, "node_steady": t_steady,
+                    "attach": t_attach, "attach_ops": len(report.operations), "prepare": t_prep,
+                    "readopt": t_readopt})
         print(f"| {n:,} | {t_node:.2f} s ({node_ops:,} ops) | {t_steady:.2f} s | {t_attach:.2f} s "
               f"({len(report.operations):,} ops) | {t_prep:.2f} s | {t_readopt:.2f} s | "
               f"{t_attach / t_node:.2f} | {t_attach / t_steady:.2f} |", flush=True)
 
 
-def fanout_bench(counts: list[int], services: int, nss: Namespaces, kind: str, mode: str,
-                 profile: str | None = None) -> None:
+def fanout_objects(services: int) -> list[dict[str, Any]]:
+    """The fan-out's cluster: ``services`` ClusterIP Services x 2 endpoints, and the Node."""
     from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
 
-    from svcproxy.kube.store import Kind
-    from svcproxy.kube.translate import NodeInfo, TranslateConfig
-    from svcproxy.podns.attach import AttachResult, PodNamespaces
-    from svcproxy.reconcile import Proxier, ProxierConfig
-
-    decision = decide(mode)
-    print(f"\n## Fan-out of one endpoint change ({services} Services x 2 endpoints; one real server added; "
-          f"{mode} mode)\n")
-    print("| attached namespaces | partial sync | operations | per namespace (over 0 attached) | full sync before it |")
-    print("|---:|---:|---:|---:|---:|")
-    node_path = nss.node(mode)
-    pods = [nss.add() for _ in range(max(counts))]
     objs: list[dict[str, Any]] = [node("node-a")]
     for i in range(services):
         objs.append(service(f"s{i}", cluster_ips=(f"10.96.{i // 250}.{i % 250 + 1}",),
@@ -179,44 +174,99 @@ def fanout_bench(counts: list[int], services: int, nss: Namespaces, kind: str, m
         objs.append(endpoint_slice(f"s{i}", ports=[slice_port("http", 8080)],
                                    endpoints=[endpoint(f"10.244.{i // 100}.{(i % 100) * 2 + j + 1}")
                                               for j in range(2)]))
+    return objs
+
+
+def grown_slice(i: int, extra: int) -> dict[str, Any]:
+    """Service ``s{i}``'s EndpointSlice with ``extra`` endpoints more than at the start."""
+    from k8s_objects import endpoint, endpoint_slice, slice_port
+
+    ips = [f"10.244.{i // 100}.{(i % 100) * 2 + j + 1}" for j in range(2)] + [f"10.244.{250 + x}.{i + 1}"
+                                                                             for x in range(extra)]
+    return endpoint_slice(f"s{i}", ports=[slice_port("http", 8080)], endpoints=[endpoint(ip) for ip in ips])
+
+
+def fanout_proxier(kind: str, node_path: str | None, objs: list[dict[str, Any]], mode: str,
+                   pods: list[str]) -> Any:
+    """A reconcile loop with the cluster loaded and ``pods`` attached, before its first sync."""
+    from svcproxy.kube.store import Kind
+    from svcproxy.kube.translate import NodeInfo, TranslateConfig
+    from svcproxy.podns.attach import AttachResult, PodNamespaces
+    from svcproxy.reconcile import Proxier, ProxierConfig
+
+    proxier = Proxier(node_backend(kind, node_path),
+                      # no time-based full syncs: the measured sync must be the partial one
+                      ProxierConfig(translate=TranslateConfig(node=NodeInfo("node-a", ("192.168.49.2",))),
+                                    sync_period=1e9, drain_check_period=1e9))
     kinds = {"Node": Kind.NODE, "Service": Kind.SERVICE, "EndpointSlice": Kind.ENDPOINT_SLICE}
+    for obj in objs:
+        proxier.on_event(kinds[obj["kind"]], "ADDED", obj)
+    proxier.on_synced(Kind.SERVICE)
+    proxier.on_synced(Kind.ENDPOINT_SLICE)
+    attacher = PodNamespaces(proxier, decide(mode), make_target=lambda p: pod_target(p, pod_factory(kind)))
+    for path in pods:
+        assert attacher.attach(path) in (AttachResult.ATTACHED, AttachResult.SHARED)
+    return proxier
+
+
+def profiled_change(proxier: Any, i: int, profile: str) -> None:
+    """One more endpoint change, its partial sync under cProfile (not the measured one:
+    the profiler's own cost would be in the figure)."""
+    import cProfile
+    import pstats
+
+    from svcproxy.kube.store import Kind
+
+    proxier.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", grown_slice(i, 3))
+    prof = cProfile.Profile()
+    t, result = timed(lambda: prof.runcall(proxier.sync))
+    prof.dump_stats(profile)
+    print(f"\nProfiled partial sync (a third endpoint change, same namespaces): {t:.3f} s, "
+          f"{len(result.operations)} operations; cumulative top 30 (also in {profile}):")
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+def fanout_bench(counts: list[int], services: int, nss: Namespaces, kind: str, mode: str,
+                 out: list[dict[str, Any]], profile: str | None = None) -> None:
+    from svcproxy.kube.store import Kind
+
+    decision = decide(mode)
+    print(f"\n## Fan-out of one endpoint change ({services} Services x 2 endpoints; one real server added; "
+          f"{mode} mode)\n")
+    print("| attached namespaces | partial sync | operations | per namespace (over 0 attached) | full sync before it "
+          "| the next change's partial sync | full GCs in the measured sync |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    node_path = nss.node(mode)
+    pods = [nss.add() for _ in range(max(counts))]
+    objs = fanout_objects(services)
     base: float | None = None
     for round_, k in enumerate([0, *counts]):
-        proxier = Proxier(node_backend(kind, node_path),
-                          # no time-based full syncs: the measured sync must be the partial one
-                          ProxierConfig(translate=TranslateConfig(node=NodeInfo("node-a", ("192.168.49.2",))),
-                                        sync_period=1e9, drain_check_period=1e9))
-        for obj in objs:
-            proxier.on_event(kinds[obj["kind"]], "ADDED", obj)
-        proxier.on_synced(Kind.SERVICE)
-        proxier.on_synced(Kind.ENDPOINT_SLICE)
-        attacher = PodNamespaces(proxier, decision, make_target=lambda p: pod_target(p, pod_factory(kind)))
-        for path in pods[:k]:
-            assert attacher.attach(path) in (AttachResult.ATTACHED, AttachResult.SHARED)
+        proxier = fanout_proxier(kind, node_path, objs, mode, pods[:k])
         t_first, first = timed(lambda: proxier.sync(force_full=True))
         assert first.failed == 0, first
         # one real server added to one Service (another one each round, so earlier
         # rounds' changes never show up in this round's measured partial sync)
-        i = round_
-        changed = endpoint_slice(f"s{i}", ports=[slice_port("http", 8080)],
-                                 endpoints=[endpoint(f"10.244.{i // 100}.{(i % 100) * 2 + j + 1}") for j in range(2)]
-                                 + [endpoint(f"10.244.250.{i + 1}")])
-        proxier.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", changed)
-        if profile and k == max(counts):
-            import cProfile
-            import pstats
-            prof = cProfile.Profile()
-            t, result = timed(lambda: prof.runcall(proxier.sync))
-            prof.dump_stats(profile)
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
-        else:
-            t, result = timed(proxier.sync)
+        proxier.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", grown_slice(round_, 1))
+        gen2 = gc.get_stats()[2]["collections"]
+        t, result = timed(proxier.sync)
+        full_gcs = gc.get_stats()[2]["collections"] - gen2
         assert not result.full and result.failed == 0, result
         assert len(result.operations) == (1 if decision.shared else k + 1), result.operations
+        # a second change of the same Service: the first partial sync after a full one
+        # may pay for what the full sync left (the collector, paused during it)
+        proxier.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", grown_slice(round_, 2))
+        t_next, again = timed(proxier.sync)
+        assert not again.full and again.failed == 0 and len(again.operations) == len(result.operations), again
         if base is None:
             base = t
-        per = "" if k == 0 else f"{(t - base) / k * 1000:.1f} ms"
-        print(f"| {k} | {t:.3f} s | {len(result.operations)} | {per} | {t_first:.1f} s |", flush=True)
+        per = (t - base) / k if k else 0.0
+        out.append({"namespaces": k, "partial": t, "operations": len(result.operations), "per_namespace": per,
+                    "full_before": t_first, "next_partial": t_next, "full_gcs": full_gcs})
+        print(f"| {k} | {t:.3f} s | {len(result.operations)} | {f'{per * 1000:.1f} ms' if k else ''} "
+              f"| {t_first:.1f} s | {t_next:.3f} s | {full_gcs} |", flush=True)
+        if profile and k == max(counts):
+            profiled_change(proxier, round_, profile)
 
 
 def meminfo() -> dict[str, int]:
@@ -249,7 +299,8 @@ def settled() -> tuple[dict[str, int], dict[str, int]]:
     return meminfo(), slabs()
 
 
-def memory_bench(services: int, pods: int, dests: int, nss: Namespaces, kind: str, mode: str) -> None:
+def memory_bench(services: int, pods: int, dests: int, nss: Namespaces, kind: str, mode: str,
+                 out: list[dict[str, Any]]) -> None:
     """Kernel memory each Pod namespace costs: the namespace with its NIC, then (replicate
     mode) its VIP routes (preparation) and its IPVS table, each step measured once every
     namespace has it. The node's table exists before the first figure. In kernel mode a
@@ -279,6 +330,9 @@ def memory_bench(services: int, pods: int, dests: int, nss: Namespaces, kind: st
     rows.append(("all", steps[0][1], steps[-1][1]))
     for name, (m0, _), (m1, _) in rows:
         used = (m0["MemAvailable"] - m1["MemAvailable"]) / pods
+        out.append({"step": name, "slab_kb": (m1["Slab"] - m0["Slab"]) / pods,
+                    "sunreclaim_kb": (m1["SUnreclaim"] - m0["SUnreclaim"]) / pods,
+                    "percpu_kb": (m1.get("Percpu", 0) - m0.get("Percpu", 0)) / pods, "used_kb": used})
         print(f"| {name} | {(m1['Slab'] - m0['Slab']) / pods:,.0f} kB | "
               f"{(m1['SUnreclaim'] - m0['SUnreclaim']) / pods:,.0f} kB | "
               f"{(m1.get('Percpu', 0) - m0.get('Percpu', 0)) / pods:,.0f} kB | {used:,.0f} kB |")
@@ -288,18 +342,78 @@ def memory_bench(services: int, pods: int, dests: int, nss: Namespaces, kind: st
           + ", ".join(f"{c} {d / pods / 1024:,.0f} KiB" for d, c in grown))
 
 
-def vm(args: argparse.Namespace, argv: list[str]) -> int:
+def vm(args: argparse.Namespace, argv: list[str], vng_args: Sequence[str] = ()) -> int:
     # with built modules the guest loads only what ip_vs.ko needs; load_built_ipvs does the rest
     modules = (["veth", "nf_conntrack", "nf_defrag_ipv4", "nf_defrag_ipv6", "libcrc32c", "nf_nat"]
                if args.ipvs_modules else ["ip_vs", "ip_vs_rr", "veth"])
-    return run_in_vm("share_ns.py", [a for a in argv if a != "--vm"], memory=args.memory, modules=modules)
+    return run_in_vm("share_ns.py", [a for a in argv if a not in ("--vm", "--compare")], memory=args.memory,
+                     modules=modules, vng_args=vng_args, timeout=args.vm_timeout)
 
 
-def load_built_ipvs(directory: str, mode: int) -> None:
-    """ip_vs.ko with ``mode``, then every other IPVS module of the same build."""
-    subprocess.run(["insmod", f"{directory}/ip_vs.ko", f"mode={mode}"], check=True)
-    for ko in sorted(Path(directory).glob("ip_vs_*.ko")):
-        subprocess.run(["insmod", str(ko)], check=False)
+def compare(args: argparse.Namespace) -> int:
+    """Replicate mode, then kernel mode, each in a VM of its own booted back to back;
+    then one table of both with ratios (figures from the guests' JSON files)."""
+    out = Path(args.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    modules = built_modules()
+    common = ["--sizes", args.sizes, "--dests", str(args.dests), "--fanout", args.fanout,
+              "--fanout-services", str(args.fanout_services), "--memory-size", args.memory_size,
+              "--backend", args.backend, *(f"--only={o}" for o in (args.only or []))]
+    runs = {"replicate": ["--mode", "replicate", "--profile", str(out / "fanout-replicate.prof"),
+                          *(["--ipvs-modules", modules, "--ipvs-mode", "0"] if args.replicate_ipvs == "built"
+                            else [])],
+            "kernel": ["--mode", "kernel", "--ipvs-modules", modules, "--ipvs-mode", "2"]}
+    loads: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+    for mode, extra in runs.items():
+        inner = [*common, *extra, "--json", str(out / f"{mode}.json")]
+        sub = argparse.Namespace(**{**vars(args), "ipvs_modules": modules if "--ipvs-modules" in extra else None})
+        before = os.getloadavg()
+        print(f"\n# {mode} mode (load average {before[0]:.2f} {before[1]:.2f} {before[2]:.2f})", flush=True)
+        rc = vm(sub, inner, ["--rwdir", str(out)])
+        loads[mode] = (before, os.getloadavg())
+        if rc != 0:
+            print(f"{mode} run failed (exit {rc})", file=sys.stderr)
+            return rc
+    figures = {mode: json.loads((out / f"{mode}.json").read_text()) for mode in runs}
+    compare_report(figures, loads, args)
+    return 0
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:,.0f}x" if b > 0 and a / b >= 10 else f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
+def compare_report(fig: dict[str, Any], loads: dict[str, Any], args: argparse.Namespace) -> None:
+    rep, ker = fig["replicate"], fig["kernel"]
+    print(f"\n# Replicate vs kernel mode per Pod ({args.backend} backend; replicate on the "
+          f"{'built ip_vs, mode=0' if args.replicate_ipvs == 'built' else 'kernel own ip_vs'}, kernel on the built "
+          "ip_vs, mode=2; each in its own VM, booted back to back)\n")
+    for mode, (b, a) in loads.items():
+        print(f"load average on the host: {mode} boot {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} -> {a[0]:.2f} {a[1]:.2f} {a[2]:.2f}")
+    if rep["attach"] and ker["attach"]:
+        print("\n| services | replicate: attach (ops) | kernel: attach (ops) | replicate / kernel | "
+              "attach / node program: replicate, kernel |")
+        print("|---:|---:|---:|---:|---:|")
+        for r, k in zip(rep["attach"], ker["attach"]):
+            print(f"| {r['services']:,} | {r['attach']:.3f} s ({r['attach_ops']:,}) | {k['attach']:.4f} s "
+                  f"({k['attach_ops']:,}) | {ratio(r['attach'], k['attach'])} | "
+                  f"{r['attach'] / r['node_program']:.2f}, {k['attach'] / k['node_program']:.4f} |")
+    if rep["fanout"] and ker["fanout"]:
+        print("\n| Pod namespaces | replicate: partial sync (ops) | per namespace | the next change | "
+              "kernel: partial sync (ops) | the next change | replicate / kernel |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for r, k in zip(rep["fanout"], ker["fanout"]):
+            per = f"{r['per_namespace'] * 1000:.1f} ms" if r["namespaces"] else ""
+            print(f"| {r['namespaces']} | {r['partial']:.3f} s ({r['operations']}) | {per} | {r['next_partial']:.3f} s "
+                  f"| {k['partial']:.3f} s ({k['operations']}) | {k['next_partial']:.3f} s "
+                  f"| {ratio(r['partial'], k['partial'])} |")
+    if rep["memory"] and ker["memory"]:
+        r, k = rep["memory"][-1], ker["memory"][-1]  # the "all" rows
+        print(f"\n| kernel memory per Pod namespace ({args.memory_size}) | replicate | kernel | replicate / kernel |")
+        print("|---|---:|---:|---:|")
+        for key, name in (("slab_kb", "Slab"), ("sunreclaim_kb", "of which unreclaimable"), ("percpu_kb", "Percpu"),
+                          ("used_kb", "MemTotal - MemAvailable")):
+            print(f"| {name} | {r[key]:,.0f} kB | {k[key]:,.0f} kB | {ratio(r[key], k[key])} |")
 
 
 def main(argv: list[str]) -> int:
@@ -324,8 +438,20 @@ def main(argv: list[str]) -> int:
                         help="run only these figures (repeatable; default: all)")
     parser.add_argument("--skip", choices=["attach", "fanout"], default=None)
     parser.add_argument("--vm", action="store_true", help="boot the test VM (vng) and run there")
-    parser.add_argument("--memory", default="2G", help="VM memory (with --vm)")
+    parser.add_argument("--memory", default="3G", help="VM memory (with --vm)")
+    parser.add_argument("--vm-timeout", type=int, default=5400, help="seconds before a VM is stopped (with --vm)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    parser.add_argument("--compare", action="store_true",
+                        help="boot a VM in replicate mode, then one in kernel mode (the built ip_vs, mode=2), "
+                             "and print both with ratios")
+    parser.add_argument("--replicate-ipvs", choices=["stock", "built"], default="stock",
+                        help="with --compare: replicate mode on the kernel's own ip_vs (default) or the built "
+                             "one loaded with mode=0")
+    parser.add_argument("--out-dir", default=str(REPO / "build" / "share-ns-compare"),
+                        help="with --compare: where the guests write their JSON and the profile")
     args = parser.parse_args(argv)
+    if args.compare:
+        return compare(args)
     if args.vm:
         return vm(args, argv)
     if args.ipvs_modules:
@@ -336,18 +462,22 @@ def main(argv: list[str]) -> int:
         return 2
     print(f"kernel {os.uname().release}, {os.cpu_count()} cpus, {args.backend} backend")
     nss = Namespaces()
+    figures: dict[str, list[dict[str, Any]]] = {"attach": [], "fanout": [], "memory": []}
     try:
         only = set(args.only or ["attach", "fanout", "memory"]) - {args.skip}
         if "attach" in only:
-            attach_bench([int(s) for s in args.sizes.split(",")], args.dests, nss, args.backend, args.mode)
+            attach_bench([int(s) for s in args.sizes.split(",")], args.dests, nss, args.backend, args.mode,
+                         figures["attach"])
         if "fanout" in only:
             fanout_bench([int(s) for s in args.fanout.split(",")], args.fanout_services, nss, args.backend,
-                         args.mode, args.profile)
+                         args.mode, figures["fanout"], args.profile)
         if "memory" in only:
             services, pods = (int(x) for x in args.memory_size.split("x"))
-            memory_bench(services, pods, args.dests, nss, args.backend, args.mode)
+            memory_bench(services, pods, args.dests, nss, args.backend, args.mode, figures["memory"])
     finally:
         nss.close()
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0
 
 

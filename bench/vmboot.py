@@ -67,3 +67,22 @@ def run_in_vm(script: str, args: Sequence[str], *, memory: str, cpus: int = 2, m
         proc.terminate()
         proc.wait()
         return 130
+
+
+def built_modules() -> str:
+    """The directory of svcproxy's built IPVS modules (tools/build-ipvs-module: built
+    for the kernel the VM boots, cached; the script's last line of output)."""
+    cp = subprocess.run([str(REPO / "tools" / "build-ipvs-module")], stdout=subprocess.PIPE, text=True)
+    if cp.returncode != 0 or not cp.stdout.strip():
+        raise SystemExit(f"tools/build-ipvs-module failed (exit {cp.returncode})")
+    return cp.stdout.strip().splitlines()[-1]
+
+
+def load_built_ipvs(directory: str, mode: int) -> None:
+    """In the guest: what ip_vs.ko needs, ip_vs.ko with ``mode``, then every other IPVS
+    module of the same build (never a stock one: their symbol versions differ)."""
+    subprocess.run(["modprobe", "-a", "nf_conntrack", "nf_defrag_ipv4", "nf_defrag_ipv6", "libcrc32c", "nf_nat"],
+                   check=True)
+    subprocess.run(["insmod", f"{directory}/ip_vs.ko", f"mode={mode}"], check=True)
+    for ko in sorted(Path(directory).glob("ip_vs_*.ko")):
+        subprocess.run(["insmod", str(ko)], check=False)
