@@ -14,7 +14,9 @@ the VM's root namespace):
   Also: re-adopting an already programmed namespace (what an agent restart costs per
   namespace). Kernel mode: the same call, which programs nothing.
 * Fan-out: one endpoint change (one real server added) through the reconcile loop
-  (``Proxier.sync``, a partial sync) with 0, 1, 10 and 50 attached namespaces.
+  (``Proxier.sync``, a partial sync) with 0 and then each ``--fanout`` count of
+  attached namespaces; then the next change, ``--fanout-repeat`` more (their median
+  and minimum show the noise) and the guest's CPU use while nothing runs.
 * Kernel memory per Pod namespace (slab, percpu, MemAvailable deltas) at 10,000
   services x 10 namespaces: the namespace with its NIC, its VIP routes, its table.
 
@@ -22,10 +24,17 @@ Tables are programmed over netlink (``--backend ipvsadm``: with ipvsadm). Runs a
 root where IPVS exists, in namespaces of its own (replicate mode leaves the VM's root
 namespace alone)::
 
-    bench/share_ns.py --vm                          # boots the VM (virtme-ng, emulated)
+    bench/share_ns.py --compare                     # both modes, one VM each, one table with ratios
+    bench/share_ns.py --vm                          # replicate mode only (virtme-ng, emulated)
     bench/share_ns.py --vm --sizes 1000,2000        # smaller
-    bench/share_ns.py --vm --only fanout --profile /tmp/fanout.prof   # cProfile of the 50-namespace sync
+    bench/share_ns.py --vm --only fanout --fanout-repeat 5 --profile /tmp/fanout.prof
+                                                    # cProfile of one more change at the largest count
     bench/share_ns.py --vm --mode kernel --ipvs-modules "$(tools/build-ipvs-module | tail -n 1)"
+
+``--compare`` builds the IPVS modules first (tools/build-ipvs-module, cached), boots a
+VM with the kernel's own ip_vs for replicate mode (``--replicate-ipvs built``: the
+built one with mode=0) and then one with the built ip_vs at mode=2, and keeps the
+guests' JSON figures and the profile in ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -181,7 +190,7 @@ def grown_slice(i: int, extra: int) -> dict[str, Any]:
     """Service ``s{i}``'s EndpointSlice with ``extra`` endpoints more than at the start."""
     from k8s_objects import endpoint, endpoint_slice, slice_port
 
-    ips = [f"10.244.{i // 100}.{(i % 100) * 2 + j + 1}" for j in range(2)] + [f"10.244.{250 + x}.{i + 1}"
+    ips = [f"10.244.{i // 100}.{(i % 100) * 2 + j + 1}" for j in range(2)] + [f"10.245.{x}.{i + 1}"
                                                                              for x in range(extra)]
     return endpoint_slice(f"s{i}", ports=[slice_port("http", 8080)], endpoints=[endpoint(ip) for ip in ips])
 
@@ -209,7 +218,7 @@ def fanout_proxier(kind: str, node_path: str | None, objs: list[dict[str, Any]],
     return proxier
 
 
-def profiled_change(proxier: Any, i: int, profile: str) -> None:
+def profiled_change(proxier: Any, i: int, extra: int, profile: str) -> None:
     """One more endpoint change, its partial sync under cProfile (not the measured one:
     the profiler's own cost would be in the figure)."""
     import cProfile
@@ -217,26 +226,42 @@ def profiled_change(proxier: Any, i: int, profile: str) -> None:
 
     from svcproxy.kube.store import Kind
 
-    proxier.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", grown_slice(i, 3))
+    proxier.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", grown_slice(i, extra))
     prof = cProfile.Profile()
     t, result = timed(lambda: prof.runcall(proxier.sync))
     prof.dump_stats(profile)
-    print(f"\nProfiled partial sync (a third endpoint change, same namespaces): {t:.3f} s, "
+    print(f"\nProfiled partial sync (one more endpoint change, same namespaces): {t:.3f} s, "
           f"{len(result.operations)} operations; cumulative top 30 (also in {profile}):")
     pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
+def background_cpu(seconds: float) -> tuple[float, float]:
+    """The guest's CPU use while this process sleeps: (busy, softirq) as fractions of
+    all CPUs. What the kernel does on its own with the tables there are (IPVS's rate
+    estimators walk every service and real server of every namespace every 2 s)."""
+    def sample() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:8]]
+    a = sample()
+    time.sleep(seconds)
+    b = sample()
+    d = [y - x for x, y in zip(a, b)]
+    total = sum(d) or 1
+    return (total - d[3] - d[4]) / total, d[6] / total
+
+
 def fanout_bench(counts: list[int], services: int, nss: Namespaces, kind: str, mode: str,
-                 out: list[dict[str, Any]], profile: str | None = None) -> None:
+                 out: list[dict[str, Any]], profile: str | None = None, repeat: int = 1) -> None:
     from svcproxy.kube.store import Kind
 
     decision = decide(mode)
     print(f"\n## Fan-out of one endpoint change ({services} Services x 2 endpoints; one real server added; "
           f"{mode} mode)\n")
-    print("| attached namespaces | partial sync | operations | per namespace (over 0 attached) | full sync before it "
-          "| the next change's partial sync | full GCs in the measured sync |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| attached namespaces | partial sync | operations | per namespace (over 0 attached) | full sync before it "
+          f"| the next change's partial sync | {repeat} more changes: median, min | full GCs in the measured sync "
+          "| guest CPU busy with nothing to do (softirq) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     node_path = nss.node(mode)
     pods = [nss.add() for _ in range(max(counts))]
     objs = fanout_objects(services)
@@ -258,15 +283,22 @@ def fanout_bench(counts: list[int], services: int, nss: Namespaces, kind: str, m
         proxier.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", grown_slice(round_, 2))
         t_next, again = timed(proxier.sync)
         assert not again.full and again.failed == 0 and len(again.operations) == len(result.operations), again
+        more = []  # noise: the same change again and again, one real server more each time
+        for extra in range(3, 3 + repeat):
+            proxier.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", grown_slice(round_, extra))
+            more.append(timed(proxier.sync)[0])
         if base is None:
             base = t
         per = (t - base) / k if k else 0.0
         out.append({"namespaces": k, "partial": t, "operations": len(result.operations), "per_namespace": per,
-                    "full_before": t_first, "next_partial": t_next, "full_gcs": full_gcs})
+                    "full_before": t_first, "next_partial": t_next, "full_gcs": full_gcs, "more": more})
+        spread = f"{sorted(more)[len(more) // 2]:.3f}, {min(more):.3f} s" if more else ""
+        busy, softirq = background_cpu(6.0) if repeat else (float("nan"), float("nan"))
+        out[-1].update(more=more, idle_busy=busy, idle_softirq=softirq)
         print(f"| {k} | {t:.3f} s | {len(result.operations)} | {f'{per * 1000:.1f} ms' if k else ''} "
-              f"| {t_first:.1f} s | {t_next:.3f} s | {full_gcs} |", flush=True)
+              f"| {t_first:.1f} s | {t_next:.3f} s | {spread} | {full_gcs} | {busy:.0%} ({softirq:.0%}) |", flush=True)
         if profile and k == max(counts):
-            profiled_change(proxier, round_, profile)
+            profiled_change(proxier, round_, 3 + repeat, profile)
 
 
 def meminfo() -> dict[str, int]:
@@ -357,7 +389,8 @@ def compare(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     modules = built_modules()
     common = ["--sizes", args.sizes, "--dests", str(args.dests), "--fanout", args.fanout,
-              "--fanout-services", str(args.fanout_services), "--memory-size", args.memory_size,
+              "--fanout-services", str(args.fanout_services), "--fanout-repeat", str(args.fanout_repeat),
+              "--memory-size", args.memory_size,
               "--backend", args.backend, *(f"--only={o}" for o in (args.only or []))]
     runs = {"replicate": ["--mode", "replicate", "--profile", str(out / "fanout-replicate.prof"),
                           *(["--ipvs-modules", modules, "--ipvs-mode", "0"] if args.replicate_ipvs == "built"
@@ -422,6 +455,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dests", type=int, default=2, help="real servers per virtual service (attach)")
     parser.add_argument("--fanout", default="1,10,50", help="attached namespace counts for the fan-out figure")
     parser.add_argument("--fanout-services", type=int, default=200)
+    parser.add_argument("--fanout-repeat", type=int, default=0,
+                        help="after the two measured changes, this many more (median and min shown: the noise)")
     parser.add_argument("--backend", choices=["netlink", "ipvsadm"], default="netlink",
                         help="how the node and the Pod namespaces are programmed")
     parser.add_argument("--mode", choices=["replicate", "kernel"], default="replicate",
@@ -470,7 +505,7 @@ def main(argv: list[str]) -> int:
                          figures["attach"])
         if "fanout" in only:
             fanout_bench([int(s) for s in args.fanout.split(",")], args.fanout_services, nss, args.backend,
-                         args.mode, figures["fanout"], args.profile)
+                         args.mode, figures["fanout"], args.profile, args.fanout_repeat)
         if "memory" in only:
             services, pods = (int(x) for x in args.memory_size.split("x"))
             memory_bench(services, pods, args.dests, nss, args.backend, args.mode, figures["memory"])
