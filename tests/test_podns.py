@@ -139,6 +139,17 @@ def test_vips_skip_fwmark_services_and_split_families() -> None:
     assert vips_of(table) == {Family.IPV4: frozenset({"10.96.0.1"}), Family.IPV6: frozenset({"fd00:96::1"})}
 
 
+def test_vips_are_computed_once_per_table() -> None:
+    """Every Pod namespace of a sync prepares against the same table: its VIPs are
+    found once, not once per namespace; another table (the next sync's) is walked."""
+    table = Table.of([vs("10.96.0.1"), vs("10.96.0.2")])
+    first = vips_of(table)
+    assert vips_of(table) is first
+    other = Table.of([vs("10.96.0.1")])
+    assert vips_of(other) == {Family.IPV4: frozenset({"10.96.0.1"}), Family.IPV6: frozenset()}
+    assert vips_of(table) is not first and vips_of(table) == first
+
+
 def test_pod_visible_leaves_out_node_ports() -> None:
     table = Table.of([vs("10.96.0.1"), vs(NODE_IP, 30080), vs("203.0.113.7")])
     assert set(pod_visible(table, (NODE_IP,)).services) == {ServiceKey(Protocol.TCP, "10.96.0.1", 80),

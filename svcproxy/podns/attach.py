@@ -407,14 +407,26 @@ class KernelIO:
         in_namespace(fd, lambda: write_sysctls_here(values, self.sysctl_dir))
 
 
+_last_vips: tuple[Table, dict[Family, frozenset[str]]] | None = None
+
+
 def vips_of(table: Table) -> dict[Family, frozenset[str]]:
-    """The VIPs a table serves, per family (fwmark services have none)."""
+    """The VIPs a table serves, per family (fwmark services have none); shared, not
+    to be modified. The answer for the last table asked is kept: the loop hands one
+    Pod-visible table per sync to every Pod namespace, and walking all its services
+    once per namespace made every change cost Services x Pods."""
+    global _last_vips
+    last = _last_vips
+    if last is not None and last[0] is table:
+        return last[1]
     out: dict[Family, set[str]] = {Family.IPV4: set(), Family.IPV6: set()}
     for key in table.services:
         if key.fwmark or not key.address:
             continue
         out[Family.IPV6 if ":" in key.address else Family.IPV4].add(key.address)
-    return {f: frozenset(v) for f, v in out.items()}
+    vips = {f: frozenset(v) for f, v in out.items()}
+    _last_vips = (table, vips)
+    return vips
 
 
 class Preparer:
