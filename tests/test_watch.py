@@ -715,3 +715,21 @@ def test_objects_are_kept_without_managed_fields(fake: FakeApiServer, watch: Any
         assert "managedFields" not in event.obj["metadata"], event.obj
         assert event.obj["metadata"]["resourceVersion"] and event.obj["metadata"]["uid"]
     assert all("managedFields" not in obj["metadata"] for obj in w.cache.values())
+
+
+def test_watched_objects_share_their_field_names(fake: FakeApiServer, watch: Any) -> None:
+    """Each watch event is decoded on its own: without interning, every watched object
+    held its own copy of every field name (memory that grew as churn replaced listed
+    objects by watched ones)."""
+    _, rec = watch()
+    synced(rec)
+    wait_until(lambda: fake.open_watches() == 1, what="the watch")
+    fake.apply(svc("a"))
+    fake.apply(svc("b"))
+    a, b = (e.obj for e in rec.wait_events(2))
+
+    def keys(obj: Any) -> list[str]:
+        return [*obj, *obj["metadata"], *obj["spec"]]
+
+    assert keys(a) == keys(b)
+    assert all(x is y for x, y in zip(keys(a), keys(b))), "field names decoded into separate strings"

@@ -34,6 +34,11 @@ Design decisions:
 - Objects are kept without ``metadata.managedFields``: nothing here reads them, and
   they are often the largest part of an object (client-go's informers in kube-proxy
   drop them the same way), so a node's memory does not grow with their history.
+- Field names of watched objects are interned (``_interned_keys``). A list page is one
+  JSON document, whose decoder shares each field name among all its objects; every
+  watch event is a document of its own, so without this each object replaced by an
+  event would hold its own copy of every field name: a quarter more memory per object,
+  reached gradually as churn touches every object once.
 - Nothing a server sends may kill the thread: malformed objects and events are
   counted and skipped, sink exceptions are logged, and every other error is retried.
 """
@@ -44,6 +49,7 @@ import json
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -222,6 +228,12 @@ class WatchError(Exception):
 
 class _Expired(Exception):
     """The server no longer has our resourceVersion (410): relist."""
+
+
+def _interned_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The JSON decoder's hook for watch events: one string per field name, shared by
+    every object (see the module docstring)."""
+    return {sys.intern(k): v for k, v in pairs}
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -613,7 +625,7 @@ class Watcher:
         if not line.strip():
             return False
         try:
-            event = json.loads(line)
+            event = json.loads(line, object_pairs_hook=_interned_keys)
         except ValueError:
             self._malformed("event is not JSON", line)
             return False
