@@ -256,7 +256,8 @@ def child(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("svcproxy.agent").setLevel(logging.INFO)
     ack_log = open(args.ack_log, "a", buffering=1 << 16)
-    node = recording_backend("node", None, ack_log)
+    kernel = args.kernel == "netlink"
+    node = netlink_recording_backend("node", None, ack_log) if kernel else recording_backend("node", None, ack_log)
     config = AgentConfig(node_name=NODE, kubeconfig=args.kubeconfig, sync_period=args.sync_period,
                          min_sync_period=args.min_sync_period, health_bind="127.0.0.1:0",
                          healthcheck_bind_host="127.0.0.1", watch_idle_timeout=args.watch_idle_timeout)
@@ -268,18 +269,76 @@ def child(args: argparse.Namespace) -> int:
         name = f"pod-{i}"
         marker = Path(args.ns_dir) / name
         marker.touch()
-        pods[name] = recording_backend(name, marker, ack_log)
+        pods[name] = (netlink_recording_backend(name, new_netns(f"{args.label}-{name}"), ack_log) if kernel
+                      else recording_backend(name, marker, ack_log))
         agent.proxier.attach(Target(name, pods[name]))
     agent.install_signal_handlers()
+    if args.mem_log:
+        if os.environ.get("CHURN_TRACEMALLOC"):
+            # In this thread, after the heavy imports: traced, they take many minutes;
+            # started in another thread during an import, it broke the import.
+            import tracemalloc
+
+            import kubernetes.client
+
+            kubernetes.client.CoreV1Api, kubernetes.client.DiscoveryV1Api  # imported on first use
+
+            tracemalloc.start(int(os.environ["CHURN_TRACEMALLOC"]))
+        threading.Thread(target=memory_trace, args=(args.mem_log, args.mem_trace, agent.stop),
+                         name="mem-trace", daemon=True).start()
     status = agent.run()
     # Pod namespaces are read one at a time and their drains end together: one sync
     # reading every table ends what still drains, so that the tables can be compared.
     agent.proxier.sync(force_full=True)
     ack_log.close()
-    tables = {"node": dump(node.table)}
-    tables.update({name: dump(b.table) for name, b in pods.items() if (Path(args.ns_dir) / name).exists()})
+    if kernel:  # the real tables, read by ipvsadm (not by the agent's own decoder)
+        tables = {"node": kernel_dump(None)}
+        tables.update({name: kernel_dump(b.netns) for name, b in pods.items()})
+    else:
+        tables = {"node": dump(node.table)}
+        tables.update({name: dump(b.table) for name, b in pods.items() if (Path(args.ns_dir) / name).exists()})
     Path(args.dump).write_text(json.dumps(tables))
     return status
+
+
+def memory_trace(path: str, period: float, stop: threading.Event) -> None:
+    """Diagnostics for memory growth (``--mem-trace``): every ``period`` seconds one JSON
+    line with the resident memory, the blocks Python's allocator holds, the collector's
+    counts and the number of live container objects per type (a leak is a type that keeps
+    growing; RSS growing while the blocks do not is the allocator keeping freed arenas);
+    with tracemalloc on, a snapshot per line for ``--mem-trace-diff``."""
+    import gc
+    import tracemalloc
+    from collections import Counter
+
+    from agent import proc_mem
+
+    t0, n = time.time(), 0
+    with open(path, "a") as out:
+        while not stop.wait(period if n else min(period, 60.0)):
+            types = Counter(type(o).__name__ for o in gc.get_objects())
+            line: dict[str, Any] = {"t": time.time() - t0, "rss": proc_mem(os.getpid())[0],
+                                    "blocks": sys.getallocatedblocks(), "gc_count": gc.get_count(),
+                                    "gc_stats": gc.get_stats(), "types": dict(types.most_common(40))}
+            if tracemalloc.is_tracing():
+                snap = f"{path}.{n}.snap"
+                tracemalloc.take_snapshot().dump(snap)
+                line["snapshot"], line["traced"] = snap, tracemalloc.get_traced_memory()
+            out.write(json.dumps(line) + "\n")
+            out.flush()
+            n += 1
+
+
+def memory_diff(before: str, after: str, top: int = 12) -> int:
+    """Where the memory that grew between two ``--mem-trace`` snapshots was allocated."""
+    import tracemalloc
+
+    old, new = tracemalloc.Snapshot.load(before), tracemalloc.Snapshot.load(after)
+    for stat in new.compare_to(old, "traceback")[:top]:
+        print(f"{stat.size_diff / 1024:+.0f} KiB in {stat.count_diff:+d} blocks (now {stat.size / 1024:.0f} KiB):")
+        for line in stat.traceback.format(most_recent_first=True)[:16]:
+            print("    " + line)
+    return 0
 
 
 def dump(table: Any) -> dict[str, list[str]]:
@@ -351,18 +410,66 @@ def recording_backend(name: str, marker: Path | None, ack_log: Any) -> Any:
                 for key, dmap in dests.items():
                     if key in services:
                         services[key] = services[key].with_destinations(dmap.values())
-            t = time.time()
-            states = []
-            for key in {op.service for op in ops}:
-                vs = services.get(key)
-                state = ABSENT if vs is None else digest(f"{d.address}:{d.port}" for d in vs.destinations
-                                                         if d.weight > 0)
-                states.append(f"{key}={state}")
-            ack_log.write(f"{name} {t:.6f} {len(ops)} {' '.join(states)}\n")
-            ack_log.flush()
+            log_states(ack_log, name, time.time(), ops, services)
             return failed
 
     return RecordingBackend()
+
+
+def log_states(ack_log: Any, name: str, t: float, ops: Sequence[Any], services: Mapping[Any, Any]) -> None:
+    """One line of the log the benchmark follows: the table, the time, the plan's size,
+    and the state (digest of the real servers with weight) of every virtual service it touched."""
+    states = []
+    for key in {op.service for op in ops}:
+        vs = services.get(key)
+        state = ABSENT if vs is None else digest(f"{d.address}:{d.port}" for d in vs.destinations if d.weight > 0)
+        states.append(f"{key}={state}")
+    ack_log.write(f"{name} {t:.6f} {len(ops)} {' '.join(states)}\n")
+    ack_log.flush()
+
+
+def netlink_recording_backend(name: str, netns: str | None, ack_log: Any) -> Any:
+    """The real kernel (``--kernel netlink``, in the VM): the agent's own netlink backend,
+    which after each apply logs the states of the virtual services the plan touched as the
+    kernel acknowledged them. Those come from an image kept here: the table read from
+    the kernel at the start, with every operation the kernel did not refuse applied to
+    it since (a read per plan would cost the agent more than the plan; the agent's own
+    reads may run beside its applies, so they are not taken in); the tables read back
+    with ipvsadm at the end check the outcome against the kernel itself."""
+    from svcproxy.diff import apply_ops
+    from svcproxy.ipvs.netlink import NetlinkBackend
+    from svcproxy.model import Operation, OperationResult, Table
+
+    class RecordingNetlink(NetlinkBackend):
+        def __init__(self) -> None:
+            super().__init__(netns)
+            self.image: Table = super().read()
+            self.lock = threading.Lock()
+
+        def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
+            failed = super().apply(ops)
+            t = time.time()
+            refused = {id(r.operation) for r in failed}
+            with self.lock:
+                self.image = apply_ops(self.image, [op for op in ops if id(op) not in refused])[0]
+                log_states(ack_log, name, t, ops, self.image.services)
+            return failed
+
+    return RecordingNetlink()
+
+
+def new_netns(name: str) -> str:
+    """A fresh network namespace (in the VM) standing for a Pod's: only its IPVS table is used."""
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    return f"/run/netns/{name}"
+
+
+def kernel_dump(netns: str | None) -> dict[str, list[str]]:
+    """A namespace's IPVS table as ``ipvsadm -Sn`` prints it."""
+    from svcproxy.ipvs.ipvsadm_parse import parse_save
+
+    cmd = ["ipvsadm", "-Sn"] if netns is None else ["ip", "netns", "exec", Path(netns).name, "ipvsadm", "-Sn"]
+    return dump(parse_save(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
 
 
 # ----------------------------------------------------------------------------- the cluster
@@ -544,9 +651,11 @@ class AgentProcess(_agent_child()):  # type: ignore[misc]
         cmd = [sys.executable, script, "--child", "--kubeconfig", kubeconfig, "--ack-log", str(self.ack_log),
                "--dump", str(self.dump), "--ns-dir", str(self.ns_dir), "--pod-tables", str(namespaces),
                "--sync-period", str(args.sync_period), "--min-sync-period", str(variant.min_sync_period),
-               "--watch-idle-timeout", str(args.watch_idle_timeout)]
+               "--watch-idle-timeout", str(args.watch_idle_timeout), "--kernel", args.kernel, "--label", label]
         if variant.drain_check_period is not None:
             cmd += ["--drain-check-period", str(variant.drain_check_period)]
+        if args.mem_trace:
+            cmd += ["--mem-trace", str(args.mem_trace), "--mem-log", str(workdir / f"{label}.mem")]
         self.started = time.monotonic()
         self.port = 0
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
@@ -554,8 +663,9 @@ class AgentProcess(_agent_child()):  # type: ignore[misc]
 
     def wait_ready(self, timeout: float = 1800) -> float:
         """Like bench/agent.py's, but patient: on a busy machine the health server may
-        take longer than a plain request's timeout to answer."""
-        self.wait_port()
+        take longer than a plain request's timeout to answer, and in the VM the imports
+        alone take minutes."""
+        self.wait_port(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._get("/readyz", quiet=True)[0] == 200:
@@ -1079,7 +1189,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results (with every latency) as JSON")
     parser.add_argument("--plot", metavar="RESULTS", nargs="+", help="draw PNGs into docs/ from results files")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    for hidden in ("--kubeconfig", "--ack-log", "--dump", "--ns-dir", "--pod-tables"):
+    parser.add_argument("--vm", action="store_true", help="boot the test VM and run there with --kernel netlink")
+    parser.add_argument("--memory", default="2G", help="VM memory (with --vm)")
+    parser.add_argument("--vm-timeout", type=int, default=3600, help="seconds before the VM is stopped (with --vm)")
+    parser.add_argument("--kernel", choices=["memory", "netlink"], default="memory",
+                        help="the agent's kernel: an in-memory table (default), or this kernel's IPVS over "
+                             "netlink (root, ip_vs loaded: the VM)")
+    parser.add_argument("--mem-trace", type=float, default=0.0, metavar="SECONDS",
+                        help="diagnostics: the agent writes its allocator's and collector's figures and live "
+                             "objects per type every SECONDS to AGENT.mem (with CHURN_TRACEMALLOC=N in the "
+                             "environment, tracemalloc snapshots of N frames too)")
+    parser.add_argument("--mem-trace-diff", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="where the memory that grew between two tracemalloc snapshots was allocated")
+    for hidden in ("--kubeconfig", "--ack-log", "--dump", "--ns-dir", "--pod-tables", "--mem-log", "--label"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -1092,9 +1214,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         from churn_plot import plot  # bench/churn_plot.py: matplotlib only there
 
         return plot(args.plot, REPO / "docs")
+    if args.mem_trace_diff:
+        return memory_diff(*args.mem_trace_diff)
+    if args.vm:
+        return in_vm(args, list(sys.argv[1:] if argv is None else argv))
+    if args.kernel == "netlink" and (args.faults or args.faults_only):
+        parser.error("--faults with --kernel netlink: the faults run on the host only")
+    if args.kernel == "netlink" and os.geteuid() != 0:
+        parser.error("--kernel netlink needs root and IPVS: use --vm")
     if args.faults_only:
         args.faults, args.namespaces, args.rates = True, [], []
     return parent(args)
+
+
+def in_vm(args: argparse.Namespace, argv: list[str]) -> int:
+    """This benchmark, whole (API server, writer, agent), in the test VM against its real
+    kernel; --out and --keep are written through to this machine."""
+    from vmboot import run_in_vm  # bench/vmboot.py
+
+    inner, writable = [], []
+    words = iter(argv)
+    for word in words:
+        name, eq, value = word.partition("=")
+        if word == "--vm":
+            continue
+        if name in ("--out", "--keep"):
+            path = Path(value if eq else next(words)).resolve()
+            target = path if name == "--keep" else path.parent
+            target.mkdir(parents=True, exist_ok=True)
+            writable.append(str(target))
+            inner += [name, str(path)]
+            continue
+        inner.append(word)
+    vng_args = [w for d in dict.fromkeys(writable) for w in ("--rwdir", d)]
+    # Compiled here: the guest writes no .pyc files, and compiling there, emulated, takes minutes.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(REPO / "svcproxy"),
+                    str(REPO / "tests"), str(REPO / "bench"), sys.prefix], capture_output=True)
+    return run_in_vm("churn.py", inner + ["--kernel", "netlink"], memory=args.memory, modules=["ip_vs", "ip_vs_rr"],
+                     vng_args=vng_args, timeout=args.vm_timeout)
 
 
 if __name__ == "__main__":
