@@ -461,6 +461,9 @@ def netlink_recording_backend(name: str, netns: str | None, ack_log: Any) -> Any
 def new_netns(name: str) -> str:
     """A fresh network namespace (in the VM) standing for a Pod's: only its IPVS table is used."""
     subprocess.run(["ip", "netns", "add", name], check=True)
+    # With no address at all the namespace has no local routing table, and IPVS then
+    # refuses every real server (EINVAL: it takes the address for a broadcast one).
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
     return f"/run/netns/{name}"
 
 
