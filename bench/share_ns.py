@@ -419,7 +419,7 @@ def ratio(a: float, b: float) -> str:
 def compare_report(fig: dict[str, Any], loads: dict[str, Any], args: argparse.Namespace) -> None:
     rep, ker = fig["replicate"], fig["kernel"]
     print(f"\n# Replicate vs kernel mode per Pod ({args.backend} backend; replicate on the "
-          f"{'built ip_vs, mode=0' if args.replicate_ipvs == 'built' else 'kernel own ip_vs'}, kernel on the built "
+          f"{'built ip_vs, mode=0' if args.replicate_ipvs == 'built' else 'stock ip_vs'}, kernel on the built "
           "ip_vs, mode=2; each in its own VM, booted back to back)\n")
     for mode, (b, a) in loads.items():
         print(f"load average on the host: {mode} boot {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} -> {a[0]:.2f} {a[1]:.2f} {a[2]:.2f}")
@@ -453,7 +453,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000", help="virtual services for the attach figure")
     parser.add_argument("--dests", type=int, default=2, help="real servers per virtual service (attach)")
-    parser.add_argument("--fanout", default="1,10,50", help="attached namespace counts for the fan-out figure")
+    parser.add_argument("--fanout", default="1,10,25,50", help="attached namespace counts for the fan-out figure")
     parser.add_argument("--fanout-services", type=int, default=200)
     parser.add_argument("--fanout-repeat", type=int, default=0,
                         help="after the two measured changes, this many more (median and min shown: the noise)")
