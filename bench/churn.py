@@ -1026,21 +1026,43 @@ def delete_namespace(run: Run, name: str) -> float:
     return 0.0
 
 
+def memory_growth(samples: Sequence[Sequence[float]], warmup: float) -> dict[str, float]:
+    """How the resident memory moved over a soak, from (time, RSS MB, ...) samples.
+
+    ``from_start``: the last sample against the first (taken when churn began, so it
+    includes the warm-up: the heap growing to what a busy loop needs). ``after_warmup``:
+    the last sample against the first one ``warmup`` seconds in; ``slope``: the least-
+    squares trend over that same stretch, in MB per hour (a leak is a trend that stays)."""
+    if len(samples) < 2:
+        return {"from_start": float("nan"), "after_warmup": float("nan"), "slope_mb_per_hour": float("nan"),
+                "rss_at_warmup": float("nan")}
+    warm = [(s[0], s[1]) for s in samples if s[0] >= samples[0][0] + warmup]
+    out = {"from_start": (samples[-1][1] - samples[0][1]) / samples[0][1], "after_warmup": float("nan"),
+           "slope_mb_per_hour": float("nan"), "rss_at_warmup": warm[0][1] if warm else float("nan")}
+    if len(warm) > 1:
+        out["after_warmup"] = (warm[-1][1] - warm[0][1]) / warm[0][1]
+        mt = sum(t for t, _ in warm) / len(warm)
+        mr = sum(r for _, r in warm) / len(warm)
+        var = sum((t - mt) ** 2 for t, _ in warm)
+        out["slope_mb_per_hour"] = 3600 * sum((t - mt) * (r - mr) for t, r in warm) / var if var else 0.0
+    return out
+
+
 def soak(run: Run, seconds: float) -> dict[str, Any]:
     """--soak seconds at --soak-rate: the agent's memory over time."""
     start_samples = len(run.sampler.samples)
     result = run.phase(f"soak {seconds:.0f} s", run.args.soak_rate, seconds)
     samples = run.sampler.samples[start_samples:]
     rss = [s[1] for s in samples]
-    warm = [s[1] for s in samples if s[0] >= samples[0][0] + 120] if samples else []
+    growth = memory_growth(samples, run.args.soak_warmup)
     soak_result = {"samples": samples, "rss_start": result["rss_start"], "rss_end": result["rss_end"],
-                   "rss_max": max(rss) if rss else float("nan"),
-                   "growth": (result["rss_end"] - result["rss_start"]) / result["rss_start"],
-                   "growth_after_2min": (warm[-1] - warm[0]) / warm[0] if len(warm) > 1 else float("nan"),
+                   "rss_max": max(rss) if rss else float("nan"), "warmup": run.args.soak_warmup,
+                   "growth": (result["rss_end"] - result["rss_start"]) / result["rss_start"], **growth,
                    "p99": result["p99"], "latencies": result["latencies"]}
     print(f"  soak: RSS {soak_result['rss_start']:.0f} -> {soak_result['rss_end']:.0f} MB "
-          f"({100 * soak_result['growth']:+.1f}%; from 2 minutes in {100 * soak_result['growth_after_2min']:+.1f}%), "
-          f"peak {soak_result['rss_max']:.0f} MB", flush=True)
+          f"({100 * soak_result['growth']:+.1f}%), peak {soak_result['rss_max']:.0f} MB; after the first "
+          f"{run.args.soak_warmup:g} s (warm-up): {soak_result['rss_at_warmup']:.0f} -> {rss[-1] if rss else 0:.0f} MB "
+          f"({100 * growth['after_warmup']:+.1f}%), trend {growth['slope_mb_per_hour']:+.1f} MB per hour", flush=True)
     return soak_result
 
 
@@ -1174,6 +1196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fault-namespaces", type=int, default=2)
     parser.add_argument("--soak", type=float, default=0.0, help="seconds of soak after the first count's rates")
     parser.add_argument("--soak-rate", type=float, default=100.0)
+    parser.add_argument("--soak-warmup", type=float, default=300.0,
+                        help="seconds of the soak left out of its growth after the warm-up")
     parser.add_argument("--sync-period", type=float, default=30.0)
     parser.add_argument("--min-sync-period", type=rates, default=None, dest="min_sync_periods",
                         help="the agent's (default 1); several, e.g. 1,0.5: one agent each, in this order")

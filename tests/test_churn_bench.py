@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from churn import ABSENT, Tracker, compare_tables, digest, histogram_quantile  # noqa: E402
+from churn import ABSENT, Tracker, compare_tables, digest, histogram_quantile, memory_growth  # noqa: E402
 
 
 def test_ack_completes_the_change_and_the_ones_it_overtook() -> None:
@@ -83,3 +83,12 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
     buckets = [(0.25, 50.0), (0.5, 90.0), (1.0, 100.0), (float("inf"), 100.0)]
     assert histogram_quantile(buckets, 0.5) == 0.25
     assert abs(histogram_quantile(buckets, 0.99) - 0.95) < 1e-9
+
+
+def test_memory_growth_leaves_out_the_warm_up_but_not_a_trend() -> None:
+    warm_then_flat = [(float(t), 100.0 + min(t, 300) / 10, 0.0, 0.0) for t in range(0, 1801, 10)]
+    g = memory_growth(warm_then_flat, 300)
+    assert round(g["from_start"], 3) == 0.3 and g["after_warmup"] == 0.0 and g["slope_mb_per_hour"] == 0.0
+    leaking = [(t, r + max(0.0, t - 300) / 360, c, p) for t, r, c, p in warm_then_flat]  # +10 MB per hour
+    g = memory_growth(leaking, 300)
+    assert round(g["slope_mb_per_hour"], 6) == 10.0 and g["after_warmup"] > 0.03
