@@ -95,7 +95,7 @@ class FanOut:
         """Sync targets against fresh reads of their tables (``reads``: read just
         before). Equal reads share one plan, unless it deletes real servers:
         connection counts, which decide drains, take no part in equality."""
-        plans: list[tuple[Table, list[Operation], list[Table]]] = []  # read, plan, image after it
+        plans: list[tuple[Table, list[Operation], list[Table]]] = []  # shareable: read, plan, image after it
         out: list[Synced] = []
         for target in targets:
             try:
@@ -104,12 +104,12 @@ class FanOut:
                 on_error(target, exc)
                 continue
             for image, ops, after in plans[:3]:  # a bounded search: reads mostly agree
-                if (len(image) == len(actual) and image == actual
-                        and not any(op.kind is OpKind.DELETE_DESTINATION for op in ops)):
+                if len(image) == len(actual) and image == actual:
                     break
             else:
                 image, ops, after = actual, diff(desired, actual, self.applier.exclusions), []
-                plans.append((image, ops, after))
+                if not any(op.kind is OpKind.DELETE_DESTINATION for op in ops):
+                    plans.append((image, ops, after))
             # Written right after its own read: two paths naming one namespace see
             # each other's writes.
             out.extend(self._fan_out([target], desired, ops, image, fresh=True, scope=None, now=now,
