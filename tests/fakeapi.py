@@ -443,7 +443,7 @@ class FakeApiServer:
             final = copy_json(old)
             final["metadata"]["resourceVersion"] = str(st.rv)
             self._record(Change(st.rv, res.plural, "DELETED", final, old))
-            return final
+            return copy_json(final)
 
     def get(self, kind: str, namespace: str | None, name: str) -> JSON | None:
         res = resource_of(kind)

@@ -397,3 +397,30 @@ def test_standalone_mode_serves_and_follows_the_state_file(tmp_path: Path) -> No
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(5) == 0
+
+
+def test_the_object_delete_returns_is_not_the_one_watchers_get(fake: FakeApiServer) -> None:
+    """delete() returned the very dict kept in the watch history: a caller editing what
+    it got back rewrote the DELETED event that every later watch replays."""
+    fake.apply(svc("a"))
+    rv = fake.resource_version
+    gone = fake.delete("Service", "default", "a")
+    assert gone is not None
+    gone["spec"]["clusterIP"] = "10.96.0.99"
+    events = list(watch_lines(fake, f"/api/v1/services?watch=1&resourceVersion={rv}&timeoutSeconds=1"))
+    assert [(e["type"], e["object"]["spec"]["clusterIP"]) for e in events] == [("DELETED", "10.96.0.1")]
+
+
+def test_apply_get_and_objects_are_isolated_from_their_callers(fake: FakeApiServer) -> None:
+    source = svc("a")
+    stored = fake.apply(source)
+    source["spec"]["ports"].append({"port": 81})
+    stored["spec"]["ports"].append({"port": 82})
+    got = fake.get("Service", "default", "a")
+    assert got is not None
+    got["metadata"]["labels"]["x"] = "y"
+    fake.objects("Service")[0]["spec"]["clusterIP"] = "1.2.3.4"
+    assert fake.get("Service", "default", "a") == {**stored, "spec": {**stored["spec"], "ports": [{"port": 80}]}}
+    rv = int(stored["metadata"]["resourceVersion"]) - 1
+    events = list(watch_lines(fake, f"/api/v1/services?watch=1&resourceVersion={rv}&timeoutSeconds=1"))
+    assert events[0]["object"]["spec"] == {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}
