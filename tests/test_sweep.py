@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 from svcproxy.diff import diff
 from svcproxy.ipvs.backend import MemoryBackend
 from svcproxy.kube.store import Kind
-from svcproxy.model import Destination, Operation, OperationResult, Protocol, ServiceKey, Table, VirtualService
+from svcproxy.model import Destination, OpKind, Operation, OperationResult, Protocol, ServiceKey, Table, VirtualService
 from svcproxy.reconcile import Proxier
 from svcproxy.reconcile.sweep import Sweep
 from test_reconcile import eps, make, service
@@ -107,20 +107,78 @@ def test_a_full_sync_with_nothing_arriving_is_one_plan_as_before() -> None:
     assert backend.table == p.desired
 
 
-def test_drift_on_a_service_changed_during_the_sweep_is_repaired_at_the_next_full_sync() -> None:
+def after_the_read(p: Proxier, kind: Kind, obj: dict[str, Any]) -> None:
+    """The event arrives once the node's table was read (in the loop's thread, so
+    that the partial sync it causes surely runs between two slices)."""
+
+    def arrive(_desired: Table) -> None:
+        p.node_target.prepare = None
+        p.on_event(kind, "MODIFIED", obj)
+
+    p.node_target.prepare = arrive
+
+
+def test_drift_on_a_service_changed_during_the_sweep_is_repaired_by_that_full_sync() -> None:
     p, backend, clock = cluster(12)
     drift(backend, key(8), "10.9.9.9")  # 10.96.0.9: last in plan order
-    backend.after_read = lambda: p.on_event(
-        Kind.ENDPOINT_SLICE, "MODIFIED", eps("s08", ["10.244.8.1", "10.244.8.2"], ("dns", 53, "UDP")))
+    after_the_read(p, Kind.ENDPOINT_SLICE, eps("s08", ["10.244.8.1", "10.244.8.2"], ("dns", 53, "UDP")))
 
     p.sync(force_full=True)
 
-    # The partial sync compared s08 with the kept image, which never saw the drift,
-    # and the sweep left s08 to it.
-    assert addresses(backend, key(8)) == {"10.244.8.1", "10.244.8.2", "10.9.9.9"}
-    clock.t += 1
-    p.sync(force_full=True)
+    # s08 had no write since the read: the partial sync compared it with the read.
+    assert p.partial_syncs == 1
     assert addresses(backend, key(8)) == {"10.244.8.1", "10.244.8.2"}
+    assert backend.table == p.desired
+
+
+def test_drift_on_a_service_changing_during_every_full_sync_is_repaired() -> None:
+    """A busy Deployment's Service changes during every full sync: its drift was never
+    repaired when touched keys were only compared with the kept image."""
+    p, backend, clock = cluster(12)
+    drift(backend, key(8), "10.9.9.9")
+    for n in range(3):
+        backend.after_read = lambda n=n: p.on_event(
+            Kind.ENDPOINT_SLICE, "MODIFIED", eps("s08", ["10.244.8.1", f"10.244.8.{10 + n}"], ("dns", 53, "UDP")))
+        clock.t += 31
+        assert p.sync().full
+    assert "10.9.9.9" not in addresses(backend, key(8))
+    assert backend.table == p.desired
+
+
+class RejectMissing(Recording):
+    """The kernel's answer to deleting a real server that is not there."""
+
+    def apply(self, ops: Sequence[Operation]) -> list[OperationResult]:
+        table = self.table.services
+        bad = [op for op in ops if op.kind is OpKind.DELETE_DESTINATION and op.destination is not None
+               and op.destination.key not in table[op.service].destination_map()]
+        failed = super().apply([op for op in ops if op not in bad])
+        return failed + [OperationResult(op, "No such destination") for op in bad]
+
+
+def test_an_operation_failing_on_a_wrong_image_heals_at_a_full_sync_under_churn() -> None:
+    """A virtual service waiting for a retry is in the scope of every partial sync in
+    a full one: it was never compared with the read, and an operation failing because
+    the kept image was wrong failed again at every sync while changes kept arriving."""
+    backend = RejectMissing()
+    p, clock = make(backend, min_sync_period=0.0)
+    p.applier = replace(p.applier, slice_size=3)
+    for i in range(12):
+        p.on_event(Kind.SERVICE, "ADDED", service(f"s{i:02}", f"10.96.0.{i + 1}", ("dns", 53, "UDP")))
+        p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps(f"s{i:02}", [f"10.244.{i}.1"], ("dns", 53, "UDP")))
+    p.on_synced(Kind.SERVICE)
+    p.on_synced(Kind.ENDPOINT_SLICE)
+    p.sync()
+    vs = backend.table.services[key(8)]  # someone removed s08's real server
+    backend.table = Table({**backend.table.services, key(8): vs.with_destinations([])})
+    clock.t += 1
+    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("s08", ["10.244.8.2"], ("dns", 53, "UDP")))
+    assert p.sync().failed == 1 and key(8) in p.node_target.retry
+    clock.t += 31
+    after_the_read(p, Kind.ENDPOINT_SLICE, eps("s00", ["10.244.0.9"], ("dns", 53, "UDP")))
+    result = p.sync()
+    assert result.full and p.partial_syncs == 2  # the change came in between two slices
+    assert result.failed == 0 and key(8) not in p.node_target.retry
     assert backend.table == p.desired
 
 
@@ -130,7 +188,10 @@ def test_a_sweep_leaves_touched_keys_to_partial_syncs() -> None:
     sweep = Sweep.start(table, Table(), Table())
     assert sweep.next_slice(2) == keys[:2]
     sweep.take_compared()
-    sweep.touch({keys[2], keys[0]})
+    image = Table({keys[2]: VirtualService(keys[2], scheduler="wrr")})
+    seen = sweep.touch({keys[2], keys[0]}, image)
+    assert keys[2] not in seen.services  # first touched since the read: the read (empty)
+    assert sweep.touch({keys[2]}, image) is image  # touched before: the kept image
     assert sweep.next_slice(2) == keys[3:5] and sweep.finished
 
 

@@ -14,10 +14,14 @@ thread, so partial syncs may run while it does (they only share the interpreter 
 Why that stays exact. The read sees each virtual service as it was at some moment
 between the sweep's start and the read's end. What was compared but not yet applied is
 applied before any partial sync runs. A virtual service a partial sync looks at after
-the sweep started is *touched*: the read of it may be stale (the loop itself wrote to
-it since, or while it was read) and its desired value may have moved, so the sweep
-leaves it to the partial sync, which compares it with the image of the kernel kept by
-the operations applied since; drift there, if any, is repaired by the next full sync.
+the sweep started is *touched*: the sweep leaves it to the partial sync. Touched
+after the read and for the first time, it had no write from the loop since the sweep
+started, so the read is what the kernel holds for it: the partial sync compares it
+with the read, as the one-go full sync would have (else drift on a Service that
+changes during every full sync, or an operation failing because the kept image is
+wrong, would never be repaired under steady churn). Touched before the read ended
+(the read may or may not show the loop's write) or again, it is compared with the
+image of the kernel kept by the operations applied since.
 Every other virtual service had no write from the loop since the sweep started and the
 same desired value, so comparing what was read with the desired table is what a one-go
 full sync would have done. With no partial sync in between, one sweep is one plan,
@@ -47,6 +51,8 @@ class Sweep:
     phases: Phases = field(default_factory=new_phases)
     #: Keys a partial sync looked at since the read: left to partial syncs.
     touched: set[ServiceKey] = field(default_factory=set)
+    #: Keys read and neither compared nor touched yet: the read is right for them.
+    unseen: set[ServiceKey] = field(default_factory=set)
 
     @staticmethod
     def start(desired: Table, fresh: Table, image: Table) -> "Sweep":
@@ -61,6 +67,7 @@ class Sweep:
         self.fresh = fresh
         keys = desired.services.keys() | fresh.services.keys() | image.services.keys()
         self.todo = sorted(keys, key=service_sort_key, reverse=True)
+        self.unseen = keys - self.touched
 
     @property
     def finished(self) -> bool:
@@ -76,6 +83,7 @@ class Sweep:
             if key not in touched:
                 out.append(key)
         self.compared.extend(out)
+        self.unseen.difference_update(out)
         return out
 
     def take_compared(self) -> tuple[list[ServiceKey], list[Operation]]:
@@ -84,8 +92,22 @@ class Sweep:
         self.compared, self.phases = [], new_phases()
         return keys, ops
 
-    def touch(self, keys: set[ServiceKey]) -> None:
+    def touch(self, keys: set[ServiceKey], image: Table) -> Table:
         """A partial sync is about to look at ``keys``: the sweep leaves them alone.
-        Compared keys must have been applied first (see the module docstring)."""
+        Compared keys must have been applied first (see the module docstring).
+        Returns the image to compare them with: ``image``, with what was read for
+        the keys touched for the first time since the read."""
         assert not self.compared, "apply what the sweep compared before a partial sync"
         self.touched |= keys
+        first = keys & self.unseen
+        if not first:
+            return image
+        self.unseen -= first
+        merged = dict(image.services)
+        for key in first:
+            vs = self.fresh.services.get(key)
+            if vs is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = vs
+        return Table(merged)

@@ -96,7 +96,7 @@ class Applier:
         if scope is None:
             return self._full(target, desired, now=now, between=between)
         if target.sweep is not None:
-            target.sweep.touch(scope)
+            target.actual = target.sweep.touch(scope, target.actual)
         actual = target.actual
         ops = diff(desired, actual, self.exclusions, only=scope)
         self._prepare(target, desired)
