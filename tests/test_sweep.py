@@ -11,7 +11,9 @@ from svcproxy.diff import diff
 from svcproxy.ipvs.backend import MemoryBackend
 from svcproxy.kube.store import Kind
 from svcproxy.model import Destination, OpKind, Operation, OperationResult, Protocol, ServiceKey, Table, VirtualService
+from svcproxy.podns.visible import visible_in_pods
 from svcproxy.reconcile import Proxier
+from svcproxy.reconcile.targets import Target
 from svcproxy.reconcile.sweep import Sweep
 from test_reconcile import eps, make, service
 
@@ -259,3 +261,96 @@ def test_a_change_is_applied_while_the_node_is_read_and_the_stale_read_undoes_no
     assert result.failed == 0 and addresses(backend, key(0)) == {"10.244.0.2"}
     assert addresses(backend, key(3)) == {"10.244.3.1"}  # untouched drift repaired
     assert backend.table == p.desired
+
+
+# --- Pod namespaces while partial syncs nest in the node's sweep ---------------------
+
+
+def pod_desired(p: Proxier) -> Table:
+    visible = visible_in_pods(p.node_addresses())
+    return Table({k: v for k, v in p.desired.services.items() if visible(k)})
+
+
+def cluster_with_pods(n: int, *pods: Target, **config: Any) -> tuple[Proxier, Recording, Any]:
+    """``n`` UDP Services, the node and ``pods`` programmed by a first full sync."""
+    backend = Recording()
+    p, clock = make(backend, **{"min_sync_period": 0.0, **config})
+    p.applier = replace(p.applier, slice_size=3)
+    for i in range(n):
+        p.on_event(Kind.SERVICE, "ADDED", service(f"s{i:02}", f"10.96.0.{i + 1}", ("dns", 53, "UDP")))
+        p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps(f"s{i:02}", [f"10.244.{i}.1"], ("dns", 53, "UDP")))
+    for t in pods:
+        p.attach(t)
+    p.on_synced(Kind.SERVICE)
+    p.on_synced(Kind.ENDPOINT_SLICE)
+    assert p.sync().full
+    clock.t += 1
+    return p, backend, clock
+
+
+def test_a_change_nested_in_a_full_sync_reaches_every_pod_namespace_and_stays() -> None:
+    pod_a, pod_b = Recording(), Recording()
+    p, node, clock = cluster_with_pods(12, Target("a", pod_a), Target("b", pod_b))
+    after_the_read(p, Kind.ENDPOINT_SLICE, eps("s00", ["10.244.0.2"], ("dns", 53, "UDP")))
+
+    assert p.sync(force_full=True).full and p.partial_syncs == 1
+
+    for b in (node, pod_a, pod_b):
+        assert addresses(b, key(0)) == {"10.244.0.2"}
+    assert node.table == p.desired and pod_a.table == pod_b.table == pod_desired(p)
+
+
+def test_a_service_deleted_during_a_full_sync_is_programmed_again_nowhere() -> None:
+    pod_a, pod_b = Recording(), Recording()
+    p, node, clock = cluster_with_pods(12, Target("a", pod_a), Target("b", pod_b))
+
+    def arrive(_desired: Table) -> None:
+        p.node_target.prepare = None
+        p.on_event(Kind.SERVICE, "DELETED", service("s05", "10.96.0.6", ("dns", 53, "UDP")))
+
+    p.node_target.prepare = arrive
+    p.sync(force_full=True)
+
+    assert p.partial_syncs == 1
+    assert all(key(5) not in b.table.services for b in (node, pod_a, pod_b))
+    assert node.table == p.desired and pod_a.table == pod_b.table == pod_desired(p)
+
+
+def test_a_pod_namespace_failing_in_a_nested_partial_sync_is_retried() -> None:
+    pod_a, pod_b = Recording(), Recording()
+    armed = {"fail": True}
+
+    def prepare(desired: Table) -> None:
+        vs = desired.services.get(key(0))
+        if armed["fail"] and vs is not None and {d.address for d in vs.destinations} == {"10.244.0.2"}:
+            armed["fail"] = False
+            raise OSError(11, "Resource temporarily unavailable")
+
+    p, node, clock = cluster_with_pods(12, Target("a", pod_a, prepare=prepare), Target("b", pod_b))
+    after_the_read(p, Kind.ENDPOINT_SLICE, eps("s00", ["10.244.0.2"], ("dns", 53, "UDP")))
+
+    p.sync(force_full=True)
+    assert not armed["fail"] and p.partial_syncs == 1  # a failed in the nested partial sync
+    assert addresses(pod_b, key(0)) == {"10.244.0.2"} and addresses(pod_a, key(0)) == {"10.244.0.1"}
+    clock.t += 10  # past its backoff
+    p.sync()
+
+    assert addresses(pod_a, key(0)) == {"10.244.0.2"}, "the failed namespace never got the change"
+    assert pod_a.table == pod_desired(p)
+
+
+def test_dry_run_with_a_nested_partial_sync_changes_nothing() -> None:
+    pod = Recording()
+    p, node, clock = cluster_with_pods(12, Target("a", pod), dry_run=True)
+
+    def arrive(_desired: Table) -> None:
+        p.node_target.prepare = None
+        p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED", eps("s00", ["10.244.0.2"], ("dns", 53, "UDP")))
+        p.on_event(Kind.SERVICE, "DELETED", service("s05", "10.96.0.6", ("dns", 53, "UDP")))
+
+    p.node_target.prepare = arrive
+    p.sync(force_full=True)
+
+    assert p.partial_syncs == 1
+    assert node.plans == [] and pod.plans == [] and len(node.table) == 0 and len(pod.table) == 0
+
