@@ -354,3 +354,16 @@ def test_dry_run_with_a_nested_partial_sync_changes_nothing() -> None:
     assert p.partial_syncs == 1
     assert node.plans == [] and pod.plans == [] and len(node.table) == 0 and len(pod.table) == 0
 
+
+def test_a_nested_partial_sync_keeps_min_sync_period_from_the_full_syncs_start() -> None:
+    """Syncs are at least --min-sync-period apart: a change arriving as a full sync
+    starts waits for the next chance past it (the clock stands still here), not
+    synced at once because the sync before the full one was long ago."""
+    p, node, clock = cluster_with_pods(12, min_sync_period=1.0)
+    clock.t += 5
+    after_the_read(p, Kind.ENDPOINT_SLICE, eps("s00", ["10.244.0.2"], ("dns", 53, "UDP")))
+    p.sync(force_full=True)
+    assert p.partial_syncs == 0 and p.changes.services_pending
+    clock.t += 1
+    p.sync()
+    assert addresses(node, key(0)) == {"10.244.0.2"}

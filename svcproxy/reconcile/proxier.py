@@ -163,6 +163,9 @@ class Proxier:
         #: A partial sync inside a full one failed: no more of them in this full sync,
         #: and the node is read afresh at the next sync.
         self._nested_failed = False
+        #: When the sync in progress started: a partial sync nested in a full one keeps
+        #: --min-sync-period from there too.
+        self._sync_started = float("-inf")
 
     def _node_prepare(self, hook: NodeHook | None) -> Callable[[Table], None] | None:
         if hook is None:
@@ -222,7 +225,7 @@ class Proxier:
 
     def sync(self, force_full: bool = False) -> SyncResult:
         """One sync; full when due (or forced), else only the changed Services."""
-        start = self._monotonic()
+        start = self._sync_started = self._monotonic()
         if not self.initialized:
             return SyncResult(False, (), 0, 0.0, skipped="waiting for Services and EndpointSlices to sync")
         if self.config.node_address_source is not None and (force_full or self.schedule.full_due(start)):
@@ -439,7 +442,8 @@ class Proxier:
         the changes, so that they never wait for the whole comparison."""
         if self._nested_failed or not self.changes.services_pending:
             return
-        if self._monotonic() < self.schedule.earliest_sync():
+        earliest = max(self.schedule.earliest_sync(), self._sync_started + self.config.min_sync_period)
+        if self._monotonic() < earliest:
             return
         apply_compared()
         self._partial_within_full()
