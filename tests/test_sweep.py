@@ -15,7 +15,7 @@ from svcproxy.podns.visible import visible_in_pods
 from svcproxy.reconcile import Proxier
 from svcproxy.reconcile.targets import Target
 from svcproxy.reconcile.sweep import Sweep
-from test_reconcile import eps, make, service
+from test_reconcile import WEB, dests, eps, make, service, set_conns
 
 
 class Recording(MemoryBackend):
@@ -367,3 +367,22 @@ def test_a_nested_partial_sync_keeps_min_sync_period_from_the_full_syncs_start()
     clock.t += 1
     p.sync()
     assert addresses(node, key(0)) == {"10.244.0.2"}
+
+
+def test_an_endpoint_drained_by_a_nested_partial_sync_stays_drained_in_every_pod_namespace() -> None:
+    pod_a, pod_b = Recording(), Recording()
+    p, node, clock = cluster_with_pods(12, Target("a", pod_a), Target("b", pod_b))
+    p.on_event(Kind.SERVICE, "ADDED", service("web", "10.96.0.20", ("http", 80, "TCP")))
+    p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps("web", ["10.244.1.1", "10.244.1.2"], ("http", 8080, "TCP")))
+    p.sync()
+    clock.t += 1
+    set_conns(pod_b, WEB, "10.244.1.2", active=3)
+    after_the_read(p, Kind.ENDPOINT_SLICE, eps("web", ["10.244.1.1"], ("http", 8080, "TCP")))
+
+    p.sync(force_full=True)
+
+    # New connections never go to the terminating Pod: drained where connections
+    # remain, deleted or drained where the read showed none.
+    assert p.partial_syncs == 2
+    assert dests(pod_b, WEB) == {"10.244.1.1": 1, "10.244.1.2": 0}
+    assert dests(pod_a, WEB).get("10.244.1.2", 0) == 0 and dests(pod_a, WEB)["10.244.1.1"] == 1
