@@ -3,6 +3,7 @@ the comparison ends, and the kernel still ends equal to the desired table."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
@@ -386,3 +387,56 @@ def test_an_endpoint_drained_by_a_nested_partial_sync_stays_drained_in_every_pod
     assert p.partial_syncs == 2
     assert dests(pod_b, WEB) == {"10.244.1.1": 1, "10.244.1.2": 0}
     assert dests(pod_a, WEB).get("10.244.1.2", 0) == 0 and dests(pod_a, WEB)["10.244.1.1"] == 1
+
+
+def test_watchers_recording_while_full_syncs_sweep_leave_the_node_exact() -> None:
+    node = Recording()
+    p, clock = make(node, min_sync_period=0.0)
+    p.applier = replace(p.applier, slice_size=2)
+    n = 40
+    for i in range(n):
+        p.on_event(Kind.SERVICE, "ADDED", service(f"s{i:02}", f"10.96.0.{i + 1}", ("dns", 53, "UDP")))
+        p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps(f"s{i:02}", [f"10.244.{i}.1"], ("dns", 53, "UDP")))
+    p.on_synced(Kind.SERVICE)
+    p.on_synced(Kind.ENDPOINT_SLICE)
+    p.sync()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def watcher(offset: int) -> None:
+        k = 0
+        try:
+            while not stop.is_set():
+                i = (k * 7 + offset) % n
+                if k % 11 == 0:
+                    p.on_event(Kind.SERVICE, "DELETED", service(f"s{i:02}", f"10.96.0.{i + 1}", ("dns", 53, "UDP")))
+                elif k % 11 == 1:
+                    p.on_event(Kind.SERVICE, "ADDED", service(f"s{i:02}", f"10.96.0.{i + 1}", ("dns", 53, "UDP")))
+                else:
+                    p.on_event(Kind.ENDPOINT_SLICE, "MODIFIED",
+                               eps(f"s{i:02}", [f"10.244.{i}.{k % 200 + 2}"], ("dns", 53, "UDP")))
+                k += 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=watcher, args=(o,)) for o in (0, 3)]
+    for t in threads:
+        t.start()
+    try:
+        for r in range(30):
+            clock.t += 1
+            # at least one change arrives in every sweep, whatever the threads manage
+            node.after_read = lambda r=r: p.on_event(
+                Kind.ENDPOINT_SLICE, "MODIFIED", eps(f"s{r:02}", [f"10.244.{r}.250"], ("dns", 53, "UDP")))
+            assert p.sync(force_full=True).skipped is None
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert p.partial_syncs >= 30  # changes did arrive between slices
+    clock.t += 1
+    p.sync()  # what is still pending: the sweeps left nothing for a full sync to repair
+    assert node.table == p.desired
+    clock.t += 1
+    assert p.sync(force_full=True).operations == ()
