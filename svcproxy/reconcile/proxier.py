@@ -421,12 +421,7 @@ class Proxier:
                 scope = set(changed or ()) | target.retry
             done, bad = self.applier.sync(target, node_table, scope=scope, now=self._monotonic(),
                                           between=self._between)
-            target.needs_full = False
-            target.failures = 0
-            all_ops.extend(done)
-            failed += bad
-            if not bad:
-                target.synced.set()
+            failed += _synced(target, done, bad, all_ops)
         pods = [t for t in targets if t.pod and not (t.failures and now < t.next_try)
                 and not (within_full and t.needs_full)]  # read afresh later in this full sync
         if pods:
@@ -526,12 +521,7 @@ class Proxier:
                                                    now=now, on_error=on_error))
         all_ops: list[Operation] = []
         for target, done, bad in results:
-            target.needs_full = False
-            target.failures = 0
-            all_ops.extend(done)
-            failed += bad
-            if not bad:
-                target.synced.set()
+            failed += _synced(target, done, bad, all_ops)
         share_images([t for t, _done, bad in results if not bad], desired)
         return all_ops, failed
 
@@ -613,3 +603,14 @@ class Proxier:
     @property
     def draining(self) -> Sequence[tuple[ServiceKey, str, int]]:
         return sorted(self.node_target.draining)
+
+
+def _synced(target: Target, done: Sequence[Operation], bad: int, all_ops: list[Operation]) -> int:
+    """Record that ``target`` went through a sync (its operations added to ``all_ops``);
+    returns the number of operations it refused."""
+    target.needs_full = False
+    target.failures = 0
+    all_ops.extend(done)
+    if not bad:
+        target.synced.set()
+    return bad
