@@ -26,21 +26,13 @@ import pytest
 
 from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
 
-from .netns import Lab, Reply, default_route, ipvsadm, request, request_many, sysctl
+from .netns import Lab, Pod, Reply, default_route, ipvsadm, request, request_many, sysctl
 from .test_sync import COMMON, svcproxy, sync, write_cluster
 
 pytestmark = pytest.mark.kernel
 
 PODS = ("pod-a", "pod-b", "pod-c")
 HTTP_PORT, UDP_PORT = 8080, 5353
-
-
-@dataclass(frozen=True)
-class Pod:
-    name: str
-    ns: str
-    ip4: str
-    ip6: str
 
 
 @dataclass
