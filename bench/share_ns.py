@@ -301,6 +301,175 @@ def fanout_bench(counts: list[int], services: int, nss: Namespaces, kind: str, m
             profiled_change(proxier, round_, 3 + repeat, profile)
 
 
+def _sync_sample(proxier: Any, k: int, prof: Any = None) -> dict[str, Any]:
+    """One partial sync: wall seconds, this process's CPU (all threads; user is mostly
+    Python, system the kernel's work on its behalf), the rest (waiting: for the
+    scheduler, the disk, the netns path lookups), context switches, full GCs."""
+    import resource
+
+    ru0, gen2 = resource.getrusage(resource.RUSAGE_SELF), gc.get_stats()[2]["collections"]
+    t, result = timed(lambda: prof.runcall(proxier.sync) if prof is not None else proxier.sync())
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    assert not result.full and result.failed == 0, result
+    user, system = ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime
+    return {"namespaces": k, "wall": t, "user": user, "system": system, "wait": t - user - system,
+            "vcsw": ru1.ru_nvcsw - ru0.ru_nvcsw, "ivcsw": ru1.ru_nivcsw - ru0.ru_nivcsw,
+            "operations": len(result.operations), "full_gcs": gc.get_stats()[2]["collections"] - gen2}
+
+
+def _median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2 if s else float("nan")
+
+
+def _quartiles(xs: Sequence[float]) -> tuple[float, float]:
+    s = sorted(xs)
+    return (s[len(s) // 4], s[(3 * len(s)) // 4]) if s else (float("nan"), float("nan"))
+
+
+def fanout_interleaved(counts: list[int], services: int, nss: Namespaces, kind: str, mode: str,
+                       out: list[dict[str, Any]], rounds: int, profile: str | None) -> None:
+    """Linearity of the fan-out: one reconcile loop per count, each with namespaces of
+    its own, all built and fully synced first (so the VM holds the same namespaces and
+    tables for every sample); then ``rounds`` rounds, each one endpoint change per
+    loop in an order that rotates and reverses from round to round. Round 0 is a
+    warm-up (the first partial sync after a full one) and not counted. Each loop
+    changes a Service of its own, so kernel mode's one shared node table never sees
+    another loop's change."""
+    from svcproxy.kube.store import Kind
+
+    ks = [0, *counts]
+    objs = fanout_objects(services)
+    shared_node = nss.node(mode) if mode == "kernel" else None
+    loops: dict[int, Any] = {}
+    for k in ks:
+        loops[k] = fanout_proxier(kind, shared_node if mode == "kernel" else nss.node(mode), objs, mode,
+                                  [nss.add() for _ in range(k)])
+    for k in ks:
+        t_full, first = timed(lambda: loops[k].sync(force_full=True))
+        assert first.failed == 0, first
+        print(f"full sync, {k} namespaces: {t_full:.1f} s", flush=True)
+    samples: list[dict[str, Any]] = []
+    for rnd in range(rounds + 1):
+        order = ks[rnd % len(ks):] + ks[:rnd % len(ks)]
+        for k in (order if rnd % 2 else order[::-1]):
+            loops[k].on_event(Kind.ENDPOINT_SLICE, "MODIFIED", grown_slice(ks.index(k), rnd + 1))
+            s = _sync_sample(loops[k], k)
+            assert s["operations"] == (1 if decide(mode).shared else k + 1), s
+            if rnd:
+                samples.append({**s, "round": rnd})
+    out.extend(samples)
+    interleaved_report(ks, samples, rounds, mode)
+    if profile:
+        profile_counts(loops, ks, profile, rounds + 1)
+
+
+def interleaved_report(ks: list[int], samples: list[dict[str, Any]], rounds: int, mode: str) -> None:
+    by = {(s["round"], s["namespaces"]): s for s in samples}
+    print(f"\n## Fan-out linearity ({rounds} interleaved rounds, {mode} mode): medians over rounds "
+          "[quartiles], per sync\n")
+    print("| namespaces | partial sync | [q1, q3] | min, max | per namespace over 0 (per round) | [q1, q3] "
+          "| user CPU | system CPU | waiting | context switches: voluntary, involuntary | full GCs (all rounds) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k in ks:
+        mine = [s for s in samples if s["namespaces"] == k]
+        walls = [s["wall"] for s in mine]
+        per = [(s["wall"] - by[(s["round"], 0)]["wall"]) / k for s in mine if k]
+        q1, q3 = _quartiles(walls)
+        p1, p3 = _quartiles(per)
+        cells = [f"{_median([s[x] for s in mine]) * 1000:.0f} ms" for x in ("user", "system", "wait")]
+        print(f"| {k} | {_median(walls) * 1000:.0f} ms | [{q1 * 1000:.0f}, {q3 * 1000:.0f}] | "
+              f"{min(walls) * 1000:.0f}, {max(walls) * 1000:.0f} | "
+              + (f"{_median(per) * 1000:.1f} ms | [{p1 * 1000:.1f}, {p3 * 1000:.1f}] | " if k else " | | ")
+              + " | ".join(cells) + f" | {_median([s['vcsw'] for s in mine]):.0f}, "
+              f"{_median([s['ivcsw'] for s in mine]):.0f} | {sum(s['full_gcs'] for s in mine)} |")
+    print("\nCost per added namespace between neighbouring counts, per round (same round: samples "
+          "seconds apart), median [q1, q3]:\n")
+    print("| from | to | wall per namespace | user CPU | system CPU | waiting |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for a, b in zip(ks, ks[1:]):
+        cells = []
+        for x in ("wall", "user", "system", "wait"):
+            d = [(by[(r, b)][x] - by[(r, a)][x]) / (b - a) for r in range(1, rounds + 1)
+                 if (r, a) in by and (r, b) in by]
+            q1, q3 = _quartiles(d)
+            cells.append(f"{_median(d) * 1000:.1f} ms [{q1 * 1000:.1f}, {q3 * 1000:.1f}]")
+        print(f"| {a} | {b} | " + " | ".join(cells) + " |")
+    # least squares over every sample: wall = a + b*k + c*k^2; c*k_max^2 is what bending adds at k_max
+    xs = [float(s["namespaces"]) for s in samples]
+    ys = [s["wall"] for s in samples]
+    a, b, c = _quadfit(xs, ys)
+    kmax = max(ks)
+    print(f"\nLeast squares over all {len(ys)} samples: wall = {a * 1000:.0f} ms + {b * 1000:.1f} ms x n + "
+          f"{c * 1000:.3f} ms x n^2; at n = {kmax} the n^2 term is {c * kmax * kmax * 1000:.0f} ms of "
+          f"{(a + b * kmax + c * kmax * kmax) * 1000:.0f} ms. Linear fit: {_linfit(xs, ys)[1] * 1000:.1f} ms "
+          "per namespace.")
+
+
+def _linfit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def _quadfit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
+    """Least squares y = a + b x + c x^2 (normal equations, Cramer's rule)."""
+    s = [sum(x ** p for x in xs) for p in range(5)]
+    t = [sum(y * x ** p for x, y in zip(xs, ys)) for p in range(3)]
+    m = [[s[0], s[1], s[2]], [s[1], s[2], s[3]], [s[2], s[3], s[4]]]
+
+    def det(a: list[list[float]]) -> float:
+        return (a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+                + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
+    d = det(m)
+    coef = []
+    for i in range(3):
+        mi = [row[:] for row in m]
+        for r in range(3):
+            mi[r][i] = t[r]
+        coef.append(det(mi) / d)
+    return coef[0], coef[1], coef[2]
+
+
+def profile_counts(loops: dict[int, Any], ks: list[int], profile: str, first_extra: int, rounds: int = 3) -> None:
+    """``rounds`` more changes per loop under cProfile (not in the figures above: the
+    profiler's cost), accumulated per count; the functions that take most time at the
+    largest count, per change and per namespace, next to the same at each count."""
+    import cProfile
+    import pstats
+
+    from svcproxy.kube.store import Kind
+
+    profs = {k: cProfile.Profile() for k in ks}
+    for rnd in range(rounds):
+        for k in (ks if rnd % 2 else ks[::-1]):
+            loops[k].on_event(Kind.ENDPOINT_SLICE, "MODIFIED", grown_slice(ks.index(k), first_extra + rnd + 1))
+            _sync_sample(loops[k], k, profs[k])
+    stats = {}
+    for k, prof in profs.items():
+        prof.dump_stats(f"{profile}.{k}")
+        st = pstats.Stats(prof)
+        stats[k] = {f"{Path(f[0]).name}:{f[1]}({f[2]})": (v[2], v[3], v[1]) for f, v in st.stats.items()}  # type: ignore[attr-defined]
+    kmax = max(ks)
+    top = sorted(stats[kmax], key=lambda f: stats[kmax][f][1], reverse=True)[:20]
+    print(f"\nProfiled: {rounds} more changes per count (profiles in {profile}.N). Cumulative ms per change "
+          "(calls per change); at the larger counts also per namespace:\n")
+    print("| function | " + " | ".join(f"{k}" for k in ks) + " | per namespace at " + ", ".join(
+        str(k) for k in ks if k) + " |")
+    print("|---|" + "---:|" * (len(ks) + 1))
+    for f in top:
+        cells = []
+        for k in ks:
+            tt, ct, calls = stats[k].get(f, (0.0, 0.0, 0))
+            cells.append(f"{ct / rounds * 1000:.1f} ({calls / rounds:.0f})")
+        pern = ", ".join(f"{stats[k].get(f, (0, 0.0, 0))[1] / rounds / k * 1000:.2f}" for k in ks if k)
+        print(f"| `{f}` | " + " | ".join(cells) + f" | {pern} |")
+    print("\nOwn time (tottime), top 12 at the largest count, ms per change:\n")
+    tops = sorted(stats[kmax], key=lambda f: stats[kmax][f][0], reverse=True)[:12]
+    for f in tops:
+        print(f"  {f}: " + ", ".join(f"{k}: {stats[k].get(f, (0.0, 0.0, 0))[0] / rounds * 1000:.1f}" for k in ks))
+
+
 def meminfo() -> dict[str, int]:
     """/proc/meminfo in kB."""
     out = {}
@@ -378,6 +547,9 @@ def vm(args: argparse.Namespace, argv: list[str], vng_args: Sequence[str] = ()) 
     # with built modules the guest loads only what ip_vs.ko needs; load_built_ipvs does the rest
     modules = (["veth", "nf_conntrack", "nf_defrag_ipv4", "nf_defrag_ipv6", "libcrc32c", "nf_nat"]
                if args.ipvs_modules else ["ip_vs", "ip_vs_rr", "veth"])
+    if args.json and not vng_args:  # the guest sees this machine's files read-only, but for --rwdir
+        Path(args.json).resolve().parent.mkdir(parents=True, exist_ok=True)
+        vng_args = ["--rwdir", str(Path(args.json).resolve().parent)]
     return run_in_vm("share_ns.py", [a for a in argv if a not in ("--vm", "--compare")], memory=args.memory,
                      modules=modules, vng_args=vng_args, timeout=args.vm_timeout)
 
@@ -457,6 +629,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fanout-services", type=int, default=200)
     parser.add_argument("--fanout-repeat", type=int, default=0,
                         help="after the two measured changes, this many more (median and min shown: the noise)")
+    parser.add_argument("--fanout-rounds", type=int, default=0,
+                        help="instead: the linearity figure, this many interleaved rounds of one change per "
+                             "count (every count's loop and namespaces exist throughout; with --profile: 3 more "
+                             "profiled rounds, one profile per count)")
     parser.add_argument("--backend", choices=["netlink", "ipvsadm"], default="netlink",
                         help="how the node and the Pod namespaces are programmed")
     parser.add_argument("--mode", choices=["replicate", "kernel"], default="replicate",
@@ -503,7 +679,10 @@ def main(argv: list[str]) -> int:
         if "attach" in only:
             attach_bench([int(s) for s in args.sizes.split(",")], args.dests, nss, args.backend, args.mode,
                          figures["attach"])
-        if "fanout" in only:
+        if "fanout" in only and args.fanout_rounds:
+            fanout_interleaved([int(s) for s in args.fanout.split(",")], args.fanout_services, nss, args.backend,
+                               args.mode, figures["fanout"], args.fanout_rounds, args.profile)
+        elif "fanout" in only:
             fanout_bench([int(s) for s in args.fanout.split(",")], args.fanout_services, nss, args.backend,
                          args.mode, figures["fanout"], args.profile, args.fanout_repeat)
         if "memory" in only:
