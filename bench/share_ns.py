@@ -449,7 +449,8 @@ def profile_counts(loops: dict[int, Any], ks: list[int], profile: str, first_ext
     for k, prof in profs.items():
         prof.dump_stats(f"{profile}.{k}")
         st = pstats.Stats(prof)
-        stats[k] = {f"{Path(f[0]).name}:{f[1]}({f[2]})": (v[2], v[3], v[1]) for f, v in st.stats.items()}  # type: ignore[attr-defined]
+        raw = st.stats  # type: ignore[attr-defined]  # {(file, line, name): (cc, calls, tottime, cumtime, callers)}
+        stats[k] = {f"{Path(f[0]).name}:{f[1]}({f[2]})": (v[2], v[3], v[1]) for f, v in raw.items()}
     kmax = max(ks)
     top = sorted(stats[kmax], key=lambda f: stats[kmax][f][1], reverse=True)[:20]
     print(f"\nProfiled: {rounds} more changes per count (profiles in {profile}.N). Cumulative ms per change "
