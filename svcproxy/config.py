@@ -2,7 +2,9 @@
 
 The DaemonSet mounts a ConfigMap holding this file, so that operators change settings
 without editing the container's arguments. Keys are the long flag names without the
-dashes in front (``sync-period: 30``; ``sync_period`` works too). The file is turned
+dashes in front (``sync-period: 30``; ``sync_period`` works too). A key with no value
+(``node:``, ``node: null``) is not set: the flag keeps its default, as if the key were
+absent (it never becomes the text "None"). The file is turned
 into flag tokens placed before the ones given on the command line, so every value goes
 through exactly the same parsing and validation as a flag, and a flag given on the
 command line overrides the file (a list flag given there replaces the file's list).
@@ -64,7 +66,7 @@ def config_tokens(sub: argparse.ArgumentParser, path: str | Path, given: Sequenc
             if key not in other_keys:
                 unknown.append(str(raw_key))
             continue
-        if key in explicit:
+        if key in explicit or value is None:
             continue
         flag = f"--{key}"
         if isinstance(action, argparse.BooleanOptionalAction):

@@ -1,0 +1,50 @@
+"""What an operator gets for a mistake in flags or the configuration file: one line
+naming the flag or setting, exit status 1, nothing started or changed."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+import pytest
+
+from svcproxy import cli
+from svcproxy.cli import main
+from svcproxy.ipvs.backend import MemoryBackend
+
+EMPTY = '{"apiVersion": "v1", "kind": "List", "items": []}'
+
+
+def run_main(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), backend=MemoryBackend(), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("key", ["node", "kubeconfig", "cni-socket", "pod-netns-dir", "health-bind", "scheduler"])
+def test_a_null_setting_in_the_file_means_the_default_not_the_text_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    """YAML reads ``node:`` with nothing after it (and ``node: null``) as null. Turned into
+    the flag text "None", the agent ran as node "None" (no Node object, no local
+    endpoints), or served its CNI socket at ./None, or read a kubeconfig named None."""
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cli, "run_agent", lambda args, backend: seen.update(vars(args)) or 0)
+    conf = tmp_path / "config.yaml"
+    conf.write_text(f"{key}:\nsync-period: 10\n")
+    code, _, err = run_main("run", "--dry-run", "--config", str(conf))
+    assert code == 0, err
+    defaults = vars(cli.build_parser().parse_args(["run"]))
+    attr = key.replace("-", "_")
+    assert seen[attr] == defaults[attr] and seen[attr] != "None"
+    assert seen["sync_period"] == 10.0  # the rest of the file still applies
+
+
+def test_a_null_switch_in_the_file_is_left_at_its_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cli, "run_agent", lambda args, backend: seen.update(vars(args)) or 0)
+    conf = tmp_path / "config.yaml"
+    conf.write_text("dry-run: null\nmasquerade-all: ~\n")
+    code, _, err = run_main("run", "--config", str(conf))
+    assert code == 0, err
+    assert seen["dry_run"] is False and seen["masquerade_all"] is False
