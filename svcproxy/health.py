@@ -23,6 +23,7 @@ An IPv6 address binds IPv6 (``::`` both families); ``0.0.0.0`` binds IPv4.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import socket
@@ -197,7 +198,15 @@ class HealthServer:
     def __init__(self, bind: str, state: HealthState, metrics: Metrics) -> None:
         self.state = state
         self.metrics = metrics
-        self._httpd = _Server(parse_bind(bind), self._dispatch)
+        try:
+            self._httpd = _Server(parse_bind(bind), self._dispatch)
+        except OSError as exc:
+            # The bare "[Errno 98] Address already in use" names neither the address nor
+            # the flag; on a node moving off kube-proxy, its healthz holds 10256.
+            hint = " (kube-proxy, or another svcproxy, still running on this node?)" \
+                if exc.errno == errno.EADDRINUSE else ""
+            raise OSError(f"--health-bind {bind}: cannot listen for /healthz and /metrics: "
+                          f"{exc.strerror or exc}{hint}") from None
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="health", daemon=True)
 
     @property

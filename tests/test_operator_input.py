@@ -48,3 +48,24 @@ def test_a_null_switch_in_the_file_is_left_at_its_default(tmp_path: Path, monkey
     code, _, err = run_main("run", "--config", str(conf))
     assert code == 0, err
     assert seen["dry_run"] is False and seen["masquerade_all"] is False
+
+
+def test_health_bind_in_use_names_the_flag_and_the_address(tmp_path: Path) -> None:
+    """kube-proxy still running on the node holds 10256: the error must say which
+    address could not be taken and by which flag, not just "[Errno 98] ..."."""
+    cluster = tmp_path / "c.json"
+    cluster.write_text(EMPTY)
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        code, _, err = run_main("run", "-f", str(cluster), "--dry-run", "--health-bind", f"127.0.0.1:{port}",
+                                "--node-plumbing", "off", "--cni-socket", "")
+    finally:
+        holder.close()
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "--health-bind" in lines[0] and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
