@@ -59,7 +59,7 @@ def _source_args(p: argparse.ArgumentParser, *, file_required: bool = True) -> N
                    help="a node address for NodePorts (repeatable; overrides the Node object's addresses)")
     p.add_argument("--ip-families", type=flags.families, default=frozenset({Family.IPV4, Family.IPV6}),
                    help="families to serve: IPv4, IPv6 or IPv4,IPv6 (default both)")
-    p.add_argument("--scheduler", default="rr", help="default IPVS scheduler (default rr)")
+    p.add_argument("--scheduler", default="rr", type=flags.scheduler, help="default IPVS scheduler (default rr)")
     p.add_argument("--proxy-name", default="svcproxy",
                    help="serve Services whose service.kubernetes.io/service-proxy-name label equals this")
     p.add_argument("--exclude-cidrs", default="", metavar="CIDR,...", type=flags.cidrs,
@@ -200,7 +200,8 @@ def _cleanup_parser(sub: Subparsers) -> _Parser:
     cleanup.add_argument("--pod-netns-dir", default=None, metavar="DIR",
                          help="also clean every network namespace file in DIR")
     cleanup.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
-    cleanup.add_argument("--dummy-device", default=DEVICE, help=f"the dummy device (default {DEVICE})")
+    cleanup.add_argument("--dummy-device", default=DEVICE, type=flags.ifname,
+                         help=f"the dummy device (default {DEVICE})")
     cleanup.add_argument("--nft", default="nft", help="nft binary (default: from PATH)")
     cleanup.add_argument("--ipvsadm", default="ipvsadm", help="ipvsadm binary (default: from PATH)")
     cleanup.add_argument("--ip-vs-mode-param", default=IP_VS_MODE_PARAM, metavar="FILE",
@@ -216,7 +217,7 @@ def _plumbing_args(p: argparse.ArgumentParser, *, default_on: bool) -> None:
     p.add_argument("--node-plumbing", choices=["on", "off"], default="on" if default_on else "off",
                    help="keep sysctls, the dummy device and the nftables masquerade table in line "
                         f"(default {'on' if default_on else 'off'})")
-    p.add_argument("--dummy-device", default=DEVICE,
+    p.add_argument("--dummy-device", default=DEVICE, type=flags.ifname,
                    help=f"dummy device virtual addresses are bound to (default {DEVICE})")
     p.add_argument("--masquerade-all", action=argparse.BooleanOptionalAction, default=False,
                    help="masquerade all traffic to ClusterIPs (kube-proxy's --masquerade-all)")

@@ -13,7 +13,7 @@ import math
 import re
 from typing import Sequence
 
-from svcproxy.model import Family, canonical_ip
+from svcproxy.model import IPVS_SCHEDULERS, Family, canonical_ip
 
 
 def split_csv(values: Sequence[str]) -> tuple[str, ...]:
@@ -152,3 +152,22 @@ def ipvs_timeout(text: str) -> int:
     if value > MAX_SECONDS:
         raise argparse.ArgumentTypeError(f"{text!r}: at most {MAX_SECONDS}s")
     return int(value)
+
+
+def scheduler(text: str) -> str:
+    """An IPVS scheduler the kernel has (rr, wlc, ...): checked here, before anything
+    runs, rather than when the first table is translated."""
+    if text not in IPVS_SCHEDULERS:
+        known = ", ".join(sorted(IPVS_SCHEDULERS))
+        raise argparse.ArgumentTypeError(f"unknown IPVS scheduler {text!r} (one of {known})")
+    return text
+
+
+def ifname(text: str) -> str:
+    """A network interface name Linux accepts (its dev_valid_name): 1 to 15 bytes,
+    not . or .., no '/', ':' or whitespace. A bad one would otherwise fail at every sync."""
+    if not text or len(text.encode()) > 15:
+        raise argparse.ArgumentTypeError(f"{text!r}: an interface name has 1 to 15 characters")
+    if text in (".", "..") or any(c in "/:" or c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an interface name (no '/', ':' or spaces; not . or ..)")
+    return text

@@ -69,3 +69,50 @@ def test_health_bind_in_use_names_the_flag_and_the_address(tmp_path: Path) -> No
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert "--health-bind" in lines[0] and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+
+
+@pytest.mark.parametrize("command", [["run", "--dry-run"], ["plan", "-f", "c.json"], ["sync", "-f", "c.json"]])
+def test_an_unknown_scheduler_is_a_flag_error_naming_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              command: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.json").write_text(EMPTY)
+    monkeypatch.setattr(cli, "run_agent", lambda args, backend: pytest.fail("the agent started"))
+    with pytest.raises(SystemExit) as exc:
+        run_main(*command, "--scheduler", "bogus")
+    assert exc.value.code == 1
+
+
+def test_an_unknown_scheduler_in_the_file_names_the_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "c.json").write_text(EMPTY)
+    conf = tmp_path / "config.yaml"
+    conf.write_text("scheduler: bogus\n")
+    with pytest.raises(SystemExit) as exc:
+        run_main("plan", "-f", str(tmp_path / "c.json"), "--config", str(conf))
+    assert exc.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--scheduler" in last and "bogus" in last
+
+
+@pytest.mark.parametrize("name", ["x" * 16, "", "a/b", "a b", "..", "a:b"])
+@pytest.mark.parametrize("command", [["run", "--dry-run"], ["sync", "-f", "c.json"], ["cleanup", "--dry-run"]])
+def test_a_dummy_device_linux_cannot_name_is_a_flag_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], name: str,
+                                                          command: list[str]) -> None:
+    """An interface name Linux refuses (over 15 bytes, '/', whitespace, ':', . or ..)
+    failed only at run time, at every sync, with the agent otherwise running."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.json").write_text(EMPTY)
+    monkeypatch.setattr(cli, "run_agent", lambda args, backend: pytest.fail("the agent started"))
+    monkeypatch.setattr(cli, "run_cleanup", lambda args, backend, out: pytest.fail("cleanup ran"))
+    with pytest.raises(SystemExit) as exc:
+        run_main(*command, "--dummy-device", name)
+    assert exc.value.code == 1
+    assert "argument --dummy-device" in capsys.readouterr().err
+
+
+def test_a_good_dummy_device_name_is_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cli, "run_agent", lambda args, backend: seen.update(vars(args)) or 0)
+    code, _, err = run_main("run", "--dry-run", "--dummy-device", "x" * 15)
+    assert code == 0, err
+    assert seen["dummy_device"] == "x" * 15
