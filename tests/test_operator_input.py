@@ -116,3 +116,15 @@ def test_a_good_dummy_device_name_is_accepted(tmp_path: Path, monkeypatch: pytes
     code, _, err = run_main("run", "--dry-run", "--dummy-device", "x" * 15)
     assert code == 0, err
     assert seen["dummy_device"] == "x" * 15
+
+
+def test_the_python_plugin_answers_version_whatever_the_configuration() -> None:
+    """libcni asks VERSION before anything else; a configuration nested deeper than
+    Python's JSON decoder goes must not turn it into an internal error (999)."""
+    from svcproxy.podns import cni
+
+    for text in ("[" * 100_000, '{"cniVersion": ' + "[" * 100_000):
+        out = io.StringIO()
+        rc = cni.run({"CNI_COMMAND": "VERSION"}, io.StringIO(text), out, stderr=io.StringIO())
+        assert rc == 0
+        assert out.getvalue().startswith('{"cniVersion": "1.1.0", "supportedVersions"')

@@ -431,7 +431,7 @@ def cmd_version(stdin: TextIO) -> dict[str, Any]:
     version = LATEST
     try:
         doc = json.loads(stdin.read() or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # VERSION answers whatever the configuration is
         doc = {}
     if isinstance(doc, dict) and doc.get("cniVersion") in SUPPORTED_VERSIONS:
         version = doc["cniVersion"]
