@@ -51,8 +51,9 @@ test-kernel: $(STAMP)
 # caches them), in two short boots of their own instead of the kernel's: mode=0, the
 # same backend contract and sync tests as the stock module passes; mode=2, the
 # share-namespace mode end to end. MODULE_TESTS run in both.
-MODULE_TESTS       := tests/kernel/test_built_ipvs.py
-KERNEL_MODE_TESTS  ?= $(MODULE_TESTS) tests/kernel/test_kernel_module.py tests/kernel/test_kernel_mode.py
+MODULE_TESTS       := tests/kernel/test_built_ipvs.py tests/kernel/test_kernel_module.py \
+                      tests/kernel/test_mode_detection.py
+KERNEL_MODE_TESTS  ?= $(MODULE_TESTS) tests/kernel/test_kernel_mode.py
 KERNEL_MODE0_TESTS ?= $(MODULE_TESTS) tests/kernel/test_ipvsadm_backend.py \
                       tests/kernel/test_netlink_backend.py tests/kernel/test_sync.py
 test-kernel-module: $(STAMP)
