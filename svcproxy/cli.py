@@ -46,15 +46,16 @@ EXIT_CLEAN, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
 
 def default_node_name() -> str:
-    """--node, else NODE_NAME (the DaemonSet sets it from the downward API), else hostname."""
-    return os.environ.get("NODE_NAME") or socket.gethostname()
+    """--node, else NODE_NAME (the DaemonSet sets it from the downward API), else the
+    hostname; trimmed and lower-cased like --node (flags.node_name), as kube-proxy does."""
+    return (os.environ.get("NODE_NAME") or "").strip().lower() or socket.gethostname().strip().lower()
 
 
 def _source_args(p: argparse.ArgumentParser, *, file_required: bool = True) -> None:
     p.add_argument("-f", "--file", required=file_required, type=Path,
                    help="YAML/JSON with Services, EndpointSlices and optionally Nodes "
                         "(multi-document or a `kubectl get -o yaml` List)")
-    p.add_argument("--node", default=None, help="this node's name (default: $NODE_NAME, else the hostname)")
+    p.add_argument("--node", default=None, type=flags.node_name, help="this node's name (default: $NODE_NAME, else the hostname)")
     p.add_argument("--node-ip", action="append", default=[], metavar="IP", type=flags.ip,
                    help="a node address for NodePorts (repeatable; overrides the Node object's addresses)")
     p.add_argument("--ip-families", type=flags.families, default=frozenset({Family.IPV4, Family.IPV6}),

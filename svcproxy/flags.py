@@ -171,3 +171,12 @@ def ifname(text: str) -> str:
     if text in (".", "..") or any(c in "/:" or c.isspace() for c in text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an interface name (no '/', ':' or spaces; not . or ..)")
     return text
+
+
+def node_name(text: str) -> str:
+    """A node name as kube-proxy and the kubelet read it (nodeutil.GetHostname):
+    trimmed and lower-cased, so a host called Worker-1 is Node worker-1."""
+    name = text.strip().lower()
+    if not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: a node name cannot be empty")
+    return name

@@ -128,3 +128,58 @@ def test_the_python_plugin_answers_version_whatever_the_configuration() -> None:
         rc = cni.run({"CNI_COMMAND": "VERSION"}, io.StringIO(text), out, stderr=io.StringIO())
         assert rc == 0
         assert out.getvalue().startswith('{"cniVersion": "1.1.0", "supportedVersions"')
+
+
+NODE_AND_LOCAL_SERVICE = """\
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Node
+  metadata: {name: worker-1, labels: {topology.kubernetes.io/zone: z1}}
+  status: {addresses: [{type: InternalIP, address: 192.0.2.10}]}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web, namespace: default}
+  spec: {type: NodePort, clusterIP: 10.96.0.20, clusterIPs: [10.96.0.20], ipFamilies: [IPv4],
+         externalTrafficPolicy: Local,
+         ports: [{name: http, port: 80, nodePort: 30080, protocol: TCP, targetPort: 8080}]}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  ports: [{name: http, port: 8080, protocol: TCP}]
+  endpoints:
+  - {addresses: [10.244.0.5], conditions: {ready: true}, nodeName: worker-1}
+"""
+
+
+@pytest.mark.parametrize("how", ["flag", "NODE_NAME", "hostname"])
+def test_the_node_name_is_read_as_kube_proxy_reads_it_trimmed_and_lower_case(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """kube-proxy (nodeutil.GetHostname) trims and lower-cases --hostname-override and
+    the hostname, as the kubelet does when it names its Node. A host called Worker-1
+    is Node worker-1: taken as is, the name matched no Node object (no NodePort
+    addresses, no zone) and no endpoint's nodeName, so Local-policy Services had no
+    local endpoints on that node."""
+    (tmp_path / "c.yaml").write_text(NODE_AND_LOCAL_SERVICE)
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    extra: list[str] = []
+    if how == "flag":
+        extra = ["--node", " Worker-1 "]
+    elif how == "NODE_NAME":
+        monkeypatch.setenv("NODE_NAME", "Worker-1\n")
+    else:
+        monkeypatch.setattr(cli.socket, "gethostname", lambda: "Worker-1")
+    code, out, err = run_main("plan", "-f", str(tmp_path / "c.yaml"), "-o", "json", *extra)
+    assert code == 2, err
+    assert "missing-node" not in err
+    addresses = {(s["address"], s["port"]) for s in __import__("json").loads(out)["services"]}
+    assert ("192.0.2.10", 30080) in addresses
+
+
+def test_a_blank_node_name_is_a_flag_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run_main("run", "--dry-run", "--node", "  ")
+    assert exc.value.code == 1
+    assert "argument --node" in capsys.readouterr().err
