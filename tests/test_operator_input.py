@@ -183,3 +183,31 @@ def test_a_blank_node_name_is_a_flag_error(capsys: pytest.CaptureFixture[str]) -
         run_main("run", "--dry-run", "--node", "  ")
     assert exc.value.code == 1
     assert "argument --node" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--wait", "nan"], ["--wait", "-1"], ["--watch-interval", "inf"],
+                                  ["--plugin-timeout", "nan"], ["--metrics-bind", "1.2.3.4"],
+                                  ["--metrics-bind", "localhost:x"], ["--no-such-flag"]])
+def test_install_cni_bad_flags_exit_1_and_change_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         flag: list[str]) -> None:
+    """The init container and the keeper: a bad flag value is one line naming the flag,
+    exit status 1 (argparse's own is 2), and neither the binary nor the conflist is
+    written (a bad --metrics-bind was found only after both were installed)."""
+    from svcproxy.podns import install
+
+    bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
+    bin_dir.mkdir()
+    conf_dir.mkdir()
+    conflist = conf_dir / "10-x.conflist"
+    conflist.write_text('{"cniVersion": "1.0.0", "name": "x", "plugins": [{"type": "bridge"}]}\n')
+    before = conflist.read_bytes()
+    plugin = tmp_path / "plugin"
+    plugin.write_text("#!/bin/sh\necho '{\"cniVersion\": \"1.0.0\", \"supportedVersions\": [\"1.0.0\"]}'\n")
+    plugin.chmod(0o755)
+    with pytest.raises(SystemExit) as exc:
+        install.main(["--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir), "--plugin", str(plugin),
+                      "--watch", *flag])
+    assert exc.value.code == 1
+    name = flag[0]
+    assert name in capsys.readouterr().err
+    assert conflist.read_bytes() == before and list(bin_dir.iterdir()) == []

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,8 +69,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, NoReturn, Sequence, TextIO
 
+from svcproxy import flags
 from svcproxy.podns import cni
 
 __all__ = [
@@ -543,11 +545,21 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError("must not be negative")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag exits 1 like every other error (argparse's own is 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="svcproxy-install-cni",
         description="Install the svcproxy-cni chained plugin on this node: copy it into the CNI binary "
                     "directory and append it as the last plugin of the node's conflist (or remove both).")
@@ -582,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "without it")
     p.add_argument("--watch-interval", type=_seconds, default=2.0, metavar="SECONDS",
                    help="how often --watch looks at the conflist (default 2)")
-    p.add_argument("--metrics-bind", default=None, metavar="HOST:PORT",
+    p.add_argument("--metrics-bind", default=None, metavar="HOST:PORT", type=flags.bind,
                    help="with --watch: serve its Prometheus metrics here (default: none)")
     p.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
                    help="wait up to this long for a conflist to appear (default 0)")
