@@ -317,8 +317,9 @@ def read_current_file(path: Path) -> Table:
 
 def make_plan(args: argparse.Namespace, backend: Backend, err: TextIO) -> Planned:
     objects = load_objects(args.file)
-    if objects.empty and not objects.explicit_empty:
-        raise ObjectFileError(f"{args.file} holds no Services, EndpointSlices or Nodes; to plan an empty "
+    if objects.lacks_services:
+        what = "no Services, EndpointSlices or Nodes" if objects.empty else "no Services"
+        raise ObjectFileError(f"{args.file} holds {what}; to plan an empty "
                               "cluster (every virtual service removed), give an empty List: kind: List, items: []")
     name = args.node or default_node_name()
     node_doc = next((n for n in objects.nodes if (n.get("metadata") or {}).get("name") == name), None)

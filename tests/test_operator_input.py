@@ -211,3 +211,50 @@ def test_install_cni_bad_flags_exit_1_and_change_nothing(tmp_path: Path, capsys:
     name = flag[0]
     assert name in capsys.readouterr().err
     assert conflist.read_bytes() == before and list(bin_dir.iterdir()) == []
+
+
+NODES_ONLY = "apiVersion: v1\nkind: Node\nmetadata: {name: vm}\n"
+SLICES_ONLY = ("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n"
+               "metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\n"
+               "addressType: IPv4\nendpoints: [{addresses: [10.244.0.5]}]\n")
+CURRENT = "-A -t 10.96.0.10:53 -s rr\n-a -t 10.96.0.10:53 -r 10.244.0.3:53 -m -w 1\n"
+
+
+@pytest.mark.parametrize("text", [NODES_ONLY, SLICES_ONLY])
+@pytest.mark.parametrize("command", ["plan", "sync"])
+def test_a_file_without_services_is_not_an_empty_cluster(tmp_path: Path, text: str, command: str) -> None:
+    """`kubectl get nodes -o yaml > cluster.yaml` by mistake: no Service at all, so
+    every virtual service was planned for deletion (and `sync` deleted them). Every
+    real cluster has the `kubernetes` Service; an empty cluster on purpose is the
+    empty List."""
+    (tmp_path / "c.yaml").write_text(text)
+    backend = MemoryBackend()
+    from svcproxy.ipvs.ipvsadm import parse_save
+
+    backend.apply(__import__("svcproxy.diff", fromlist=["diff"]).diff(parse_save(CURRENT), backend.read()))
+    before = backend.read()
+    assert len(before) == 1
+    out, err = io.StringIO(), io.StringIO()
+    code = main([command, "-f", str(tmp_path / "c.yaml")], backend=backend, out=out, err=err)
+    assert code == 1
+    assert "no Services" in err.getvalue() and "kind: List, items: []" in err.getvalue()
+    assert backend.read() == before
+
+
+def test_the_agents_file_source_keeps_its_services_when_the_file_loses_them(tmp_path: Path) -> None:
+    import threading
+
+    from svcproxy.kube.filesource import FileSource
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(NODE_AND_LOCAL_SERVICE)
+    events: list[object] = []
+    src = FileSource(path, sink=events.append, on_synced=lambda kind: None, stop=threading.Event(),
+                     node_name="worker-1")
+    assert src.check() is True
+    n = len(events)
+    path.write_text(NODES_ONLY.replace("vm", "worker-1"))
+    import os
+    os.utime(path, ns=(10**18, 10**18))
+    assert src.check() is False
+    assert len(events) == n and src.stats.errors == 1

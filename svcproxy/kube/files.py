@@ -51,6 +51,13 @@ class LoadedObjects:
         """No usable Service, EndpointSlice or Node at all (nameless ones are problems)."""
         return not (self.services or self.endpoint_slices or self.nodes)
 
+    @property
+    def lacks_services(self) -> bool:
+        """No Service, and not an empty List: not a cluster to plan, since taking it as
+        one would remove every virtual service. Every real cluster has at least the
+        ``kubernetes`` Service, so such a file is a mistake (``kubectl get nodes``)."""
+        return not self.services and not self.explicit_empty
+
 
 def load_objects(path: str | os.PathLike[str]) -> LoadedObjects:
     """Read and sort the objects of one file; raises ObjectFileError if unreadable."""

@@ -13,7 +13,8 @@ Design decisions:
 - Diff by content, not resourceVersion: hand-edited files rarely carry one, or do not
   bump it. Re-reading an unchanged object produces nothing.
 - A source that goes away never deletes anything. A missing, unreadable, unparsable or
-  empty (0-byte, as during a truncate-then-write) file is logged and the previous
+  empty (0-byte, as during a truncate-then-write) file, or one without a Service
+  (only Nodes, say), is logged and the previous
   content stays in force until a good version appears. A file that changed while being
   read is read again at the next poll rather than trusted.
 """
@@ -53,6 +54,9 @@ class Loaded(Protocol):
 
     @property
     def explicit_empty(self) -> bool: ...
+
+    @property
+    def lacks_services(self) -> bool: ...
 
 
 Loader = Callable[[str], Loaded]
@@ -170,10 +174,10 @@ class FileSource:
             log.warning("file %s: %s", self.path, problem)
             self.stats.malformed += getattr(problem, "kind", "") == "malformed-object"
         batches = self._batches(loaded)
-        if not any(items for _, items in batches):
+        if loaded.lacks_services or not any(items for _, items in batches):
             if not loaded.explicit_empty:
-                self._problem("no usable Service, EndpointSlice or Node in it (an empty List, "
-                              "kind: List with items: [], removes everything)")
+                self._problem("no usable Service in it (an empty List, kind: List with items: [], "
+                              "removes everything)")
                 return False
             log.warning("file %s: an empty List: every Service goes, and its virtual services with it", self.path)
         self._last_problem = None
