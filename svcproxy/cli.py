@@ -55,7 +55,8 @@ def _source_args(p: argparse.ArgumentParser, *, file_required: bool = True) -> N
     p.add_argument("-f", "--file", required=file_required, type=Path,
                    help="YAML/JSON with Services, EndpointSlices and optionally Nodes "
                         "(multi-document or a `kubectl get -o yaml` List)")
-    p.add_argument("--node", default=None, type=flags.node_name, help="this node's name (default: $NODE_NAME, else the hostname)")
+    p.add_argument("--node", default=None, type=flags.node_name,
+                   help="this node's name (default: $NODE_NAME, else the hostname)")
     p.add_argument("--node-ip", action="append", default=[], metavar="IP", type=flags.ip,
                    help="a node address for NodePorts (repeatable; overrides the Node object's addresses)")
     p.add_argument("--ip-families", type=flags.families, default=frozenset({Family.IPV4, Family.IPV6}),
@@ -505,6 +506,11 @@ def _cleanup_ipvs(args: argparse.Namespace, backend: Backend, exclusions: Exclus
         out.write(f"node: IPVS: FAILED: {exc}\n")
         return 1
     ops = diff(Table(), actual, exclusions)
+    if args.dry_run:  # each one named: a dry run shows exactly what the real one would remove
+        for op in ops:
+            if op.kind is OpKind.DELETE_SERVICE:
+                n = len(actual.services[op.service].destinations)
+                out.write(f"node: would remove virtual service {op.service} ({n} real server{'s' * (n != 1)})\n")
     errors = backend.apply(ops) if not args.dry_run and ops else []
     for f in errors:
         out.write(f"FAILED  {f.operation}: {f.error}\n")

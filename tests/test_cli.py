@@ -230,7 +230,8 @@ def test_cleanup_removes_ours_only_and_dry_run_changes_nothing(tmp_path: Path) -
         base = ["cleanup", "--exclude-cidrs", "10.200.0.0/16", "--nft", str(nft), "--dummy-device", "svcpx-none0"]
         out = io.StringIO()
         assert main([*base, "--dry-run"], backend=backend, out=out) == 0
-        assert out.getvalue() == ("node: would remove 1 virtual services\n"
+        assert out.getvalue() == ("node: would remove virtual service tcp://10.96.0.1:80 (1 real server)\n"
+                                  "node: would remove 1 virtual services\n"
                                   "node: would delete nftables table inet svcproxy\n")
         assert set(backend.table.services) == {ours.key, foreign.key}
         out = io.StringIO()
