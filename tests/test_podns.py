@@ -726,6 +726,43 @@ def test_cleanup_in_kernel_mode_removes_vip_routes_and_makes_no_ipvs_request(
 
 
 @needs_netns
+def test_cleanup_in_replicate_mode_removes_only_what_svcproxy_made(
+        hostns: HostNs, sysctl_dir: Path, param: Callable[[str | None], Path]) -> None:
+    """Replicate mode: the Pod's virtual services (outside the exclusions) and
+    svcproxy's VIP routes go; loopback and the IPVS sysctls, which a sync set, are
+    not touched (this host has no IPVS sysctls: any attempt to set them would fail
+    the cleanup), nor is anyone else's route. A dry run changes nothing."""
+    from svcproxy.diff import Exclusions
+
+    path = hostns.add()
+    ours = [vs("10.96.0.10", 80, Protocol.TCP, "10.244.1.5"), vs("10.96.0.11"), vs("fd00:96::10")]
+    pod_table = MemoryBackend(Table.of([*ours, vs("10.200.0.1")]))
+    left = pod_target(path, lambda p, fd: MemoryBackend(), sysctl_dir=str(sysctl_dir))
+    assert left.prepare is not None
+    left.prepare(Table.of(ours))
+    ip(path, "route", "add", "10.96.0.99/32", "dev", "lo", "proto", "static")  # not svcproxy's
+    replicate = decide("auto", param("0"))
+    kw: dict[str, Any] = {"exclusions": Exclusions.parse(["10.200.0.0/16"]), "backend_factory": lambda p, fd: pod_table}
+
+    assert cleanup_namespace(path, replicate, apply=False, **kw) == (
+        "would remove 3 virtual services and 3 VIP routes", True)
+    assert len(pod_table.table.services) == 4
+    assert len(ip(path, "route", "show", "table", "all", "proto", "0x9c").splitlines()) == 3
+
+    assert cleanup_namespace(path, replicate, **kw) == ("removed 3 virtual services and 3 VIP routes", True)
+    assert [k.address for k in pod_table.table.services] == ["10.200.0.1"]
+    assert ip(path, "route", "show", "table", "all", "proto", "0x9c") == ""
+    assert "10.96.0.99 dev lo proto static" in ip(path, "route", "show", "table", "all")
+
+    ip(path, "link", "set", "lo", "down")  # whoever set it down, cleanup does not set it up
+    assert cleanup_namespace(path, replicate, **kw) == ("removed 0 virtual services and 0 VIP routes", True)
+    assert "UP" not in json.loads(ip(path, "-j", "link", "show", "lo"))[0]["flags"]
+    hostns.delete(path)
+    line, ok = cleanup_namespace(path, replicate, **kw)
+    assert ok and line.startswith("gone "), line
+
+
+@needs_netns
 def test_cli_cleanup_follows_the_loaded_mode(hostns: HostNs, sysctl_dir: Path,
                                              param: Callable[[str | None], Path], tmp_path: Path) -> None:
     """`cleanup --pod-netns` reads the ip_vs mode: kernel mode removes only VIP routes

@@ -801,27 +801,33 @@ def cleanup_namespace(path: str, decision: ModeDecision, *, exclusions: Any = No
                       runner: Runner = subprocess.run) -> tuple[str, bool]:
     """What ``svcproxy cleanup`` does in one Pod namespace: (its report line, ok).
 
-    Replicate mode: its virtual services and svcproxy's VIP routes go, as a sync with
-    no Services would leave it. Kernel mode: the namespace has no IPVS table of its
-    own (svcproxy's module refuses its changes with EPERM, and on a module that let
-    it see the node's table, deleting from inside the Pod would delete the node's
-    services), so no IPVS request is made there at all; only VIP routes left by an
-    earlier replicate mode go (routes outlive the ip_vs reload that changed mode).
+    Only what svcproxy made goes: its virtual services and its VIP routes. Loopback
+    and the IPVS sysctls stay as they are (a sync would set them; cleanup is not a
+    sync). Kernel mode: the namespace has no IPVS table of its own (svcproxy's
+    module refuses its changes with EPERM, and on a module that let it see the
+    node's table, deleting from inside the Pod would delete the node's services),
+    so no IPVS request is made there at all; only VIP routes left by an earlier
+    replicate mode go (routes outlive the ip_vs reload that changed mode).
     """
     verb = "removed" if apply else "would remove"
-    if decision.shared:
-        try:
-            n = Preparer(PodNamespace.open(path), runner=runner).clear_routes(apply)
-        except NamespaceGone as exc:
-            return f"gone {exc}", True
-        except (NodeNamespace, BackendError) as exc:
-            return f"error {exc}", False
-        return f"shares the node's table (kernel mode), no virtual services of its own; {verb} {n} VIP routes", True
-    report = sync_namespace(path, Table(), ModeDecision(Mode.REPLICATE, Mode.REPLICATE, "cleanup"),
-                            exclusions=exclusions, backend_factory=backend_factory, apply=apply)
-    n = sum(1 for o in report.operations if o.kind is OpKind.DELETE_SERVICE)
-    if report.status in ("synced", "planned"):
-        line = f"{verb} {n} virtual services" + ("" if apply else " (and its VIP routes)")
-    else:
-        line = f"{report.status} {report.error}"
-    return line, not (report.status == "error" or report.failed)
+    try:
+        ns = PodNamespace.open(path)
+        if decision.shared:
+            n = Preparer(ns, runner=runner).clear_routes(apply)
+            return f"shares the node's table (kernel mode), no virtual services of its own; {verb} {n} VIP routes", True
+        factory = backend_factory if backend_factory is not None else ipvsadm_factory(runner=runner)
+        report = sync_namespace(path, Table(), ModeDecision(Mode.REPLICATE, Mode.REPLICATE, "cleanup"),
+                                exclusions=exclusions, apply=apply,
+                                make_target=lambda p: Target(p, PinnedBackend(ns, factory), pod=True))
+        if report.status not in ("synced", "planned"):
+            return f"{report.status} {report.error}", report.status != "error"
+        n = Preparer(ns, runner=runner).clear_routes(apply)
+    except NamespaceGone as exc:
+        return f"gone {exc}", True
+    except (NodeNamespace, BackendError) as exc:
+        return f"error {exc}", False
+    services = sum(1 for o in report.operations if o.kind is OpKind.DELETE_SERVICE)
+    note = f" ({report.error})" if report.error else ""
+    if report.failed:
+        note += f"; {len(report.failed)} of them FAILED, first: {report.failed[0].error}"
+    return f"{verb} {services} virtual services and {n} VIP routes{note}", not report.failed
