@@ -17,6 +17,7 @@ zero value (``""``, ``0s``, ``null``) meaning "kube-proxy's default".
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping
@@ -164,6 +165,23 @@ def _list(setting: str, check: Callable[[str], Any]) -> Mapped:
     return Mapped(setting, convert)
 
 
+#: kube-proxy's port for healthzBindAddress given as an IP alone.
+HEALTHZ_PORT = 10256
+
+
+def _healthz_bind(value: object) -> Any:
+    """healthzBindAddress; an IP alone gets kube-proxy's port, as its defaulting
+    (AppendPortIfNeeded) does: ``0.0.0.0`` is ``0.0.0.0:10256``, ``::`` ``[::]:10256``."""
+    if isinstance(value, str) and value and "%" not in value:
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            pass
+        else:
+            value = f"[{address}]:{HEALTHZ_PORT}" if address.version == 6 else f"{address}:{HEALTHZ_PORT}"
+    return _text("health-bind", flags.bind).convert(value)
+
+
 def _bind_address(value: object) -> Any:
     """kube-proxy's bindAddress overrides its idea of the node's IP (0.0.0.0/:: do not)."""
     if value is None or value in ("", "0.0.0.0", "::"):
@@ -213,7 +231,7 @@ FIELDS: Mapping[str, Any] = {
     "detectLocalMode": Unmapped(("ClusterCIDR",)),
     "enableProfiling": Unmapped(),
     "featureGates": Unmapped(),
-    "healthzBindAddress": _text("health-bind", flags.bind),
+    "healthzBindAddress": Mapped("health-bind", _healthz_bind),
     "hostnameOverride": _text("node"),
     "iptables": {
         "localhostNodePorts": Unmapped((True,), zero=False), "masqueradeAll": _flag("masquerade-all"),

@@ -258,3 +258,20 @@ def test_the_agents_file_source_keeps_its_services_when_the_file_loses_them(tmp_
     os.utime(path, ns=(10**18, 10**18))
     assert src.check() is False
     assert len(events) == n and src.stats.errors == 1
+
+
+@pytest.mark.parametrize("given, bind", [("0.0.0.0", "0.0.0.0:10256"), ("::", "[::]:10256"),
+                                         ("192.0.2.7", "192.0.2.7:10256"), ("0.0.0.0:10266", "0.0.0.0:10266"),
+                                         ("[::1]:10266", "[::1]:10266")])
+def test_kube_proxy_healthz_bind_address_without_a_port_gets_kube_proxys_port(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str, bind: str) -> None:
+    """kube-proxy's defaulting (AppendPortIfNeeded) adds port 10256 to a healthzBindAddress
+    that is only an IP; a KubeProxyConfiguration kube-proxy runs with was refused."""
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cli, "run_agent", lambda args, backend: seen.update(vars(args)) or 0)
+    conf = tmp_path / "kp.yaml"
+    conf.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+                    f"healthzBindAddress: {given!r}\n")
+    code, _, err = run_main("run", "--config", str(conf))
+    assert code == 0, err
+    assert seen["health_bind"] == bind
