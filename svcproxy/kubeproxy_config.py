@@ -290,7 +290,23 @@ def translate(data: Mapping[str, Any], known_settings: Collection[str]) -> Trans
     ignored: list[str] = []
     _walk(data, FIELDS, "", settings, ignored, frozenset(known_settings))
     _nodeport_cidrs_win(settings, ignored)
+    _healthz_follows_bind_family(data, settings, known_settings)
     return Translated(settings, tuple(ignored))
+
+
+def _healthz_follows_bind_family(data: Mapping[str, Any], settings: dict[str, Any],
+                                 known: Collection[str]) -> None:
+    """kube-proxy's default healthz address is ``[::]:10256`` when bindAddress is an
+    IPv6 address (0.0.0.0:10256 otherwise, svcproxy's own default)."""
+    bind = data.get("bindAddress")
+    if "health-bind" in settings or "health-bind" not in known or not isinstance(bind, str):
+        return
+    try:
+        v6 = ipaddress.ip_address(bind).version == 6
+    except ValueError:
+        return
+    if v6:
+        settings["health-bind"] = f"[::]:{HEALTHZ_PORT}"
 
 
 def _nodeport_cidrs_win(settings: dict[str, Any], ignored: list[str]) -> None:

@@ -275,3 +275,21 @@ def test_kube_proxy_healthz_bind_address_without_a_port_gets_kube_proxys_port(
     code, _, err = run_main("run", "--config", str(conf))
     assert code == 0, err
     assert seen["health_bind"] == bind
+
+
+@pytest.mark.parametrize("fields, bind", [("bindAddress: '::'", "[::]:10256"),
+                                          ("bindAddress: fd00::5", "[::]:10256"),
+                                          ("bindAddress: '::'\nhealthzBindAddress: 127.0.0.1:10266", "127.0.0.1:10266"),
+                                          ("bindAddress: 192.0.2.5", None)])
+def test_kube_proxy_ipv6_bind_address_makes_the_default_healthz_address_ipv6(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields: str, bind: str | None) -> None:
+    """kube-proxy's default healthz address follows bindAddress' family ([::]:10256 on an
+    IPv6 bindAddress); svcproxy's default 0.0.0.0:10256 is IPv4 only, so an IPv6-only
+    node's load balancer health checks found nothing listening."""
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cli, "run_agent", lambda args, backend: seen.update(vars(args)) or 0)
+    conf = tmp_path / "kp.yaml"
+    conf.write_text(f"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n{fields}\n")
+    code, _, err = run_main("run", "--config", str(conf))
+    assert code == 0, err
+    assert seen["health_bind"] == bind
