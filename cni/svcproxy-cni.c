@@ -64,14 +64,19 @@ static const char *const supported[] = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1
 #define NSUPPORTED (sizeof supported / sizeof supported[0])
 #define LATEST "1.1.0"
 
-/* What each command does when the agent cannot be asked. */
+/* What each command does when the agent cannot be asked, and the variables it needs
+ * (checked here as the agent checks them, so a missing one is error 4 either way). */
 struct command {
     const char *name;
     int code; /* the CNI error; 0: succeed (with a line on stderr) */
+    const char *const *required;
 };
+static const char *const pod_env[] = {"CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH", NULL};
+static const char *const del_env[] = {"CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH", NULL};
+static const char *const no_env[] = {NULL};
 static const struct command commands[] = {
-    {"ADD", ERR_TRY_AGAIN_LATER}, {"CHECK", ERR_TRY_AGAIN_LATER}, {"DEL", 0},
-    {"STATUS", ERR_NOT_AVAILABLE}, {"GC", 0},
+    {"ADD", ERR_TRY_AGAIN_LATER, pod_env}, {"CHECK", ERR_TRY_AGAIN_LATER, pod_env}, {"DEL", 0, del_env},
+    {"STATUS", ERR_NOT_AVAILABLE, no_env}, {"GC", 0, no_env},
 };
 static const char *const forwarded_env[] = {
     "CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH",
@@ -762,6 +767,21 @@ int main(void)
         buf_str(&msg, "unknown CNI_COMMAND: ");
         buf_add(&msg, name, strnlen(name, 64));
         cni_error(ERR_INVALID_ENV, msg.p, NULL);
+    }
+
+    if (cmd) {
+        struct buf missing = {0};
+        for (const char *const *v = cmd->required; *v; v++) {
+            const char *value = getenv(*v);
+            if (!value || !*value) {
+                buf_str(&missing, missing.len ? "," : "required env variables [");
+                buf_str(&missing, *v);
+            }
+        }
+        if (missing.len) {
+            buf_str(&missing, "] missing");
+            cni_error(ERR_INVALID_ENV, missing.p, NULL);
+        }
     }
 
     struct buf in = {0};

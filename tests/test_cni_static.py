@@ -185,13 +185,16 @@ def test_forwards_the_whole_invocation_and_relays_the_answer(plugin: Path, scrip
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     request = json.loads(line)
     assert request == {"op": "cni", "env": {**ENV, **env}, "stdin": stdin}  # byte for byte
-    # absent variables are not sent (the agent tells absent from empty as the runtime does)
-    run(plugin, stdin, env={"CNI_PATH": ""})
+    # absent variables are not sent (the agent tells absent from empty as the runtime does;
+    # a variable the command requires, missing or empty, is error 4 before the agent is asked)
+    run(plugin, stdin, env={"CNI_ARGS": ""})
     del_env = dict(ENV)
-    del del_env["CNI_NETNS"]
+    del del_env["CNI_ARGS"]
     subprocess.run([str(plugin)], input=stdin.encode(), env=del_env, capture_output=True, timeout=10)
-    assert json.loads(agent.requests[1])["env"]["CNI_PATH"] == ""
-    assert "CNI_NETNS" not in json.loads(agent.requests[2])["env"]
+    assert json.loads(agent.requests[1])["env"]["CNI_ARGS"] == ""
+    assert "CNI_ARGS" not in json.loads(agent.requests[2])["env"]
+    error(run(plugin, stdin, env={"CNI_PATH": ""}), 4)
+    assert len(agent.requests) == 3
 
 
 def test_the_agent_refusing_the_request_is_an_error_with_its_code(plugin: Path, scripted: Any) -> None:

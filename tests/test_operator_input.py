@@ -293,3 +293,34 @@ def test_kube_proxy_ipv6_bind_address_makes_the_default_healthz_address_ipv6(
     code, _, err = run_main("run", "--config", str(conf))
     assert code == 0, err
     assert seen["health_bind"] == bind
+
+
+@pytest.mark.parametrize("command, unset, named", [
+    ("ADD", ["CNI_NETNS"], "CNI_NETNS"), ("CHECK", ["CNI_CONTAINERID", "CNI_PATH"], "CNI_CONTAINERID,CNI_PATH"),
+    ("DEL", ["CNI_IFNAME"], "CNI_IFNAME")])
+def test_the_static_plugin_reports_missing_variables_as_the_agent_does(tmp_path: Path, command: str,
+                                                                       unset: list[str], named: str) -> None:
+    """With the agent up, a missing CNI_* variable is error 4 naming it (the agent's
+    check); with the agent down the static plugin answered 11 (try again later) for ADD
+    and CHECK and 0 for DEL: the same invocation's result depended on the agent."""
+    import json
+    import subprocess
+
+    from cni_build import static_plugin
+
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "abc", "CNI_NETNS": "/run/netns/pod-1", "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/opt/cni/bin"}
+    for name in unset:
+        env[name] = ""
+    conf = {"cniVersion": "1.0.0", "name": "n", "type": "svcproxy-cni", "socket": str(tmp_path / "none.sock"),
+            "prevResult": {"cniVersion": "1.0.0"}}
+    done = subprocess.run([str(static_plugin())], input=json.dumps(conf).encode(), env=env, capture_output=True,
+                          timeout=30)
+    assert done.returncode == 1, done
+    doc = json.loads(done.stdout)
+    assert doc["code"] == 4 and doc["msg"] == f"required env variables [{named}] missing"
+    from svcproxy.podns import cni
+
+    out = io.StringIO()
+    assert cni.run(env, io.StringIO(json.dumps(conf)), out, stderr=io.StringIO()) == 1
+    assert json.loads(out.getvalue())["msg"] == doc["msg"]
