@@ -324,3 +324,35 @@ def test_the_static_plugin_reports_missing_variables_as_the_agent_does(tmp_path:
     out = io.StringIO()
     assert cni.run(env, io.StringIO(json.dumps(conf)), out, stderr=io.StringIO()) == 1
     assert json.loads(out.getvalue())["msg"] == doc["msg"]
+
+
+def test_the_python_plugin_refuses_a_configuration_over_1_mib_without_reading_it_all() -> None:
+    """The static plugin refuses stdin over 1 MiB (error 6); the Python one read any
+    amount into memory, and went on to judge what it read."""
+    import json
+
+    from svcproxy.podns import cni
+
+    class Endless(io.TextIOBase):
+        """More configuration than anyone should send: reading it all never ends."""
+
+        def __init__(self) -> None:
+            self.given = 0
+
+        def read(self, size: int | None = -1) -> str:
+            if size is None or size < 0:
+                raise AssertionError("read everything")
+            self.given += size
+            return ('{"cniVersion": "1.0.0", "name": "n", "pad": "' + "x" * size)[:size]
+
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc", "CNI_NETNS": "/run/netns/p", "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/opt/cni/bin"}
+    stdin = Endless()
+    out = io.StringIO()
+    assert cni.run(env, stdin, out, stderr=io.StringIO()) == 1
+    doc = json.loads(out.getvalue())
+    assert doc["code"] == cni.ERR_DECODE and "1 MiB" in doc["details"]
+    assert stdin.given <= cni.MAX_LINE + 1
+    out = io.StringIO()
+    assert cni.run({"CNI_COMMAND": "VERSION"}, Endless(), out, stderr=io.StringIO()) == 0
+    assert json.loads(out.getvalue())["cniVersion"] == cni.LATEST

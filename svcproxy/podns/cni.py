@@ -245,8 +245,18 @@ def selected(config: Config) -> bool:
     return want is None or annotations[key] == want
 
 
+def read_stdin(stdin: TextIO) -> str:
+    """The network configuration, at most MAX_LINE characters (the static plugin's and
+    the agent's limit): a runtime never sends that much, and reading without a bound
+    would take whatever memory a runaway writer fills the pipe with."""
+    text = stdin.read(MAX_LINE + 1)
+    if len(text) > MAX_LINE:
+        raise CniError(ERR_DECODE, "cannot decode the network configuration", "larger than 1 MiB")
+    return text
+
+
 def read_config(stdin: TextIO) -> Config:
-    text = stdin.read()
+    text = read_stdin(stdin)
     try:
         doc = json.loads(text)
     except ValueError as exc:
@@ -430,8 +440,8 @@ def cmd_gc(config: Config) -> None:
 def cmd_version(stdin: TextIO) -> dict[str, Any]:
     version = LATEST
     try:
-        doc = json.loads(stdin.read() or "{}")
-    except (ValueError, RecursionError):  # VERSION answers whatever the configuration is
+        doc = json.loads(read_stdin(stdin) or "{}")
+    except (ValueError, RecursionError, CniError):  # VERSION answers whatever the configuration is
         doc = {}
     if isinstance(doc, dict) and doc.get("cniVersion") in SUPPORTED_VERSIONS:
         version = doc["cniVersion"]
