@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -356,3 +357,58 @@ def test_the_python_plugin_refuses_a_configuration_over_1_mib_without_reading_it
     out = io.StringIO()
     assert cni.run({"CNI_COMMAND": "VERSION"}, Endless(), out, stderr=io.StringIO()) == 0
     assert json.loads(out.getvalue())["cniVersion"] == cni.LATEST
+
+
+def test_losing_the_api_server_keeps_rules_health_and_readiness(tmp_path: Path) -> None:
+    """kube-proxy's semantics: with the API server gone nothing is queued, so /healthz,
+    /livez and /readyz stay 200 and the table stays as it was (the node keeps serving
+    what it knew); the lost watches show in svcproxy_watch_errors_total."""
+    import json
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    from fakeapi import FakeApiServer
+    from svcproxy.agent import Agent, AgentConfig
+
+    def get(url: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def wait(predicate: Any, what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    fake = FakeApiServer().start()
+    fake.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}})
+    fake.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+                "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"], "ipFamilies": ["IPv4"],
+                         "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}})
+    backend = MemoryBackend()
+    agent = Agent(AgentConfig(node_name="node-a", health_bind="127.0.0.1:0", sync_period=0.5, min_sync_period=0.05,
+                              kubeconfig=fake.write_kubeconfig(tmp_path / "kubeconfig"), cni_socket=None),
+                  backend)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{agent.server.port}"
+    try:
+        wait(lambda: get(base + "/readyz")[0] == 200, "first full sync")
+        table = backend.read()
+        assert len(table) == 1
+        fake.stop()
+        wait(lambda: 'svcproxy_watch_errors_total{resource="Service"} 0.0' not in get(base + "/metrics")[1],
+             "the lost watch counted")
+        time.sleep(1.5)  # full syncs (sync_period 0.5) with no API server
+        for path in ("/healthz", "/livez", "/readyz"):
+            assert get(base + path)[0] == 200, path
+        assert json.loads(get(base + "/healthz")[1])["nodeEligible"] is True
+        assert backend.read() == table
+    finally:
+        agent.stop.set()
+        thread.join(10)
