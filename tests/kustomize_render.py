@@ -5,7 +5,7 @@ generatorOptions.disableNameSuffixHash), images (new name and tag for the contai
 of workloads), and patches that are JSON patches (RFC 6902,
 applied with the jsonpatch library) on a target named by kind and name.
 
-kubectl and kustomize are not installed where the tests run; anything else in a
+kubectl and kustomize may not be installed where the tests run; anything else in a
 kustomization is refused here, so a kustomization that grows a feature this does not
 render fails the test instead of rendering wrong.
 """
@@ -22,8 +22,13 @@ import yaml
 KNOWN = {"apiVersion", "kind", "resources", "configMapGenerator", "generatorOptions", "patches", "images"}
 
 
-def render(directory: Path) -> list[dict[str, Any]]:
-    """The objects `kubectl kustomize directory` prints, in the same order."""
+def render(directory: Path, visited: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize directory` prints, in the same order. Like
+    kustomize, refuses a directory resource that contains a kustomization it is reached
+    from ("cycle detected") and a file resource outside the kustomization's directory
+    (its default load restrictor)."""
+    directory = directory.resolve()
+    visited = (*visited, directory)
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     unknown = set(kustomization) - KNOWN
     if unknown:
@@ -32,8 +37,13 @@ def render(directory: Path) -> list[dict[str, Any]]:
     for entry in kustomization.get("resources", []):
         path = (directory / entry).resolve()
         if path.is_dir():
-            objects += render(path)
+            inside = [v for v in visited if v == path or path in v.parents]
+            if inside:
+                raise ValueError(f"{directory}: resource {entry}: cycle detected: {path} contains {inside[0]}")
+            objects += render(path, visited)
         else:
+            if directory not in path.parents:
+                raise ValueError(f"{directory}: resource {entry}: {path} is not in or below {directory}")
             objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
     generators = kustomization.get("configMapGenerator", [])
     if generators and not kustomization.get("generatorOptions", {}).get("disableNameSuffixHash"):

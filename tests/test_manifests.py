@@ -15,11 +15,13 @@ from cni_build import static_plugin
 from svcproxy.cli import build_parser
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+#: The base both kustomizations use (manifests/ itself and replace-kube-proxy/).
+BASE = MANIFESTS / "base"
 
 
 def documents() -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
-    for path in sorted(MANIFESTS.glob("*.yaml")):
+    for path in sorted(BASE.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
@@ -32,9 +34,34 @@ def test_manifest_is_valid_against_the_schema(doc: dict[str, Any]) -> None:
 
 
 def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
-    files = {p.name for p in MANIFESTS.glob("*.yaml")} - {"kustomization.yaml"}
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    files = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == files
+    assert {p.name for p in MANIFESTS.glob("*.yaml")} == {"kustomization.yaml"}  # the rest is in base/
+
+
+@pytest.mark.parametrize("directory", ["", "replace-kube-proxy"])
+def test_kustomize_renders_what_the_docs_apply(directory: str) -> None:
+    """`kubectl apply -k manifests/` and `-k manifests/replace-kube-proxy/` (README):
+    rendered by tests/kustomize_render.py, which keeps kustomize's rules on where a
+    resource may be (no base containing the kustomization that uses it, no file outside
+    its root), and by kubectl's own kustomize where kubectl is installed."""
+    import shutil
+    import subprocess
+
+    from kustomize_render import render
+
+    objects = render(MANIFESTS / directory)
+    assert {o["kind"] for o in objects} >= {"Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"}
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return
+    done = subprocess.run([kubectl, "kustomize", str(MANIFESTS / directory)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    rendered = [d for d in yaml.safe_load_all(done.stdout) if d]
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in rendered) == \
+        sorted((o["kind"], o["metadata"]["name"]) for o in objects)
 
 
 def test_rbac_is_no_wider_than_needed() -> None:

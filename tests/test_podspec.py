@@ -10,7 +10,7 @@ import yaml
 
 from podspec import capabilities, oci_config
 
-DAEMONSET = Path(__file__).resolve().parent.parent / "manifests" / "daemonset.yaml"
+DAEMONSET = Path(__file__).resolve().parent.parent / "manifests" / "base" / "daemonset.yaml"
 IMAGE = {"Entrypoint": ["svcproxy"], "Cmd": ["run"], "Env": ["PATH=/opt/svcproxy/bin:/usr/bin"], "WorkingDir": "/"}
 
 
