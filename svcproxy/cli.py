@@ -549,6 +549,14 @@ def _cleanup_namespaces(args: argparse.Namespace, backend: Backend, exclusions: 
     return failed
 
 
+def check_run_paths(args: argparse.Namespace) -> None:
+    """`run`: a --pod-netns-dir that is there but is not a directory is a bad flag (one
+    that is not there yet is fine: the first `ip netns add` creates it)."""
+    directory = args.pod_netns_dir
+    if directory and os.path.lexists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"--pod-netns-dir {directory}: not a directory")
+
+
 def run_agent(args: argparse.Namespace, backend: Backend) -> int:
     from svcproxy.agent import Agent, AgentConfig  # the agent's stack, for `run` only
 
@@ -631,6 +639,7 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | None = None,
         if args.command == "cleanup":
             return run_cleanup(args, backend, out)
         if args.command == "run":
+            check_run_paths(args)
             return run_agent(args, backend)
         with paused_gc():  # one big computation: see svcproxy/gcpause.py
             if args.command == "plan":

@@ -67,6 +67,8 @@ class Metrics:
         self.livez = Counter(
             p + "proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"], registry=r)
         self._datapath_metrics(r, p)
+        self.pod_netns_scan_errors = Counter(
+            p + "pod_netns_scan_errors_total", "Scans of --pod-netns-dir that could not list it", registry=r)
         for policy in ("internal", "external"):
             for family in ("IPv4", "IPv6"):
                 self.no_local_endpoints.labels(policy, family).set(0)

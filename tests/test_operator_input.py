@@ -412,3 +412,66 @@ def test_losing_the_api_server_keeps_rules_health_and_readiness(tmp_path: Path) 
     finally:
         agent.stop.set()
         thread.join(10)
+
+
+def test_a_scan_directory_that_cannot_be_listed_detaches_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A listing error other than "no such directory" (permissions, EIO) ended the scan
+    with a traceback at every period; had it read as an empty directory, every Pod
+    namespace found there before would have been forgotten. Now: nothing attached or
+    forgotten, one log line per new error, the failure counted."""
+    import logging
+    import os
+
+    from svcproxy.metrics import Metrics
+    from svcproxy.podns.scan import NetnsScanner, ScanResult
+
+    scan_dir = tmp_path / "netns"
+    scan_dir.mkdir()
+    attached = str(scan_dir / "pod-1")
+
+    class Namespaces:
+        """What the scanner asks of the agent's PodNamespaces: one namespace known."""
+
+        def __init__(self) -> None:
+            self.proxier = type("P", (), {"metrics": Metrics()})()
+            self.detached: list[str] = []
+
+        def known(self) -> dict[str, object]:
+            return {attached: (1, 2)}
+
+        def attach(self, path: str) -> object:
+            raise AssertionError(f"attached {path}")
+
+        def detach(self, path: str) -> bool:
+            self.detached.append(path)
+            return True
+
+    namespaces = Namespaces()
+    scanner = NetnsScanner(str(scan_dir), namespaces, period=30)  # type: ignore[arg-type]
+    real = os.listdir
+
+    def listdir(path: str) -> list[str]:
+        if os.path.abspath(path) == str(scan_dir):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    with caplog.at_level(logging.INFO, logger="svcproxy.podns"):
+        for _ in range(3):
+            assert scanner.scan_once() == ScanResult()
+    assert namespaces.detached == []
+    lines = [r for r in caplog.records if "cannot list" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert namespaces.proxier.metrics.pod_netns_scan_errors._value.get() == 3
+    monkeypatch.setattr(os, "listdir", real)
+    assert scanner.scan_once().detached == (attached,)  # listed again, empty: now it is gone
+
+
+def test_run_pod_netns_dir_that_is_a_file_is_a_flag_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "run_agent", lambda args, backend: pytest.fail("the agent started"))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    code, _, err = run_main("run", "--dry-run", "--pod-netns-dir", str(not_a_dir))
+    assert code == 1
+    assert err.strip().splitlines()[-1].endswith(f"--pod-netns-dir {not_a_dir}: not a directory")

@@ -28,6 +28,10 @@ __all__ = ["NetnsScanner", "ScanResult"]
 log = logging.getLogger("svcproxy.podns")
 
 
+class Unreadable(OSError):
+    """The directory exists but cannot be listed."""
+
+
 @dataclass(frozen=True)
 class ScanResult:
     attached: tuple[str, ...] = ()
@@ -43,14 +47,18 @@ class NetnsScanner:
         self.period = period
         self.scans = 0
         self._node_paths: set[str] = set()  # handles to the node's own namespace, said once
+        self._last_error = ""  # the directory's listing error, said once
 
     def present(self) -> dict[str, NetnsId]:
-        """Namespace files in the directory now (anything else there is skipped)."""
+        """Namespace files in the directory now (anything else there is skipped).
+        Raises Unreadable when the directory exists but cannot be listed."""
         found: dict[str, NetnsId] = {}
         try:
             entries = sorted(os.listdir(self.directory))
         except FileNotFoundError:
             return found  # no namespace was ever created with `ip netns add`: fine
+        except OSError as exc:
+            raise Unreadable(f"cannot list {self.directory}: {exc.strerror or exc}") from None
         for name in entries:
             path = os.path.join(self.directory, name)
             try:
@@ -65,8 +73,20 @@ class NetnsScanner:
         return found
 
     def scan_once(self) -> ScanResult:
+        """Attach what appeared, forget what vanished. A directory that cannot be listed
+        (not a directory, permissions) changes nothing: its namespaces stay attached,
+        with one log line per new error and the failure counted."""
         self.scans += 1
-        present = self.present()
+        try:
+            present = self.present()
+        except Unreadable as exc:
+            self.namespaces.proxier.metrics.pod_netns_scan_errors.inc()
+            if str(exc) != self._last_error:
+                log.error("scan: %s; Pod namespaces found before stay attached, retrying every %gs",
+                          exc, self.period)
+            self._last_error = str(exc)
+            return ScanResult()
+        self._last_error = ""
         known = self.namespaces.known()
         attached: list[str] = []
         for path, ident in present.items():
