@@ -173,10 +173,17 @@ def ifname(text: str) -> str:
     return text
 
 
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
 def node_name(text: str) -> str:
     """A node name as kube-proxy and the kubelet read it (nodeutil.GetHostname):
-    trimmed and lower-cased, so a host called Worker-1 is Node worker-1."""
+    trimmed and lower-cased, so a host called Worker-1 is Node worker-1. It must then
+    be a name a Node can have (a DNS subdomain), or it would match nothing."""
     name = text.strip().lower()
     if not name:
         raise argparse.ArgumentTypeError(f"{text!r}: a node name cannot be empty")
+    if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a node name (lower case letters, digits, '-' and '.', "
+                                         "at most 253; no Node can have it)")
     return name

@@ -475,3 +475,22 @@ def test_run_pod_netns_dir_that_is_a_file_is_a_flag_error(tmp_path: Path, monkey
     code, _, err = run_main("run", "--dry-run", "--pod-netns-dir", str(not_a_dir))
     assert code == 1
     assert err.strip().splitlines()[-1].endswith(f"--pod-netns-dir {not_a_dir}: not a directory")
+
+
+@pytest.mark.parametrize("name", ["a,b", "node_1", "-node", "node-", "a" * 254, "node a", "n/1"])
+def test_a_node_name_no_node_can_have_is_a_flag_error(capsys: pytest.CaptureFixture[str], name: str) -> None:
+    """Node names are DNS subdomains (lower case letters, digits, '-' and '.'); a --node
+    outside them matched no Node object and no endpoint, silently (and 'a,b' made the
+    Node watch's field selector one the API server refuses, at every retry)."""
+    with pytest.raises(SystemExit) as exc:
+        run_main("run", "--dry-run", "--node", name)
+    assert exc.value.code == 1
+    assert "argument --node" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["node-1", "ip-10-0-0-1.ec2.internal", "a" * 253, "7"])
+def test_node_names_kubernetes_accepts_are_accepted(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cli, "run_agent", lambda args, backend: seen.update(vars(args)) or 0)
+    assert run_main("run", "--dry-run", "--node", name)[0] == 0
+    assert seen["node"] == name
