@@ -57,7 +57,10 @@ def slice_(svc: str, *ips: str, node: str = "node-a", suffix: str = "abcde") -> 
 
 def get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        # The agent's port listens from construction but answers only once run() has made its
+        # sources (importing the Kubernetes client takes seconds on a loaded machine): a
+        # request waits in the listen queue meanwhile, so the bound is generous.
+        with urllib.request.urlopen(url, timeout=30) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()

@@ -374,7 +374,10 @@ def test_losing_the_api_server_keeps_rules_health_and_readiness(tmp_path: Path) 
 
     def get(url: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
+            # The agent's port listens from construction but answers only once run() has made its
+            # sources (importing the Kubernetes client takes seconds on a loaded machine): a
+            # request waits in the listen queue meanwhile, so the bound is generous.
+            with urllib.request.urlopen(url, timeout=30) as resp:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode()
