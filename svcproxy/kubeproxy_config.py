@@ -251,7 +251,8 @@ FIELDS: Mapping[str, Any] = {
         "flushFrequency": Unmapped(("5s", 5000000000)), "verbosity": Unmapped(), "vmodule": Unmapped(),
         "options": Unmapped(deep=True), "shutdownTimeout": Unmapped(),
     },
-    "metricsBindAddress": Unmapped(("127.0.0.1:10249",)),
+    # kube-proxy appends its port to an address without one (AppendPortIfNeeded).
+    "metricsBindAddress": Unmapped(("127.0.0.1:10249", "127.0.0.1")),
     "mode": Mapped(None, _mode),
     "nftables": {
         "masqueradeAll": Unmapped(), "masqueradeBit": Unmapped((14,), zero=False), "minSyncPeriod": Unmapped(("1s",)),

@@ -497,3 +497,20 @@ def test_node_names_kubernetes_accepts_are_accepted(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(cli, "run_agent", lambda args, backend: seen.update(vars(args)) or 0)
     assert run_main("run", "--dry-run", "--node", name)[0] == 0
     assert seen["node"] == name
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1", "127.0.0.1:10249", "''"])
+def test_kube_proxy_default_metrics_address_written_as_an_ip_is_not_named_as_ignored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, value: str) -> None:
+    """kube-proxy appends its metrics port to an address without one, so 127.0.0.1 is its
+    default 127.0.0.1:10249: nothing svcproxy leaves behind, no warning about it."""
+    monkeypatch.setattr(cli, "run_agent", lambda args, backend: 0)
+    conf = tmp_path / "kp.yaml"
+    conf.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+                    f"metricsBindAddress: {value}\n")
+    code, _, err = run_main("run", "--config", str(conf))
+    assert code == 0, err
+    assert not [r for r in caplog.records if "metricsBindAddress" in r.getMessage()]
+    conf.write_text(conf.read_text().replace(f"metricsBindAddress: {value}", "metricsBindAddress: 0.0.0.0:10249"))
+    run_main("run", "--config", str(conf))
+    assert [r for r in caplog.records if "metricsBindAddress" in r.getMessage()]  # not the default: named
