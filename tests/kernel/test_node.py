@@ -27,7 +27,7 @@ import pytest
 
 from k8s_objects import endpoint, endpoint_slice, node, service, slice_port, svc_port
 
-from .netns import Lab, curl, ipvsadm, ns_cmd, request_many, route_add, run, sysctl, wait_until
+from .netns import Lab, curl, ipvsadm, ns_cmd, request_many, route_add, run, sysctl, sysctl_get, wait_until
 from .test_sync import SVCPROXY, write_cluster
 
 pytestmark = pytest.mark.kernel
@@ -232,6 +232,8 @@ def test_cleanup_removes_ours_and_nothing_else(net: Net, tmp_path: Path) -> None
         assert len(addresses(node1, "kube-ipvs0")) == 4
         assert "10.96.0.10" in run(["ip", "route", "show", "table", "all"], ns=net.pod_a).stdout
         assert ipvsadm(net.pod_a, "-Sn").count("-A ") == 4
+        assert sysctl_get(net.pod_a, "net.ipv4.vs.conntrack") == "1"  # what the sync set
+        sysctl(net.pod_a, "net.ipv4.vs.conntrack", 0)  # changed since: cleanup must not set it again
 
         dry = run([*SVCPROXY, "cleanup", "--dry-run", "--exclude-cidrs", "10.200.0.0/16",
                    "--pod-netns", f"/run/netns/{net.pod_a}"], ns=node1, check=False, timeout=600)
@@ -250,7 +252,9 @@ def test_cleanup_removes_ours_and_nothing_else(net: Net, tmp_path: Path) -> None
         assert run(["ip", "link", "show", "other0"], ns=node1, check=False).returncode == 0
         assert ipvsadm(net.pod_a, "-Sn").count("-A ") == 0
         assert "10.96.0." not in run(["ip", "route", "show", "table", "all"], ns=net.pod_a).stdout
+        assert sysctl_get(net.pod_a, "net.ipv4.vs.conntrack") == "0"
     finally:
+        sysctl(net.pod_a, "net.ipv4.vs.conntrack", 1)  # as the sync left it
         ipvsadm(node1, "-C")
         run(["ip", "link", "del", "other0"], ns=node1, check=False)
         run(["nft", "delete", "table", "inet", "other"], ns=node1, check=False)
