@@ -234,6 +234,12 @@ def test_replace_kube_proxy_overlay() -> None:
     user = kubeconfig["users"][0]["user"]
     assert user["tokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
     assert kubeconfig["clusters"][0]["cluster"]["server"].startswith("https://")
+    # No proxy but this one on the node: the init container must not wait for a conflist
+    # that the primary CNI may only write once Services work.
+    from svcproxy.podns import install
+
+    (init,) = pod["initContainers"]
+    assert install.build_parser().parse_args(init["command"][3:]).missing_ok
     # kube-proxy's side: required node affinity on the absence of the same label.
     patch = yaml.safe_load((overlay / "kube-proxy-affinity.yaml").read_text())
     affinity = patch["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
