@@ -62,7 +62,7 @@ def _source_args(p: argparse.ArgumentParser, *, file_required: bool = True) -> N
     p.add_argument("--ip-families", type=flags.families, default=frozenset({Family.IPV4, Family.IPV6}),
                    help="families to serve: IPv4, IPv6 or IPv4,IPv6 (default both)")
     p.add_argument("--scheduler", default="rr", type=flags.scheduler, help="default IPVS scheduler (default rr)")
-    p.add_argument("--proxy-name", default="svcproxy",
+    p.add_argument("--proxy-name", default="svcproxy", type=flags.label_value,
                    help="serve Services whose service.kubernetes.io/service-proxy-name label equals this")
     p.add_argument("--exclude-cidrs", default="", metavar="CIDR,...", type=flags.cidrs,
                    help="kernel virtual services inside these ranges are never touched")
@@ -149,7 +149,7 @@ def _run_parser(sub: Subparsers) -> _Parser:
     run = sub.add_parser("run", help="the node agent: watch the API server (or -f FILE) and keep IPVS in sync")
     _source_args(run, file_required=False)
     run.add_argument("--kubeconfig", default=None, help="kubeconfig for out-of-cluster runs (default: in-cluster)")
-    run.add_argument("--watch-idle-timeout", type=flags.positive_seconds, default=65.0,
+    run.add_argument("--watch-idle-timeout", type=flags.watch_idle_seconds, default=65.0,
                      help="seconds a watch stream may send nothing before it is resumed as stalled (default 65; "
                           "the API server sends a bookmark on a quiet watch about once a minute)")
     run.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False, help="watch and compute as usual, log each plan, change nothing")

@@ -75,6 +75,15 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def watch_idle_seconds(text: str) -> float:
+    """How long a watch may stay silent before it is resumed: at least a second, or a
+    quiet cluster would have its watches re-opened over and over for nothing."""
+    value = seconds(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1 second")
+    return value
+
+
 def ip(text: str) -> str:
     """An IP address, canonical; a scoped IPv6 address (``%eth0``) is not a node address."""
     try:
@@ -187,3 +196,16 @@ def node_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a node name (lower case letters, digits, '-' and '.', "
                                          "at most 253; no Node can have it)")
     return name
+
+
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+
+
+def label_value(text: str) -> str:
+    """A value a Kubernetes label can have (at most 63 characters: letters, digits,
+    '-', '_', '.', beginning and ending with a letter or digit); any other name would
+    match no Service's label, so every labelled Service would be skipped in silence."""
+    if len(text) > 63 or not _LABEL_VALUE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a label value (at most 63 letters, digits, '-', '_' "
+                                         "or '.', beginning and ending with a letter or digit)")
+    return text

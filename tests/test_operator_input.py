@@ -514,3 +514,40 @@ def test_kube_proxy_default_metrics_address_written_as_an_ip_is_not_named_as_ign
     conf.write_text(conf.read_text().replace(f"metricsBindAddress: {value}", "metricsBindAddress: 0.0.0.0:10249"))
     run_main("run", "--config", str(conf))
     assert [r for r in caplog.records if "metricsBindAddress" in r.getMessage()]  # not the default: named
+
+
+@pytest.mark.parametrize("value", ["0.001", "0.5"])
+def test_a_watch_idle_timeout_under_a_second_is_a_flag_error(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    """A quiet watch sends a bookmark about once a minute: a sub-second idle timeout
+    would re-open every watch over and over on a quiet cluster."""
+    with pytest.raises(SystemExit) as exc:
+        run_main("run", "--dry-run", "--watch-idle-timeout", value)
+    assert exc.value.code == 1
+    assert "argument --watch-idle-timeout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["a,b", "-x", "x-", "a" * 64, "svc proxy", "a/b"])
+def test_a_proxy_name_no_label_can_have_is_a_flag_error(capsys: pytest.CaptureFixture[str], name: str) -> None:
+    """--proxy-name is compared with a label's value: one no label can have would skip
+    every labelled Service in silence (a list in the config file became the text 'a,b')."""
+    with pytest.raises(SystemExit) as exc:
+        run_main("run", "--dry-run", "--proxy-name", name)
+    assert exc.value.code == 1
+    assert "argument --proxy-name" in capsys.readouterr().err
+
+
+def test_a_proxy_name_list_in_the_config_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("proxy-name: [a, b]\n")
+    with pytest.raises(SystemExit) as exc:
+        run_main("run", "--dry-run", "--config", str(config))
+    assert exc.value.code == 1
+    assert "--proxy-name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["svcproxy", "my_proxy.v2", "a" * 63])
+def test_proxy_names_a_label_can_have_are_accepted(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cli, "run_agent", lambda args, backend: seen.update(vars(args)) or 0)
+    assert run_main("run", "--dry-run", "--proxy-name", name, "--watch-idle-timeout", "1")[0] == 0
+    assert seen["proxy_name"] == name and seen["watch_idle_timeout"] == 1.0
