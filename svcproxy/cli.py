@@ -1,8 +1,10 @@
 """Command line: ``plan`` (dry run), ``sync`` (apply once), ``run`` (the node agent)
 and ``cleanup``.
 
-``plan`` and ``sync`` build the same plan from the same inputs; ``plan`` only prints it,
-so what ``plan`` shows is exactly what ``sync`` would do against the same kernel. Every
+``plan`` and ``sync`` build the same IPVS plan from the same inputs; ``plan`` only prints
+it, so its operations are exactly those ``sync`` would apply to the same kernel's table.
+``sync``'s node steps around that table (``--node-plumbing on``, the IPVS timeouts, the UDP
+conntrack cleanup) are not part of the plan and are not shown. Every
 flag is checked before anything is read or changed: a bad value is one line naming the
 flag and exit status 1 (2 is ``plan``'s "changes pending").
 """
