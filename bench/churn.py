@@ -1182,7 +1182,16 @@ def counts(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def agent_min_sync_period() -> float:
+    """What `svcproxy run` syncs at when the flag is not given: the benchmark's default,
+    so that it measures the agent a user runs."""
+    from svcproxy.cli import build_parser
+
+    return float(build_parser().parse_args(["run"]).min_sync_period)
+
+
+def options(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """The command line, with the defaults that depend on the agent filled in."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--endpoints", type=int, default=10)
@@ -1200,7 +1209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="seconds of the soak left out of its growth after the warm-up")
     parser.add_argument("--sync-period", type=float, default=30.0)
     parser.add_argument("--min-sync-period", type=rates, default=None, dest="min_sync_periods",
-                        help="the agent's (default 1); several, e.g. 1,0.5: one agent each, in this order")
+                        help="the agent's (default: svcproxy run's own); several, e.g. 1,0.1: one agent each, "
+                             "in this order")
     parser.add_argument("--drain-check-period", type=rates, default=None, dest="drain_check_periods",
                         help="patched into the agent (default: the agent's own); several: one agent each")
     parser.add_argument("--baseline", metavar="CHECKOUT",
@@ -1231,12 +1241,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for hidden in ("--kubeconfig", "--ack-log", "--dump", "--ns-dir", "--pod-tables", "--mem-log", "--label"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.child:
+        args.min_sync_periods = args.min_sync_periods or [agent_min_sync_period()]
+        args.drain_check_periods = args.drain_check_periods or [None]
+    return args, parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, parser = options(argv)
     if args.child:
         args.min_sync_period = args.min_sync_periods[0]
         args.drain_check_period = (args.drain_check_periods or [None])[0]
         return child(args)
-    args.min_sync_periods = args.min_sync_periods or [1.0]
-    args.drain_check_periods = args.drain_check_periods or [None]
     if args.plot:
         from churn_plot import plot  # bench/churn_plot.py: matplotlib only there
 

@@ -92,3 +92,13 @@ def test_memory_growth_leaves_out_the_warm_up_but_not_a_trend() -> None:
     leaking = [(t, r + max(0.0, t - 300) / 360, c, p) for t, r, c, p in warm_then_flat]  # +10 MB per hour
     g = memory_growth(leaking, 300)
     assert round(g["slope_mb_per_hour"], 6) == 10.0 and g["after_warmup"] > 0.03
+
+
+def test_the_benchmark_runs_the_agent_at_svcproxy_runs_default_min_sync_period() -> None:
+    """It measures what a user runs: not a --min-sync-period of its own."""
+    from churn import options
+
+    from svcproxy.cli import build_parser
+
+    assert options([])[0].min_sync_periods == [build_parser().parse_args(["run"]).min_sync_period]
+    assert options(["--min-sync-period", "1,0.1"])[0].min_sync_periods == [1.0, 0.1]
