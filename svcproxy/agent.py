@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from svcproxy import flags
 from svcproxy.diff import Exclusions
+from svcproxy.gcpause import LongLivedHeap
 from svcproxy.health import HealthCheckServers, HealthServer, HealthState
 from svcproxy.ipvs.backend import Backend, BackendError
 from svcproxy.ipvs.timeouts import Timeouts
@@ -177,6 +178,7 @@ class Agent:
             families=config.families,
             scheduler=config.scheduler,
         )
+        self.heap = LongLivedHeap()
         self.plumbing = (NodePlumbing(replace(config.plumbing, dry_run=config.dry_run))
                          if config.plumbing is not None else None)
         self.proxier = Proxier(
@@ -202,6 +204,8 @@ class Agent:
             node_hook=self.plumbing,
             # Stale UDP flows are cleared in the node's conntrack table (a dry run only logs them).
             node_conntrack=KernelConntrack() if kernel_backend(backend) else None,
+            # The model of the cluster kept out of the collector's full collections.
+            after_full_sync=self.heap.after_full_sync,
         )
         self.server = HealthServer(config.health_bind, self.health, self.metrics)
         if self.plumbing is not None:

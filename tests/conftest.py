@@ -12,9 +12,11 @@ started by ``tools/vmtest`` (``make test-kernel``), which sets SVCPROXY_IN_VM=1.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -66,3 +68,11 @@ def own_netns_as_pod(monkeypatch: pytest.MonkeyPatch) -> None:
     from svcproxy.podns import netns
 
     monkeypatch.setattr(netns, "own_netns", lambda: netns.NetnsId(-1, -1))
+
+
+@pytest.fixture(autouse=True)
+def _heap_unfrozen_after_each_test() -> Iterator[None]:
+    """An agent run by a test freezes the collector's heap after its full syncs
+    (svcproxy/gcpause.py): the next test starts with nothing frozen."""
+    yield
+    gc.unfreeze()

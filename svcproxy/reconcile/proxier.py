@@ -126,6 +126,7 @@ class Proxier:
         health_checks: HealthCheckServers | None = None,
         node_hook: NodeHook | None = None,
         node_conntrack: ConntrackTable | None = None,
+        after_full_sync: Callable[[], None] | None = None,
         clock: Clock = time.time,
         monotonic: Clock = time.monotonic,
     ) -> None:
@@ -134,6 +135,8 @@ class Proxier:
         self.metrics = metrics or Metrics()
         self.health = health or HealthState(timeout=2 * config.sync_period, clock=clock)
         self.health_checks = health_checks
+        #: Run after each full sync that ran (the agent's collector policy, gcpause.py).
+        self._after_full_sync = after_full_sync
         self._clock = clock
         self._monotonic = monotonic
         self.changes = ChangeTracker(config.translate.node.name, wait_for_node=config.wait_for_node)
@@ -257,6 +260,8 @@ class Proxier:
         self.schedule.succeeded(start, full=full)
         self._observe(result, changes)
         self.last_result = result
+        if full and self._after_full_sync is not None:
+            self._after_full_sync()
         return result
 
     def _sync_failed(self, exc: Exception, changes: Changes, start: float, *, full: bool,
