@@ -10,6 +10,7 @@ commands pause it; it runs again as soon as the work is done.
 from __future__ import annotations
 
 import gc
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -46,27 +47,29 @@ class LongLivedHeap:
     Memory: a frozen object that dies is still freed by reference counting, as almost
     all of this graph is (frozen dataclasses, tuples, dicts without cycles). Only a
     cycle frozen while alive and dead later escapes the collector; those are bounded:
-    when the frozen count has grown by more than ``growth`` since the last full
-    collection, the heap is unfrozen and collected in full once, then frozen again
-    (a full collection's cost, as rare as that growth).
+    when the memory blocks Python holds (``sys.getallocatedblocks()``, every object
+    alive, frozen or not, a few milliseconds to count where counting the frozen
+    objects walks them all) have grown by more than ``growth`` since the last full
+    collection, the heap is unfrozen and collected in full once, then frozen again (a
+    full collection's cost, as rare as that growth).
     """
 
     def __init__(self, growth: float = 0.25) -> None:
         self.growth = growth
-        #: The frozen count right after the last full collection (None: none yet).
+        #: The allocated blocks right after the last full collection (None: none yet).
         self.baseline: int | None = None
         self.full_collections = 0
 
     def after_full_sync(self) -> None:
         gc.collect()
         gc.freeze()
-        count = gc.get_freeze_count()
+        blocks = sys.getallocatedblocks()
         if self.baseline is not None:
-            if count <= self.baseline * (1 + self.growth):
+            if blocks <= self.baseline * (1 + self.growth):
                 return
             gc.unfreeze()
             gc.collect()
             gc.freeze()
-            count = gc.get_freeze_count()
+            blocks = sys.getallocatedblocks()
         self.full_collections += 1  # the first call's collection walked everything too
-        self.baseline = count
+        self.baseline = blocks

@@ -104,7 +104,7 @@ def test_garbage_after_a_freeze_is_collected() -> None:
     assert dead() is None
 
 
-def test_cycles_frozen_alive_are_collected_once_the_frozen_heap_has_grown() -> None:
+def test_cycles_frozen_alive_are_collected_once_the_heap_has_grown() -> None:
     heap = LongLivedHeap(growth=0.25)
     heap.after_full_sync()
     base = heap.baseline
@@ -116,8 +116,8 @@ def test_cycles_frozen_alive_are_collected_once_the_frozen_heap_has_grown() -> N
     del old
     gc.collect()
     assert all(r() is not None for r in refs)  # frozen: out of the collector's reach, for now
-    new = [Cycle() for _ in range(base // 5)]  # what churn built since: the frozen count grows past 25%
+    new = [Cycle() for _ in range(base // 5)]  # what churn built since: the heap grows past 25%
     heap.after_full_sync()
     assert heap.full_collections == 2
     assert all(r() is None for r in refs)
-    assert frozen(new[0]) and heap.baseline is not None and heap.baseline < base * 1.25 + len(new)
+    assert frozen(new[0]) and heap.baseline is not None and heap.baseline < base + len(new) + base // 20
