@@ -305,3 +305,56 @@ def test_shared_drains_end_at_the_graceful_timeout() -> None:
     clock.t += 101
     p.sync()  # the node's full sync: no namespace read, yet the drain is over
     assert all(weights(b) == {"10.244.1.1": 1} for b in backends)
+
+
+def test_namespaces_get_the_pod_visible_table_through_partial_syncs_node_changes_and_failures() -> None:
+    """The Pod-visible part of the desired table is kept key by key between full
+    translations: after every kind of sync each namespace holds exactly it."""
+    from svcproxy.podns.visible import pod_visible
+    from test_reconcile import service
+
+    node = FlakyBackend()
+    p, clock = make(node)
+    load(p)
+    nodeport = service("np", "10.96.0.30", ("http", 80, "TCP"), type="NodePort")
+    nodeport["spec"]["ports"][0]["nodePort"] = 30080
+    p.on_event(Kind.SERVICE, "ADDED", nodeport)
+    p.on_event(Kind.ENDPOINT_SLICE, "ADDED", eps("np", ["10.244.3.1"], ("http", 8080, "TCP")))
+    backends = [MemoryBackend() for _ in range(3)]
+    attach(p, backends)
+
+    def node_object(ip: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "labels": {}},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+
+    def serving(table: Table) -> dict[str, list[str]]:  # drains end on their own schedules per table
+        return {str(k): sorted(d.address for d in vs.destinations if d.weight) for k, vs in table.services.items()}
+
+    def check() -> None:
+        expected = pod_visible(node.read(), p.node_addresses())
+        assert any(k.port == 30080 for k in node.read().services)  # the NodePort is the node's only
+        assert not any(k.port == 30080 for k in expected.services)
+        for b in backends:
+            assert serving(b.read()) == serving(expected)
+
+    p.on_event(Kind.NODE, "ADDED", node_object("192.168.0.10"))
+    p.sync()
+    check()
+    scale_web(p, "10.244.1.1", "10.244.1.9")
+    clock.t += 1
+    assert not p.sync().full
+    check()
+    p.on_event(Kind.NODE, "MODIFIED", node_object("192.168.0.11"))  # the NodePort moves
+    clock.t += 1
+    assert p.sync().full
+    check()
+    node.down = True
+    scale_web(p, "10.244.1.5")
+    p.on_event(Kind.SERVICE, "DELETED", service("dns", "10.96.0.10", ("dns", 53, "UDP")))
+    clock.t += 60  # a full sync, whose read fails
+    assert p.sync().skipped
+    node.down = False
+    clock.t += 5
+    p.sync()
+    check()
+    assert serving(backends[0].read()) == {"tcp://10.96.0.20:80": ["10.244.1.5"], "tcp://10.96.0.30:80": ["10.244.3.1"]}

@@ -131,8 +131,12 @@ class FanOut:
         """The drains that end now: every target's read showed them without
         connections, or they timed out. Their deletes go first."""
         timeout = self.applier.graceful_timeout
-        ended = [m for m, started in still.items()
-                 if now - started >= timeout or all(m in t.quiet for t in targets)]
+        quiet = set(still)  # quiet in every target: intersected from the fewest, stops when empty
+        for target in sorted(targets, key=lambda t: len(t.quiet)):
+            if not quiet:
+                break
+            quiet &= target.quiet
+        ended = [m for m, started in still.items() if now - started >= timeout or (quiet and m in quiet)]
         if not ended:
             return planned, still
         busy = {op.service for op in planned}  # left to the plan this time (it deletes or edits them)

@@ -36,7 +36,7 @@ from svcproxy.kube.store import Event, Kind
 from svcproxy.kube.translate import Problem, TranslateConfig, node_info, translate, translate_service
 from svcproxy.logformat import about_display_name
 from svcproxy.metrics import Metrics
-from svcproxy.model import Family, Operation, ServiceKey, Table
+from svcproxy.model import Family, Operation, ServiceKey, Table, VirtualService
 from svcproxy.node.conntrack import ConntrackTable
 from svcproxy.node.nat import ServiceNat
 from svcproxy.podns.netns import NamespaceGone
@@ -157,6 +157,11 @@ class Proxier:
                                   conntrack=node_conntrack)
         self._targets: dict[str, Target] = {"node": self.node_target}
         self._reported: set[Problem] = set()
+        #: The Pod-visible part of the desired table (None: to be filtered afresh), kept
+        #: up to date key by key (``_pod_table``), for the node addresses it was filtered for.
+        self._pod_desired: dict[ServiceKey, VirtualService] | None = None
+        self._pod_dirty: set[ServiceKey] = set()
+        self._pod_addresses: tuple[str, ...] = ()
         self._discovered: tuple[str, ...] = ()
         #: Everything is translated again at the next full sync: first sync, Node changed.
         self._translate_all = True
@@ -370,6 +375,8 @@ class Proxier:
                 translated += 1
         if everything:
             desired.forget_nat_of_gone()
+            self._pod_desired = None
+        self._pod_dirty |= changed
         return changed, problems, translated
 
     def _sync(self, snapshot: Snapshot, start: float, *, full: bool, everything: bool,
@@ -483,7 +490,7 @@ class Proxier:
         when forced), check the one whose periodic read is due, then one plan for
         each set holding one image, and one for each with retries."""
         visible = visible_in_pods(self._translate_config.node.addresses)
-        desired = Table({k: v for k, v in self._desired.table.items() if visible(k)})
+        desired = self._pod_table()
         scope = None if full else {k for k in changed or () if visible(k)}
         results: list[Synced] = []
         failed = 0
@@ -529,6 +536,27 @@ class Proxier:
             failed += _synced(target, done, bad, all_ops)
         share_images([t for t, _done, bad in results if not bad], desired)
         return all_ops, failed
+
+    def _pod_table(self) -> Table:
+        """The Pod-visible part of the desired table. Filtering all of it at every sync
+        cost more than the rest of a small partial sync with Pod namespaces attached; so
+        it is filtered afresh only after a whole translation or a change of the node's
+        addresses, else only the keys translation changed since are updated."""
+        addresses = self._translate_config.node.addresses
+        table = self._desired.table
+        visible = visible_in_pods(addresses)
+        if self._pod_desired is None or self._pod_addresses != addresses:
+            self._pod_desired = {k: v for k, v in table.items() if visible(k)}
+            self._pod_addresses = addresses
+        else:
+            for key in self._pod_dirty:
+                vs = table.get(key)
+                if vs is not None and visible(key):
+                    self._pod_desired[key] = vs
+                else:
+                    self._pod_desired.pop(key, None)
+        self._pod_dirty = set()
+        return Table(dict(self._pod_desired))  # a copy: targets may keep it as their image
 
     def _pod_failed(self, target: Target, exc: Exception, now: float) -> int:
         """A Pod namespace that could not be synced: detached if it is gone, else
