@@ -649,6 +649,7 @@ class AgentProcess(_agent_child()):  # type: ignore[misc]
         self.dump = workdir / f"{label}.tables.json"
         self.ns_dir = workdir / f"{label}.netns"
         self.ns_dir.mkdir()
+        self.namespaces = namespaces
         self.log = workdir / f"{label}.log"
         script = str(Path(variant.repo) / "bench" / "churn.py") if variant.repo else __file__
         cmd = [sys.executable, script, "--child", "--kubeconfig", kubeconfig, "--ack-log", str(self.ack_log),
@@ -710,9 +711,10 @@ class AgentProcess(_agent_child()):  # type: ignore[misc]
         return proc_mem(self.pid)[0]
 
     def dump_tables(self) -> dict[str, dict[str, list[str]]]:
-        """Stop the agent; it writes its tables on the way out."""
+        """Stop the agent; it writes its tables on the way out, after a sync that reads
+        every table: with 50 namespaces on a loaded machine that took over 300 s."""
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(300)
+        self.proc.wait(300 + 30 * self.namespaces)
         if self.proc.returncode != 0:
             raise SystemExit(f"agent exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
         tables: dict[str, dict[str, list[str]]] = json.loads(self.dump.read_text())
