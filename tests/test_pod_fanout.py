@@ -358,3 +358,16 @@ def test_namespaces_get_the_pod_visible_table_through_partial_syncs_node_changes
     p.sync()
     check()
     assert serving(backends[0].read()) == {"tcp://10.96.0.20:80": ["10.244.1.5"], "tcp://10.96.0.30:80": ["10.244.3.1"]}
+
+
+def test_without_pod_namespaces_the_loop_keeps_no_pod_table() -> None:
+    """Node only, nothing reads the Pod-visible table: the keys translation changes are
+    not gathered for it sync after sync (they would grow with every Service ever seen)."""
+    p, clock = make()
+    load(p)
+    p.sync()
+    for i in range(5):
+        scale_web(p, f"10.244.1.{i + 10}")
+        clock.t += 1
+        p.sync()
+    assert p._pod_desired is None and not p._pod_dirty

@@ -440,6 +440,9 @@ class Proxier:
             done, bad = self._sync_pods(pods, full=full, changed=changed, now=now, within_full=within_full)
             all_ops.extend(done)
             failed += bad
+        else:  # nothing keeps the Pod-visible table up to date meanwhile: filtered afresh when needed
+            self._pod_desired = None
+            self._pod_dirty = set()
         self._publish()
         return SyncResult(full, tuple(all_ops), failed, self._monotonic() - start)
 
