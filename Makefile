@@ -43,8 +43,11 @@ test-host: $(STAMP) host-deps
 	$(PY) -m mypy --strict svcproxy
 	$(PY) -m pytest -q tests
 
+# The agent's image (tools/image: built with buildah from the Dockerfile, cached by its
+# inputs) is run by tests/kernel/test_image_vm.py in this same boot.
 test-kernel: $(STAMP)
-	tools/vmtest $(VMTEST_ARGS)
+	@img=$$(tools/image | tail -n 1) && test -f "$$img/done" && \
+	  SVCPROXY_IMAGE="$$img" tools/vmtest $(VMTEST_ARGS)
 	$(MAKE) --no-print-directory test-kernel-module
 
 # svcproxy's own IPVS modules (kernel/; tools/build-ipvs-module builds them once and
@@ -61,9 +64,8 @@ test-kernel-module: $(STAMP)
 	  VMTEST_IPVS_MODULES="$$dir" VMTEST_IPVS_MODE=0 tools/vmtest $(KERNEL_MODE0_TESTS) && \
 	  VMTEST_IPVS_MODULES="$$dir" VMTEST_IPVS_MODE=2 tools/vmtest $(KERNEL_MODE_TESTS)
 
-# tools/image builds the agent's image (cached by its inputs) and unpacks it;
-# SVCPROXY_IMAGE=DIR tools/vmtest tests/kernel/test_image_vm.py runs it in the VM.
-
+# tools/image builds the agent's image (cached by its inputs) and unpacks it; test-kernel
+# runs it in the VM (alone: SVCPROXY_IMAGE=$(tools/image) tools/vmtest tests/kernel/test_image_vm.py).
 image:
 	tools/image
 
