@@ -98,10 +98,13 @@ class Runtime:
         return bundle
 
     def command(self, *args: str) -> list[str]:
-        # `ip netns exec` gives the command a fresh /sys without the cgroup file system,
-        # which crun looks at even when it is told to manage no cgroups.
-        script = 'mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup; exec crun "$@"'
-        return ns_cmd(self.ns, ["sh", "-c", script, "crun", "--root", CRUN_ROOT, "--cgroup-manager=disabled", *args])
+        # nsenter --net, not `ip netns exec`: the latter also makes a mount namespace of
+        # its own (slave of the VM's), and a bind of /var/run/netns taken from there
+        # with HostToContainer (rslave) receives no later mount, so Pod namespaces made
+        # after the agent started stayed invisible to it; a runtime on a node runs in
+        # the node's mount namespace. (UNVERIFIED in the VM when committed.)
+        return ["nsenter", f"--net={NETNS_DIR}/{self.ns}", "crun", "--root", CRUN_ROOT,
+                "--cgroup-manager=disabled", *args]
 
     def start(self, procs: Procs, bundle: Path, name: str, log: Path) -> subprocess.Popen[Any]:
         self.names.append(name)
