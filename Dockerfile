@@ -44,13 +44,6 @@ RUN /opt/build/bin/pip wheel -q --no-deps --no-build-isolation --no-index --whee
 # ------------------------------------------------------------------------------ agent
 FROM ${BASE}
 ARG DEBIAN_FRONTEND=noninteractive
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-LABEL org.opencontainers.image.title="svcproxy" \
-      org.opencontainers.image.description="Kubernetes Service proxy for IPVS (kube-proxy replacement), with Services for Pods that have a network interface of their own" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="Apache-2.0"
 # Only what the agent runs: nft (masquerade rules), ip (Pod namespaces), ipvsadm (the
 # ipvsadm backend and debugging), nsenter (util-linux, already in the base). No kmod:
 # the kernel loads ip_vs, its schedulers, dummy and nf_tables itself when asked for them.
@@ -66,6 +59,10 @@ RUN printf 'path-exclude=/usr/share/%s/*\n' doc man info locale groff lintian li
 # Python) and the packages only it imports (aiohttp and its helpers), and tzdata (Python's
 # zoneinfo reads the base's /usr/share/zoneinfo first); the import check after it fails
 # the build if any of them is still needed.
+# SOURCE_DIGEST: buildah (1.28, Debian 12) reuses a cached layer of a RUN that mounts
+# another stage even when that stage changed; tools/image passes the build context's
+# digest here so that a changed svcproxy is always installed (BuildKit needs no help).
+ARG SOURCE_DIGEST=none
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python3 -m venv --without-pip /opt/svcproxy \
  && pip="/opt/svcproxy/bin/python $(echo /wheels/pip/pip-*.whl)/pip" \
@@ -83,3 +80,11 @@ ENV PATH=/opt/svcproxy/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sb
 WORKDIR /
 ENTRYPOINT ["svcproxy"]
 CMD ["run"]
+# Last, so that a new revision changes no layer above.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="svcproxy" \
+      org.opencontainers.image.description="Kubernetes Service proxy for IPVS (kube-proxy replacement), with Services for Pods that have a network interface of their own" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
