@@ -74,8 +74,21 @@ def oci_config(pod: Mapping[str, Any], name: str, *, rootfs: str, image: Mapping
         "hostname": node_name,
         "mounts": _base_mounts() + _volume_mounts(pod, container, config_maps, host_paths or {})
         + _token_mount(pod, service_account),
-        "linux": {"namespaces": namespaces, "maskedPaths": MASKED, "readonlyPaths": READ_ONLY},
+        "linux": {"namespaces": namespaces, "maskedPaths": MASKED, "readonlyPaths": READ_ONLY,
+                  **_rootfs_propagation(container)},
     }
+
+
+def _rootfs_propagation(container: Mapping[str, Any]) -> dict[str, str]:
+    """containerd's rootfsPropagation: rshared with a Bidirectional mount, rslave with a
+    HostToContainer one. The runtime makes the container's root recursively private
+    otherwise, and a bind taken from a private tree receives no later host mount
+    whatever its own propagation option says."""
+    modes = {m.get("mountPropagation") for m in container.get("volumeMounts", [])}
+    for mode in ("Bidirectional", "HostToContainer"):
+        if mode in modes:
+            return {"rootfsPropagation": PROPAGATION[mode]}
+    return {}
 
 
 def _env_value(entry: Mapping[str, Any], node_name: str) -> str:

@@ -34,6 +34,8 @@ def test_agent_container() -> None:
     assert mounts["/proc/sys/net"]["source"] == "/proc/sys/net" and "rw" in mounts["/proc/sys/net"]["options"]
     assert mounts["/etc/svcproxy"]["source"] == "/cm/svcproxy" and "ro" in mounts["/etc/svcproxy"]["options"]
     assert "rslave" in mounts["/var/run/netns"]["options"]  # HostToContainer
+    # as containerd does: else the root is made private and the bind sees no new namespace
+    assert config["linux"]["rootfsPropagation"] == "rslave"
 
 
 def test_install_cni_container_uses_stand_ins() -> None:
@@ -43,6 +45,7 @@ def test_install_cni_container_uses_stand_ins() -> None:
     assert mounts == {"/host/opt/cni/bin": "/tmp/bin", "/host/etc/cni/net.d": "/tmp/conf"}
     assert config["process"]["capabilities"]["effective"] == []
     assert config["process"]["noNewPrivileges"] is True
+    assert "rootfsPropagation" not in config["linux"]  # no HostToContainer mount
 
 
 def test_capabilities_follow_containerd() -> None:

@@ -98,11 +98,9 @@ class Runtime:
         return bundle
 
     def command(self, *args: str) -> list[str]:
-        # nsenter --net, not `ip netns exec`: the latter also makes a mount namespace of
-        # its own (slave of the VM's), and a bind of /var/run/netns taken from there
-        # with HostToContainer (rslave) receives no later mount, so Pod namespaces made
-        # after the agent started stayed invisible to it; a runtime on a node runs in
-        # the node's mount namespace. (UNVERIFIED in the VM when committed.)
+        # nsenter --net, not `ip netns exec`: a runtime on a node runs in the node's
+        # mount namespace, where the agent's HostToContainer bind of /var/run/netns is
+        # taken from; `ip netns exec` would give crun a mount namespace of its own.
         return ["nsenter", f"--net={NETNS_DIR}/{self.ns}", "crun", "--root", CRUN_ROOT,
                 "--cgroup-manager=disabled", *args]
 
