@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-host test-kernel test-kernel-module host-deps lint typecheck bench clean image
+.PHONY: demo test test-host test-kernel test-kernel-module host-deps lint typecheck bench clean image image-dir
 
 # setup.py builds svcproxy/ipvs/_nlfast.c (the netlink encoder's compiled loop) in place.
 $(STAMP): setup.cfg setup.py pyproject.toml svcproxy/ipvs/_nlfast.c
@@ -28,7 +28,12 @@ demo: $(STAMP)
 	@# cluster end to end (tools/demo --no-vm: the plan only).
 	tools/demo $(DEMO_ARGS)
 
-test: test-host test-kernel
+# The agent's image builds (mostly downloads and dpkg) while the host tests run; every
+# apt install comes first, one at a time.
+test: $(STAMP) host-deps cni-deps
+	tools/image --tools
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-host image-dir
+	$(MAKE) --no-print-directory test-kernel
 
 # nft and ip for the host tests that run the real nft in a namespace of their own
 # (they skip, saying why, where these are missing and cannot be installed).
@@ -44,10 +49,16 @@ test-host: $(STAMP) host-deps
 	$(PY) -m pytest -q tests
 
 # The agent's image (tools/image: built with buildah from the Dockerfile, cached by its
-# inputs) is run by tests/kernel/test_image_vm.py in this same boot.
-test-kernel: $(STAMP)
-	@img=$$(tools/image | tail -n 1) && test -f "$$img/done" && \
-	  SVCPROXY_IMAGE="$$img" tools/vmtest $(VMTEST_ARGS)
+# inputs; it prints where its result is) is run by tests/kernel/test_image_vm.py in the
+# kernel suite's own boot.
+IMAGE_DIR := build/image-dir
+image-dir:
+	@mkdir -p build
+	tools/image >$(IMAGE_DIR).out
+	@tail -n 1 $(IMAGE_DIR).out >$(IMAGE_DIR) && test -f "$$(cat $(IMAGE_DIR))/done"
+
+test-kernel: $(STAMP) image-dir
+	SVCPROXY_IMAGE="$$(cat $(IMAGE_DIR))" tools/vmtest $(VMTEST_ARGS)
 	$(MAKE) --no-print-directory test-kernel-module
 
 # svcproxy's own IPVS modules (kernel/; tools/build-ipvs-module builds them once and
