@@ -13,7 +13,9 @@ stands in for kube-proxy's.
 
 Shown, on a node that has not loaded ip_vs (this file unloads it, and loads it again
 after): install-cni installs the image's static plugin, which answers VERSION, into a
-node's conflist, and cni-keeper keeps running beside the agent; the agent, with
+node's conflist, and cni-keeper keeps running beside the agent; the agent starts while
+the node's modprobe fails (as on a kernel without IPVS): it logs one line saying so,
+stays unready and changes nothing; once modprobe works, the same agent, with
 NET_ADMIN and SYS_ADMIN only (no SYS_MODULE), becomes ready because the kernel loads
 ip_vs and its scheduler itself when asked for them; it programs the table, the dummy
 device, nftables and sysctls (through the mounted /proc/sys/net), and a ClusterIP
@@ -22,9 +24,8 @@ answers from the client namespace; the kubelet rotates the service account token
 the new one: a Service added after that reaches the table; a runtime's CNI ADD through
 the installed plugin (host-device, then svcproxy-cni forwarding to the containerised
 agent's socket) gives a Pod namespace with a NIC of its own a working ClusterIP;
-SIGTERM ends the agent with status 0 and the table as it was. On a node whose kernel
-cannot load ip_vs (its modprobe fails), the agent logs one line saying so, stays
-unready and changes nothing.
+SIGTERM ends the agent with status 0 and the table as it was. One test, so that the
+kernel suite pays for one set of namespaces and one agent start.
 
 Simulated: the kubelet (this file and tests/podspec.py make what it would ask the
 runtime for, without cgroups or seccomp; the token volume is written as its atomic
@@ -293,32 +294,6 @@ NO_IPVS = ("IPVS generic netlink family not found: the ip_vs module is not loade
            "could not load it (on the node: modprobe ip_vs)")
 
 
-def test_image_on_a_node_that_cannot_load_ip_vs(net: Net, client: Client, procs: Procs, runtime: Runtime,
-                                                ipvs_unloaded: None, tmp_path: Path) -> None:
-    """A node whose kernel has no ip_vs to load (its modprobe fails, as with a kernel
-    built without IPVS): the agent says so in one line, stays unready and changes
-    nothing; once the module can be loaded it recovers by itself."""
-    node = Node(net, client, procs, tmp_path, "eni1")
-    with kernel_modprobe("/bin/false"):
-        proc, log = start_agent(runtime, node, procs, "svcproxy")
-        wait_until(lambda: NO_IPVS in log.read_text() or proc.poll() is not None, START_TIMEOUT,
-                   "the agent's line about ip_vs", interval=1.0)
-        text = log.read_text()
-        assert proc.poll() is None, f"the agent exited ({proc.returncode}):\n{text}"
-        assert get(client.ns, "http://127.0.0.1:10256/readyz")[0] != 200
-        # Nothing loaded, so no table anywhere (ipvsadm is not asked: it runs modprobe itself).
-        assert not Path("/sys/module/ip_vs").exists()
-    errors = [line for line in text.splitlines() if "ERROR" in line or "Traceback" in line]
-    assert errors and all(NO_IPVS in line for line in errors), text
-    # The node's modprobe works again (the module installed): the same agent, still
-    # retrying, gets ip_vs loaded by the kernel and becomes ready without a restart.
-    wait_ready(node, proc, log)
-    assert Path("/sys/module/ip_vs").exists()
-    assert f"TCP  {VIP}:80 rr" in ipvsadm(client.ns, "-Ln")
-    subprocess.run(runtime.command("kill", "svcproxy", "KILL"), check=True)
-    proc.wait(timeout=60)
-
-
 def test_image_runs_as_the_daemonset(net: Net, client: Client, procs: Procs, runtime: Runtime, lab: Lab,
                                      ipvs_unloaded: None, tmp_path: Path) -> None:
     eni = f"eni{os.urandom(3).hex()}"
@@ -330,9 +305,23 @@ def test_image_runs_as_the_daemonset(net: Net, client: Client, procs: Procs, run
         bundle = runtime.bundle(node.pod, c["name"], **node.bundle_kw())
         kept[c["name"]] = runtime.start(procs, bundle, c["name"], tmp_path / f"{c['name']}.log")
 
-    # The agent, on a node that has not loaded ip_vs (whose net.ipv4.vs.conntrack then
-    # starts at 0: the agent sets it to 1).
-    proc, log = start_agent(runtime, node, procs, "svcproxy")
+    # The agent, first on a node whose kernel cannot load ip_vs (its modprobe fails, as
+    # with a kernel built without IPVS): it says so in one line, stays unready and
+    # loads nothing.
+    with kernel_modprobe("/bin/false"):
+        proc, log = start_agent(runtime, node, procs, "svcproxy")
+        wait_until(lambda: NO_IPVS in log.read_text() or proc.poll() is not None, START_TIMEOUT,
+                   "the agent's line about ip_vs", interval=1.0)
+        text = log.read_text()
+        assert proc.poll() is None, f"the agent exited ({proc.returncode}):\n{text}"
+        assert get(client.ns, "http://127.0.0.1:10256/readyz")[0] != 200
+        # Nothing loaded, so no table anywhere (ipvsadm is not asked: it runs modprobe itself).
+        assert not Path("/sys/module/ip_vs").exists()
+    errors = [line for line in text.splitlines() if "ERROR" in line or "Traceback" in line]
+    assert errors and all(NO_IPVS in line for line in errors), text
+    # Then the node's modprobe works (the module installed, not loaded; its
+    # net.ipv4.vs.conntrack will start at 0: the agent sets it to 1): the same agent,
+    # still retrying, gets ip_vs loaded by the kernel and becomes ready without a restart.
     wait_ready(node, proc, log)
     # No SYS_MODULE: the kernel loaded ip_vs itself when the agent asked for its family.
     assert cap_eff(runtime.pid("svcproxy")) == (1 << CAP_NET_ADMIN) | (1 << CAP_SYS_ADMIN)
