@@ -28,12 +28,7 @@ demo: $(STAMP)
 	@# cluster end to end (tools/demo --no-vm: the plan only).
 	tools/demo $(DEMO_ARGS)
 
-# The agent's image builds (mostly downloads and dpkg) while the host tests run; every
-# apt install comes first, one at a time.
-test: $(STAMP) host-deps cni-deps
-	tools/image --tools
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-host image-dir
-	$(MAKE) --no-print-directory test-kernel
+test: test-host test-kernel
 
 # nft and ip for the host tests that run the real nft in a namespace of their own
 # (they skip, saying why, where these are missing and cannot be installed).
