@@ -32,6 +32,7 @@ PURE = {
     "svcproxy.reconcile.draining",
     "svcproxy.reconcile.desired",
     "svcproxy.reconcile.sweep",
+    "svcproxy.reconcile.tallies",
     "svcproxy.node.stale_flows",
 }
 STDLIB_PURE = {

@@ -34,6 +34,12 @@ class DesiredState:
         #: Node plumbing's view of each Service. An unchanged Service keeps the same
         #: object across syncs, so plumbing only revisits the ones that changed.
         self.nat: dict[NamespacedName, ServiceNat] = {}
+        #: What changed since ``take_touched`` (the gauges follow it, tallies.py):
+        #: keys released or claimed, Services released or claimed, and whether the
+        #: whole state was rebuilt (then the sets are not kept: everything changed).
+        self.touched_keys: set[ServiceKey] = set()
+        self.touched_services: set[NamespacedName] = set()
+        self.cleared = False
 
     @property
     def table(self) -> dict[ServiceKey, VirtualService]:
@@ -43,11 +49,24 @@ class DesiredState:
         """Start a whole translation (``nat`` objects stay, to be reused if equal)."""
         self.owners = Owners()
         self.info = {}
+        self.cleared = True
+        self.touched_keys = set()
+        self.touched_services = set()
+
+    def take_touched(self) -> tuple[bool, set[ServiceKey], set[NamespacedName]]:
+        """What changed since the last call: (rebuilt, keys, Services); forgotten here."""
+        touched = self.cleared, self.touched_keys, self.touched_services
+        self.cleared, self.touched_keys, self.touched_services = False, set(), set()
+        return touched
 
     def release(self, service: NamespacedName) -> tuple[ServiceKey, ...]:
         """Take a Service's claims back before it is claimed again; returns its keys."""
         self.info.pop(service, None)
-        return self.owners.release(service)
+        keys = self.owners.release(service)
+        if not self.cleared:
+            self.touched_services.add(service)
+            self.touched_keys.update(keys)
+        return keys
 
     def remove(self, service: NamespacedName) -> tuple[ServiceKey, ...]:
         """Forget a deleted Service; returns the keys it held."""
@@ -59,6 +78,9 @@ class DesiredState:
         """Record a freshly translated (and released) Service; returns the keys it got.
         Claims lost to other Services are appended to ``problems``."""
         keys = self.owners.claim(service, vss, problems)
+        if not self.cleared:
+            self.touched_services.add(service)
+            self.touched_keys.update(keys)
         if info is None:
             self.nat.pop(service, None)
             return keys

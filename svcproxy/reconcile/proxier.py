@@ -36,7 +36,7 @@ from svcproxy.kube.store import Event, Kind
 from svcproxy.kube.translate import Problem, TranslateConfig, node_info, translate, translate_service
 from svcproxy.logformat import about_display_name
 from svcproxy.metrics import Metrics
-from svcproxy.model import Family, Operation, ServiceKey, Table, VirtualService
+from svcproxy.model import Operation, ServiceKey, Table, VirtualService
 from svcproxy.node.conntrack import ConntrackTable
 from svcproxy.node.nat import ServiceNat
 from svcproxy.podns.netns import NamespaceGone
@@ -45,6 +45,7 @@ from svcproxy.reconcile.changes import Changes, ChangeTracker, ClusterState, Sna
 from svcproxy.reconcile.desired import DesiredState
 from svcproxy.reconcile.runner import Clock, SyncRunner, SyncSchedule
 from svcproxy.reconcile.fanout import FanOut, Synced, share_images
+from svcproxy.reconcile.tallies import Tallies
 from svcproxy.reconcile.targets import Applier, Target
 
 log = logging.getLogger("svcproxy.reconcile")
@@ -153,6 +154,7 @@ class Proxier:
         self._read_every_pod = False
         self._translate_config = config.translate
         self._desired = DesiredState()
+        self._tallies = Tallies()
         self.node_target = Target("node", backend, prepare=self._node_prepare(node_hook), prepare_in_dry_run=True,
                                   conntrack=node_conntrack)
         self._targets: dict[str, Target] = {"node": self.node_target}
@@ -443,7 +445,7 @@ class Proxier:
         else:  # nothing keeps the Pod-visible table up to date meanwhile: filtered afresh when needed
             self._pod_desired = None
             self._pod_dirty = set()
-        self._publish()
+        self._publish(full=full)
         return SyncResult(full, tuple(all_ops), failed, self._monotonic() - start)
 
     def _between(self, apply_compared: Callable[[], None]) -> None:
@@ -602,22 +604,24 @@ class Proxier:
     def pod_targets(self) -> list[str]:
         return sorted(name for name, t in self._targets.items() if t.pod)
 
-    def _publish(self) -> None:
-        desired = self._desired
+    def _publish(self, *, full: bool) -> None:
+        """The gauges about the desired table (counted afresh at full syncs, else by
+        what changed: tallies.py) and the healthCheckNodePort servers."""
+        desired, tallies = self._desired, self._tallies
+        if full:
+            tallies.recount(desired)
+        else:
+            tallies.follow(desired)
         self.metrics.virtual_servers.set(len(desired.table))
-        self.metrics.real_servers.set(sum(len(vs.destinations) for vs in desired.table.values()))
+        self.metrics.real_servers.set(tallies.real_servers)
         self.metrics.draining_real_servers.set(len(self.node_target.draining))
-        infos = desired.info.values()
-        for family in Family:
-            internal = sum(1 for i in infos if family in i.no_local_internal)
-            external = sum(1 for i in infos if family in i.no_local_external)
-            self.metrics.no_local_endpoints.labels("internal", family.value).set(internal)
-            self.metrics.no_local_endpoints.labels("external", family.value).set(external)
+        for (policy, family), count in tallies.no_local.items():
+            self.metrics.no_local_endpoints.labels(policy, family.value).set(count)
         if self.health_checks is not None:
             targets = {
                 HealthCheckTarget(i.namespace, i.name, i.health_check_node_port): i.local_endpoints
-                for i in infos
-                if i.external_policy_local and i.health_check_node_port
+                for i in tallies.health.values()
+                if i.health_check_node_port  # always (tallies.serves_health_check): for the type checker
             }
             for error in self.health_checks.sync(targets):
                 log.error("%s", error)
