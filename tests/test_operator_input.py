@@ -366,27 +366,11 @@ def test_losing_the_api_server_keeps_rules_health_and_readiness(tmp_path: Path) 
     import json
     import threading
     import time
-    import urllib.error
-    import urllib.request
 
     from fakeapi import FakeApiServer
     from svcproxy.agent import Agent, AgentConfig
+    from test_agent import get, wait_until
 
-    def get(url: str) -> tuple[int, str]:
-        try:
-            # The agent's port listens from construction but answers only once run() has made its
-            # sources (importing the Kubernetes client takes seconds on a loaded machine): a
-            # request waits in the listen queue meanwhile, so the bound is generous.
-            with urllib.request.urlopen(url, timeout=30) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read().decode()
-
-    def wait(predicate: Any, what: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.05)
 
     fake = FakeApiServer().start()
     fake.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}})
@@ -401,12 +385,12 @@ def test_losing_the_api_server_keeps_rules_health_and_readiness(tmp_path: Path) 
     thread.start()
     base = f"http://127.0.0.1:{agent.server.port}"
     try:
-        wait(lambda: get(base + "/readyz")[0] == 200, "first full sync")
+        wait_until(lambda: get(base + "/readyz")[0] == 200, 20.0, "first full sync")
         table = backend.read()
         assert len(table) == 1
         fake.stop()
-        wait(lambda: 'svcproxy_watch_errors_total{resource="Service"} 0.0' not in get(base + "/metrics")[1],
-             "the lost watch counted")
+        wait_until(lambda: 'svcproxy_watch_errors_total{resource="Service"} 0.0' not in get(base + "/metrics")[1],
+                   20.0, "the lost watch counted")
         time.sleep(1.5)  # full syncs (sync_period 0.5) with no API server
         for path in ("/healthz", "/livez", "/readyz"):
             assert get(base + path)[0] == 200, path
